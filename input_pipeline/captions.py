@@ -1,0 +1,149 @@
+"""Caption text embeddings per record: `CaptionTable`.
+
+The table holds one embedding matrix (M, D) float32 and, per record, the rows
+of its captions' embeddings, so pipelines attach a caption's embedding with a
+table lookup instead of running a text encoder per example. It is built
+either by embedding every caption of a source with any `embed_fn`
+(`from_source(source, embed_fn)`; identical captions are embedded once) or
+from embeddings the records carry under 'text_emb' (shape (num_captions, D);
+`from_source(source)`).
+
+`derangement` gives the fixed record permutation without fixed points that the
+"does the text matter" ablation uses to pair every image with another
+record's captions (`CaptionTable.deranged`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+
+def to_str(value: Any) -> str:
+  """str of a caption/name that TFDS may return as bytes or a 0-d array."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return str(value)
+
+
+def decode_captions(value: Any) -> list[str]:
+  """list[str] from a list of str, or TFDS' numpy array of bytes."""
+  if isinstance(value, (str, bytes)):
+    return [to_str(value)]
+  return [to_str(v) for v in value]
+
+
+def record_captions(source: Sequence[Any], index: int) -> list[str]:
+  """Captions of record `index`, without rendering images when the source
+  offers a `captions(index)` method (e.g. `SyntheticPairs`)."""
+  captions_fn = getattr(source, "captions", None)
+  if callable(captions_fn):
+    return decode_captions(captions_fn(index))
+  return decode_captions(source[index]["captions"])
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+  """A seeded permutation p of range(n) with p[i] != i for every i (n >= 2).
+
+  Sattolo's algorithm: a uniformly random single n-cycle, hence no fixed
+  points.
+  """
+  if n < 2:
+    raise ValueError(f"a derangement needs at least 2 records, got {n}")
+  rng = np.random.default_rng([seed, n])
+  perm = np.arange(n)
+  for i in range(n - 1, 0, -1):
+    j = int(rng.integers(0, i))
+    perm[i], perm[j] = perm[j], perm[i]
+  return perm
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CaptionTable:
+  """Caption embeddings of every record of a source.
+
+  Attributes:
+    embeddings: (M, D) float32, one row per distinct caption.
+    rows: per record, int32 array of its captions' rows in `embeddings`.
+    texts: text of each row of `embeddings`, or None when the embeddings came
+      precomputed from the records.
+  """
+  embeddings: np.ndarray
+  rows: tuple[np.ndarray, ...]
+  texts: tuple[str, ...] | None = None
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  @property
+  def dim(self) -> int:
+    return int(self.embeddings.shape[1])
+
+  def num_captions(self, record_index: int) -> int:
+    return len(self.rows[record_index])
+
+  def embedding(self, record_index: int, caption_index: int) -> np.ndarray:
+    """(D,) float32 embedding of one caption of one record."""
+    return self.embeddings[self.rows[record_index][caption_index]]
+
+  def text(self, record_index: int, caption_index: int) -> str | None:
+    if self.texts is None:
+      return None
+    return self.texts[self.rows[record_index][caption_index]]
+
+  def deranged(self, seed: int) -> CaptionTable:
+    """Table in which record i gets the captions of record derangement[i]."""
+    perm = derangement(len(self.rows), seed)
+    return CaptionTable(self.embeddings, tuple(self.rows[j] for j in perm),
+                        self.texts)
+
+  @classmethod
+  def from_captions(cls, captions: Sequence[Sequence[str]], embed_fn: EmbedFn,
+                    chunk_size: int = 256) -> CaptionTable:
+    """Embeds the distinct captions of `captions[record]` in chunks."""
+    index: dict[str, int] = {}
+    rows = []
+    for record in captions:
+      if not record:
+        raise ValueError(f"record {len(rows)} has no captions")
+      rows.append(np.array([index.setdefault(c, len(index)) for c in record],
+                           np.int32))
+    texts = list(index)
+    chunks = [np.asarray(embed_fn(texts[i:i + chunk_size]), np.float32)
+              for i in range(0, len(texts), chunk_size)]
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0),
+                                                                np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+      raise ValueError(f"embed_fn returned shape {embeddings.shape} for "
+                       f"{len(texts)} captions; expected (N, D)")
+    return cls(embeddings, tuple(rows), tuple(texts))
+
+  @classmethod
+  def from_record_embeddings(cls,
+                             per_record: Sequence[np.ndarray]) -> CaptionTable:
+    """From one (num_captions, D) array per record."""
+    arrays = [np.asarray(e, np.float32) for e in per_record]
+    if not arrays or any(a.ndim != 2 or not len(a) for a in arrays):
+      raise ValueError("each record needs a (num_captions >= 1, D) 'text_emb'")
+    starts = np.cumsum([0] + [len(a) for a in arrays])
+    rows = tuple(np.arange(s, s + len(a), dtype=np.int32)
+                 for s, a in zip(starts, arrays))
+    return cls(np.concatenate(arrays), rows, None)
+
+  @classmethod
+  def from_source(cls, source: Sequence[Any],
+                  embed_fn: EmbedFn | None = None) -> CaptionTable:
+    """Embeds every record's captions with `embed_fn`, or, when it is None,
+    collects the records' precomputed 'text_emb' arrays."""
+    n = len(source)
+    if embed_fn is not None:
+      return cls.from_captions([record_captions(source, i) for i in range(n)],
+                               embed_fn)
+    return cls.from_record_embeddings([source[i]["text_emb"] for i in range(n)])

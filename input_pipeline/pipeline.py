@@ -1,0 +1,284 @@
+"""Grain training and evaluation pipelines over random-access record sources.
+
+A source is any sequence-like object (`__len__`, `__getitem__`) of records in
+the project's common format: {'name': str, 'ir': uint8 (H, W[, 1]),
+'vis': uint8 (H, W, 3), 'captions': list[str], optional 'vis_clean': uint8
+(H, W, 3) and optional 'text_emb': (num_captions, D)}; e.g.
+`input_pipeline.synthetic.SyntheticPairs` or `tfds.data_source(...)`, whose
+bytes strings and numpy string arrays `normalize_record` turns into str.
+
+Training batches (`make_train_dataset`, per JAX process, b = global batch /
+shard count):
+  'vis'           float32 (b, crop, crop, 3) in [0, 1]
+  'ir'            float32 (b, crop, crop, 1) in [0, 1]
+  'vis_clean'     float32 (b, crop, crop, 3), only if the source has it
+  'text_emb'      float32 (b, D)   embedding of the sampled caption
+  'caption_index' int32 (b,)       which caption of the record was used
+  'record_index'  int32 (b,)       index of the record in the source
+
+Example e of epoch k is built from record r = shuffle_k(e): its crop window,
+flip and caption are pure functions of (seed, k, r), so they do not depend on
+the number of processes or workers. The global stream (shuffled epochs, one
+after the other) is split round-robin over processes (process p takes global
+positions p, p + P, ...), so the union of the P per-process batches of a step
+is the global batch a single process would have produced.
+
+Checkpointing: `iter(dataset)` is a `grain.DatasetIterator`; its JSON-able
+`get_state()` / `set_state()` resume exactly (`grain.checkpoint.CheckpointSave`
+/ `CheckpointRestore` wrap them for Orbax). The batches do not depend on
+`worker_count`, but the state's layout does: restore with the same count.
+
+Evaluation batches (`make_eval_batches`) use whole images, group records of
+equal size and pad the last batch of each size, adding 'name' (list[str]) and
+'valid' bool (B,); padded rows are zero with record_index -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from input_pipeline import captions as captions_lib
+from input_pipeline.captions import CaptionTable
+
+_IMAGE_KEYS = ("vis", "ir", "vis_clean")
+# Streams of the per-(seed, epoch, record) random draws, kept apart so that
+# e.g. changing the crop size does not change which captions are sampled.
+_SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM = 0, 1, 2
+
+
+def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
+  """Common-format record with str name/captions and (H, W, C) uint8 images."""
+  out = {"name": captions_lib.to_str(record.get("name", "")),
+         "captions": captions_lib.decode_captions(record["captions"])}
+  for key in _IMAGE_KEYS:
+    if key not in record:
+      continue
+    image = np.asarray(record[key])
+    if image.dtype != np.uint8:
+      raise ValueError(f"record {out['name']!r}: {key!r} must be uint8, got "
+                       f"{image.dtype}")
+    out[key] = image[..., None] if image.ndim == 2 else image
+  if out["vis"].shape[-1] != 3 or out["ir"].shape[-1] != 1:
+    raise ValueError(f"record {out['name']!r}: expected vis (H, W, 3) and ir "
+                     f"(H, W, 1), got {out['vis'].shape} and {out['ir'].shape}")
+  shapes = {out[k].shape[:2] for k in _IMAGE_KEYS if k in out}
+  if len(shapes) != 1:
+    raise ValueError(f"record {out['name']!r}: image sizes differ: {shapes}")
+  if "text_emb" in record:
+    out["text_emb"] = np.asarray(record["text_emb"], np.float32)
+  return out
+
+
+def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
+  return np.random.default_rng([stream, seed, *keys])
+
+
+def sample_caption_index(seed: int, epoch: int, record_index: int,
+                         num_captions: int) -> int:
+  """The caption a record uses in an epoch: a pure function of the args."""
+  return int(_rng(seed, _CAPTION_STREAM, epoch, record_index).integers(
+      num_captions))
+
+
+def paired_crop_and_flip(images: Mapping[str, np.ndarray], crop_size: int,
+                         rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """One random crop window and horizontal flip applied to every image.
+
+  Images smaller than the crop are first reflection-padded (centred) to at
+  least crop_size on each side.
+  """
+  h, w = next(iter(images.values())).shape[:2]
+  pad_h, pad_w = max(0, crop_size - h), max(0, crop_size - w)
+  top = int(rng.integers(0, max(h, crop_size) - crop_size + 1))
+  left = int(rng.integers(0, max(w, crop_size) - crop_size + 1))
+  flip = bool(rng.integers(2))
+  out = {}
+  for key, image in images.items():
+    if pad_h or pad_w:
+      mode = "reflect" if min(h, w) > 1 else "edge"
+      image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2),
+                             (pad_w // 2, pad_w - pad_w // 2), (0, 0)), mode)
+    image = image[top:top + crop_size, left:left + crop_size]
+    out[key] = image[:, ::-1] if flip else image
+  return out
+
+
+def _example(images: Mapping[str, np.ndarray], record_index: int,
+             caption_index: int, table: CaptionTable) -> dict[str, Any]:
+  example = {k: np.asarray(v, np.float32) / np.float32(255)
+             for k, v in images.items()}
+  example["text_emb"] = table.embedding(record_index, caption_index)
+  example["caption_index"] = np.int32(caption_index)
+  example["record_index"] = np.int32(record_index)
+  return example
+
+
+class _TrainExample:
+  """map_with_index transform: (stream position, record index) -> one
+  cropped, flipped, captioned float example."""
+
+  def __init__(self, source: Sequence[Any], table: CaptionTable,
+               crop_size: int, seed: int):
+    self._source, self._table = source, table
+    self._crop_size, self._seed = crop_size, seed
+
+  def __call__(self, position: int, record_index: int) -> dict[str, Any]:
+    record_index = int(record_index)
+    record = normalize_record(self._source[record_index])
+    epoch = position // len(self._source)
+    caption = sample_caption_index(self._seed, epoch, record_index,
+                                   self._table.num_captions(record_index))
+    images = paired_crop_and_flip(
+        {k: record[k] for k in _IMAGE_KEYS if k in record}, self._crop_size,
+        _rng(self._seed, _CROP_STREAM, epoch, record_index))
+    return _example(images, record_index, caption, self._table)
+
+
+def _select_table(table: CaptionTable, num_records: int, shuffle: bool,
+                  derangement_seed: int) -> CaptionTable:
+  if len(table) != num_records:
+    raise ValueError(f"caption table has {len(table)} records, source has "
+                     f"{num_records}")
+  return table.deranged(derangement_seed) if shuffle else table
+
+
+def _mark_flags_parsed() -> None:
+  # Grain reads its absl-flag-backed config when it starts worker processes;
+  # under pytest or a non-absl main nobody has parsed the flags.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_dataset(
+    source: Sequence[Any],
+    *,
+    global_batch_size: int,
+    crop_size: int,
+    seed: int,
+    caption_table: CaptionTable,
+    shuffle_captions_across_pairs: bool = False,
+    derangement_seed: int = 0,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 2,
+    read_buffer_size: int = 4,
+    shard_by_process: bool = True,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> grain.IterDataset:
+  """Infinite, checkpointable dataset of this process's training batches.
+
+  Args:
+    source: random-access source of common-format records.
+    global_batch_size: batch size summed over all shards (processes).
+    crop_size: side of the square random crop.
+    seed: seeds the per-epoch shuffles, crops, flips and caption choices.
+    caption_table: caption embeddings of every record of `source`.
+    shuffle_captions_across_pairs: pair record i with the captions of record
+      derangement(derangement_seed)[i] (the "does text matter" ablation).
+    derangement_seed: seed of that fixed derangement (share it with eval).
+    worker_count: grain worker processes (0: produce in this process).
+    worker_buffer_size: batches each worker prefetches.
+    read_threads, read_buffer_size: threads building batches in each process
+      and how many batches they prefetch.
+    shard_by_process: split the stream over JAX processes; ignored when
+      `shard_options` is given (e.g. to simulate several processes).
+    shard_options: explicit shard index/count.
+
+  Returns:
+    A grain IterDataset; `iter()` of it yields the batch dicts described in
+    the module docstring and supports get_state()/set_state().
+  """
+  num_records = len(source)
+  if num_records == 0:
+    raise ValueError("empty source")
+  if shard_options is None:
+    shard_options = (grain.sharding.ShardByJaxProcess() if shard_by_process
+                     else grain.sharding.NoSharding())
+  shards = shard_options.shard_count
+  if global_batch_size % shards:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"{shards} shards")
+  table = _select_table(caption_table, num_records,
+                        shuffle_captions_across_pairs, derangement_seed)
+  shuffle_seed = int(np.random.SeedSequence([_SHUFFLE_STREAM, seed])
+                     .generate_state(1)[0])
+  # Shuffling indices (not records) keeps the record index at hand.
+  ds = (grain.MapDataset.range(num_records)
+        .shuffle(seed=shuffle_seed)
+        .repeat()
+        .map_with_index(_TrainExample(source, table, crop_size, seed)))
+  ds = ds[shard_options.shard_index::shards]
+  ds = ds.batch(global_batch_size // shards, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
+  if worker_count > 0:
+    _mark_flags_parsed()
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count,
+                                     per_worker_buffer_size=worker_buffer_size))
+  return it_ds
+
+
+def _stack(examples: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+  """Stacks examples, zero-padding to batch_size with valid=False rows."""
+  pad = batch_size - len(examples)
+  batch = {}
+  for key in examples[0]:
+    if key == "name":
+      batch[key] = [e[key] for e in examples] + [""] * pad
+      continue
+    values = np.stack([e[key] for e in examples])
+    if pad:
+      filler = -1 if key == "record_index" else 0
+      values = np.concatenate(
+          [values, np.full((pad,) + values.shape[1:], filler, values.dtype)])
+    batch[key] = values
+  batch["valid"] = np.arange(batch_size) < len(examples)
+  return batch
+
+
+def make_eval_batches(
+    source: Sequence[Any],
+    *,
+    batch_size: int,
+    caption_table: CaptionTable,
+    caption_index: int = 0,
+    shuffle_captions_across_pairs: bool = False,
+    derangement_seed: int = 0,
+    max_records: int | None = None,
+) -> Iterator[dict[str, Any]]:
+  """Deterministic full-image evaluation batches of the first records.
+
+  Records are read in order; records of equal size are batched together, a
+  batch is yielded when full, and the partial batches left at the end follow
+  (ordered by their first record), padded to `batch_size` (see 'valid'), so
+  jitted code sees one shape per image size. A record with fewer captions than
+  `caption_index + 1` uses caption `caption_index % num_captions` (reported
+  in 'caption_index').
+
+  Yields:
+    dicts with the training keys at full size, plus 'name' (list[str]) and
+    'valid' bool (batch_size,).
+  """
+  num_records = len(source)
+  table = _select_table(caption_table, num_records,
+                        shuffle_captions_across_pairs, derangement_seed)
+  if max_records is not None:
+    num_records = min(num_records, max_records)
+  pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+  for index in range(num_records):
+    record = normalize_record(source[index])
+    example = _example({k: record[k] for k in _IMAGE_KEYS if k in record},
+                       index, caption_index % table.num_captions(index), table)
+    example["name"] = record["name"]
+    group = pending.setdefault(record["vis"].shape[:2], [])
+    group.append(example)
+    if len(group) == batch_size:
+      yield _stack(pending.pop(record["vis"].shape[:2]), batch_size)
+  for group in pending.values():
+    yield _stack(group, batch_size)

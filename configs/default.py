@@ -1,0 +1,79 @@
+"""Default config: the `small` model on the embedded synthetic data.
+
+Run:
+  python train.py --config configs/default.py --workdir /tmp/textfusion_default
+
+Variant configs import this one and override only what differs.
+"""
+
+import ml_collections
+
+from textfusion_jax import model as model_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, data order, crops and caption picks.
+
+  # Fusion network: a preset from textfusion_jax.model, see its field comments.
+  config.model = model_lib.model_config("small")
+  config.model.text_dim = 64  # Must match the text encoder ('tiny-random': 64; CLIP ViT-B/32: 512).
+
+  config.text = ml_collections.ConfigDict()
+  config.text.encoder = "tiny-random"  # 'tiny-random', a local HF CLIP dir or a hub id.
+  config.text.embeddings_dir = ""  # Precomputed caption embeddings (embed_captions output); '' embeds at startup.
+  config.text.dtype = "float32"  # Compute dtype of the CLIP text tower.
+  config.text.batch_size = 64  # Captions per encoder call when embedding at startup.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "synthetic"  # 'synthetic', 'folder' (paired ir/ vi/ dirs) or 'tfds'.
+  config.data.train_size = 256  # Synthetic: number of training scenes.
+  config.data.eval_size = 16  # Synthetic: number of held-out eval scenes.
+  config.data.image_height = 128  # Synthetic: scene height in pixels.
+  config.data.image_width = 160  # Synthetic: scene width in pixels.
+  config.data.train_dir = ""  # Folder source: root with ir/, vi/ and captions.jsonl (',' joins several).
+  config.data.eval_dir = ""  # Folder source: held-out root with the same layout.
+  config.data.tfds_name = ""  # TFDS source: builder name, e.g. 'paired_folder/llvip'.
+  config.data.tfds_data_dir = ""  # TFDS source: data_dir the dataset was built into.
+  config.data.train_split = "train"  # TFDS source: training split.
+  config.data.eval_split = "test"  # TFDS source: eval split.
+  config.data.crop_size = 96  # Square training crop (Text-IF uses 96).
+  config.data.shuffle_captions_across_pairs = False  # Ablation: train on another pair's captions.
+  config.data.worker_count = 0  # grain worker processes (0 = in the main process).
+  config.data.prefetch_buffer_size = 2  # Batches grain prefetches per worker.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.intensity = 1.0  # L1 of fused Y to max(IR, visible Y).
+  config.loss.gradient = 10.0  # L1 of Sobel magnitude to the max source gradient.
+  config.loss.ssim = 1.0  # 1 - SSIM against IR and visible Y.
+  config.loss.color = 12.0  # L1 of fused CbCr to visible CbCr (Text-IF: 12).
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3  # Peak AdamW learning rate.
+  config.optim.warmup_steps = 30  # Linear warmup steps.
+  config.optim.final_lr_fraction = 0.05  # Cosine decays to this fraction of the peak.
+  config.optim.weight_decay = 0.05  # AdamW decoupled weight decay (Text-IF: 0.05).
+  config.optim.b1 = 0.9  # Adam beta1.
+  config.optim.b2 = 0.999  # Adam beta2.
+  config.optim.grad_clip_norm = 1.0  # Global-norm gradient clipping.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 400  # Total optimizer steps.
+  config.train.batch_size = 8  # Global batch size (split over all devices and processes).
+  config.train.log_every = 20  # Steps between scalar logs.
+  config.train.checkpoint_every = 100  # Steps between (async) checkpoints.
+  config.train.keep_checkpoints = 3  # Checkpoints kept on disk.
+  config.train.eval_every = 200  # Steps between evaluations (0 = only at the end).
+  config.train.stop_after_steps = 0  # Stop this run after N steps, checkpointed (0 = run to num_steps).
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 8  # Eval batch size (a multiple of the device count).
+  config.eval.save_images = 8  # Fused eval images also written to TensorBoard.
+  config.eval.max_images = 0  # Cap on eval images (0 = all).
+
+  # Mesh axes and sizes; -1 takes the remaining devices.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # Logical parameter axis -> mesh axis. Output channels shard over fsdp;
+  # names without a rule (and dims an axis does not divide) replicate.
+  config.sharding_rules = [("channels_out", "fsdp"), ("text_embed", None)]
+  return config

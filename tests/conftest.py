@@ -1,0 +1,29 @@
+"""Shared test setup.
+
+A persistent XLA compilation cache lets the many small train/eval programs
+that several tests build compile once per CI run instead of once per test.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import pytest
+
+_CACHE = Path(os.environ.get(
+    "TEXTFUSION_TEST_JIT_CACHE",
+    Path(tempfile.gettempdir()) / "textfusion_jax_test_jit_cache"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+  if not SHARED.is_dir():
+    pytest.skip(f"needs the shared data at {SHARED} (absent outside this "
+                "workspace)")
+  return SHARED

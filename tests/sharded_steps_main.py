@@ -1,0 +1,73 @@
+"""Runs tiny-preset train steps on a 4x2 mesh and on one device; prints JSON.
+
+Executed by tests/test_sharding.py in a subprocess, because the 8 fake CPU
+devices must be requested (XLA_FLAGS) before JAX initialises.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from configs import tiny
+from textfusion_jax import sharding as sharding_lib
+from textfusion_jax import training
+
+
+def _batches(config, count):
+  rng = np.random.default_rng(0)
+  size, batch = config.data.crop_size, config.train.batch_size
+  for _ in range(count):
+    yield {"vis": rng.random((batch, size, size, 3), np.float32),
+           "ir": rng.random((batch, size, size, 1), np.float32),
+           "text_emb": rng.standard_normal(
+               (batch, config.model.text_dim)).astype(np.float32)}
+
+
+def run(config, mesh, steps):
+  trainer = training.ShardedTrainer(config, mesh)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(jax.random.key(0))
+    losses = []
+    for step, batch in enumerate(_batches(config, steps)):
+      batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
+      state, metrics = trainer.jitted_train_step(
+          state, batch, training.step_rng(jax.random.key(1), step))
+      losses.append(float(metrics.loss.compute()))
+  return trainer, state, losses
+
+
+def sharded_fraction(tree):
+  """(leaves split over fsdp, all leaves, bytes on device 0 / total bytes)."""
+  leaves = jax.tree.leaves(tree)
+  split = [x for x in leaves
+           if any(a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a)
+                  for a in x.sharding.spec)]
+  local = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  total = sum(x.nbytes for x in leaves)
+  return len(split), len(leaves), local / total
+
+
+def main():
+  config = tiny.get_config()
+  config.sharding_rules = [("channels_out", "fsdp")]
+  steps = 3
+  mesh = sharding_lib.make_mesh({"data": 4, "fsdp": 2})
+  _, state, losses = run(config, mesh, steps)
+  single = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  _, single_state, single_losses = run(config, single, steps)
+  params_split = sharded_fraction(state.params)
+  opt_split = sharded_fraction(state.opt_state)
+  max_param_diff = max(
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves(state.params),
+                      jax.tree.leaves(single_state.params)))
+  json.dump({"devices": len(jax.devices()), "mesh": dict(mesh.shape),
+             "losses": losses, "single_losses": single_losses,
+             "params_split": params_split, "opt_split": opt_split,
+             "max_param_diff": max_param_diff}, sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,188 @@
+"""The fuse command: tiling, single pairs, folders with captions, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from textfusion_jax import image_io
+from textfusion_jax import tiling
+from textfusion_jax import train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiling_reassembles_pointwise_functions_exactly():
+  rng = np.random.default_rng(0)
+  vis = rng.random((300, 410, 3), np.float32)
+  ir = rng.random((300, 410, 1), np.float32)
+  calls = []
+
+  def fuse_batch(v, i):
+    calls.append(v.shape)
+    return np.maximum(v, i)
+
+  out = tiling.fuse_tiled(fuse_batch, vis, ir, tile=128, overlap=16,
+                          batch_size=3)
+  np.testing.assert_allclose(out, np.maximum(vis, ir), rtol=1e-6)
+  assert {shape for shape in calls} == {(3, 128, 128, 3)}  # one shape only
+
+
+def test_tiling_small_image_runs_whole_and_crops_back():
+  vis = np.ones((37, 53, 3), np.float32) * 0.25
+  ir = np.zeros((37, 53, 1), np.float32)
+  shapes = []
+
+  def fuse_batch(v, i):
+    shapes.append(v.shape)
+    return v
+
+  out = tiling.fuse_tiled(fuse_batch, vis, ir, tile=128, pad_multiple=32)
+  assert out.shape == (37, 53, 3) and shapes == [(1, 64, 64, 3)]
+  np.testing.assert_allclose(out, vis)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("fuse_workdir")
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  config.data.eval_size = 2
+  config.eval.batch_size = 2
+  train_lib.train_and_evaluate(config, str(path))
+  return path
+
+
+def _fuse(*args):
+  return subprocess.run([sys.executable, "-m", "textfusion_jax.fuse", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                        check=False)
+
+
+def _write_pair(root: Path, name: str, size=(40, 30), ir_size=None):
+  rng = np.random.default_rng(len(name))
+  (root / "ir").mkdir(parents=True, exist_ok=True)
+  (root / "vi").mkdir(parents=True, exist_ok=True)
+  w, h = ir_size or size
+  Image.fromarray(rng.integers(0, 255, (h, w), np.uint8)).save(
+      root / "ir" / f"{name}.png")
+  w, h = size
+  Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(
+      root / "vi" / f"{name}.jpg")
+
+
+def test_fuse_folder_with_captions(workdir, tmp_path):
+  _write_pair(tmp_path, "a")
+  _write_pair(tmp_path, "b", size=(70, 50))
+  captions = tmp_path / "captions.jsonl"
+  captions.write_text("\n".join(json.dumps({"name": n, "captions": [t]})
+                                for n, t in (("a", "a dark road"),
+                                             ("b", "two warm pedestrians"))))
+  out = _fuse("--checkpoint", str(workdir), "--ir", str(tmp_path / "ir"),
+              "--vis", str(tmp_path / "vi"), "--captions", str(captions),
+              "--out", str(tmp_path / "out"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "ms/pair" in out.stdout
+  a = image_io.read_image(tmp_path / "out" / "a.png")
+  b = image_io.read_image(tmp_path / "out" / "b.png")
+  assert a.shape == (30, 40, 3) and b.shape == (50, 70, 3)
+
+
+def test_fuse_single_pair_is_deterministic(workdir, tmp_path):
+  _write_pair(tmp_path, "a", size=(64, 48))
+  outs = []
+  for i in range(2):
+    out = _fuse("--checkpoint", str(workdir), "--ir",
+                str(tmp_path / "ir" / "a.png"), "--vis",
+                str(tmp_path / "vi" / "a.jpg"), "--text", "a person", "--out",
+                str(tmp_path / f"o{i}.png"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    outs.append(image_io.read_image(tmp_path / f"o{i}.png"))
+  np.testing.assert_array_equal(outs[0], outs[1])  # deterministic
+
+
+def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
+  llvip = shared_dir / "data" / "ivf_samples" / "llvip"
+  out = _fuse("--checkpoint", str(workdir), "--ir", str(llvip / "ir/1.jpg"),
+              "--vis", str(llvip / "vi/1.jpg"), "--text",
+              "two pedestrians on a dark sidewalk", "--out",
+              str(tmp_path / "llvip1.png"), "--tile", "384")
+  assert out.returncode == 0, out.stderr[-2000:]
+  fused = image_io.read_image(tmp_path / "llvip1.png")
+  assert fused.shape == (1024, 1280, 3)
+
+
+@pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "bad_jsonl"])
+def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
+  args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
+  if case == "size":
+    _write_pair(tmp_path, "a", size=(40, 30), ir_size=(41, 30))
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "x"]
+    expect = "a.png"
+  elif case == "unpaired":
+    _write_pair(tmp_path, "a")
+    (tmp_path / "vi" / "a.jpg").rename(tmp_path / "vi" / "b.jpg")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "x"]
+    expect = "no visible partner"
+  elif case == "no_text":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi")]
+    expect = "--text or --captions"
+  else:
+    _write_pair(tmp_path, "a")
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"name": "a", "captions": ["ok"]}\n{broken\n')
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--captions", str(bad)]
+    expect = "c.jsonl:2"
+  out = _fuse(*args)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and expect in lines[0], out.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
+
+
+def test_fuse_unknown_checkpoint_is_one_line(tmp_path):
+  _write_pair(tmp_path, "a")
+  out = _fuse("--checkpoint", str(tmp_path / "nope"), "--ir",
+              str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"), "--text",
+              "x", "--out", str(tmp_path / "out"))
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "nope" in lines[0], out.stderr
+
+
+def test_fuse_text_dim_mismatch_is_one_line(workdir, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from textfusion_jax.text import tiny_clip
+  hf_config = tiny_clip.tiny_text_config()
+  hf_config.projection_dim = 32
+  torch.manual_seed(0)
+  model = transformers.CLIPTextModelWithProjection(hf_config)
+  clip_dir = tmp_path / "clip32"
+  model.save_pretrained(clip_dir)
+  tiny_clip.tiny_tokenizer().save_pretrained(clip_dir)
+  other = tmp_path / "workdir"
+  import shutil
+  shutil.copytree(workdir, other)
+  saved = json.loads((other / "config.json").read_text())
+  saved["text"]["encoder"] = str(clip_dir)
+  (other / "config.json").write_text(json.dumps(saved))
+  _write_pair(tmp_path, "a")
+  out = _fuse("--checkpoint", str(other), "--ir", str(tmp_path / "ir"),
+              "--vis", str(tmp_path / "vi"), "--text", "x", "--out",
+              str(tmp_path / "out"))
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "64-d" in lines[0] and "32" in lines[0], (
+      out.stderr[-2000:])

@@ -1,0 +1,130 @@
+"""End-to-end training on the tiny config: outputs, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from textfusion_jax import checkpointing
+from textfusion_jax import evaluation
+from textfusion_jax import metrics as metrics_lib
+from textfusion_jax import train_lib
+from textfusion_jax import training
+from textfusion_jax import sharding as sharding_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(workdir: Path, config) -> dict:
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+  trainer = training.ShardedTrainer(config, mesh)
+  manager = checkpointing.make_manager(workdir, save_interval_steps=1,
+                                       max_to_keep=None, async_save=False)
+  state, step = checkpointing.restore(manager, trainer.abstract_state())
+  return step, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  result = train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
+  return workdir, result
+
+
+def test_outputs_written(full_run):
+  workdir, result = full_run
+  config = tiny.get_config()
+  steps = config.train.num_steps
+  metrics_json = json.loads(
+      (workdir / "eval" / str(steps) / "metrics.json").read_text())
+  for method in evaluation.METHODS:
+    assert set(metrics_json[method]) == set(metrics_lib.METRIC_NAMES)
+    assert all(np.isfinite(v) for v in metrics_json[method].values())
+  pngs = list((workdir / "eval" / str(steps)).glob("*.png"))
+  assert len(pngs) == config.data.eval_size
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  logged = [json.loads(line) for line in lines]
+  assert {"train/loss", "train/grad_norm", "train/param_norm"} <= set(
+      logged[0])
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  saved = checkpointing.load_saved_config(workdir)
+  assert saved.model.dim == config.model.dim
+  assert result["num_images"] == config.data.eval_size
+
+
+def test_baselines_scored_on_same_images(full_run):
+  _, result = full_run
+  # max(IR, VIS) has at least the mean's dynamic range on every image.
+  assert result["baseline_max"]["SD"] >= result["baseline_mean"]["SD"] - 1e-6
+
+
+def test_resume_equals_uninterrupted(full_run, tmp_path):
+  workdir_full, _ = full_run
+  config = tiny.get_config()
+  config.train.stop_after_steps = 3
+  out = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert out == {"stopped_at": 3}
+  config.train.stop_after_steps = 0
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  step_a, params_a = _params(workdir_full, config)
+  step_b, params_b = _params(tmp_path, config)
+  assert step_a == step_b == config.train.num_steps
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _train_cli(*args, env=None):
+  return subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/tiny.py", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, **(env or {})), check=False)
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  out = _train_cli("--workdir", str(tmp_path), "--config.train.num_stepz=3")
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "num_stepz" in lines[0], out.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  out = _train_cli("--workdir", str(blocker / "sub"))
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "cannot be written" in lines[0], out.stderr
+
+
+def test_incompatible_checkpoint_is_one_line(full_run):
+  workdir, _ = full_run
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  config_before = (workdir / "config.json").read_text()
+  out = _train_cli("--workdir", str(workdir), "--config.model.dim=16")
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "model.dim" in lines[0], out.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+  assert (workdir / "config.json").read_text() == config_before
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+  config = tiny.get_config()
+  config.train.stop_after_steps = 3
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  config.train.stop_after_steps = 0
+  config.optim.learning_rate = 1e30  # Diverges at once.
+  config.optim.grad_clip_norm = 1e30
+  config.optim.warmup_steps = 0
+  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  step, params = _params(tmp_path, tiny.get_config())
+  assert step == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

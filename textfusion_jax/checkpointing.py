@@ -1,0 +1,140 @@
+"""Orbax checkpoints of the train state and data iterator, config alongside.
+
+Layout of a workdir:
+  config.json              the full config that wrote the checkpoints
+  checkpoints/<step>/      orbax: `state` (TrainState pytree) and `data`
+                           (grain iterator state, one JSON per process)
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so an interrupted save never shows up as a restorable step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+# Config sections whose change makes old parameters unusable.
+ARCHITECTURE_KEYS = ("model",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable or from an incompatible config."""
+
+
+def ensure_writable_workdir(workdir: str | os.PathLike) -> Path:
+  """Creates `workdir` if needed and proves it is writable (one-line error)."""
+  workdir = Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write-probe-{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as error:
+    raise CheckpointError(
+        f"workdir {workdir} cannot be written: {error.strerror or error}"
+    ) from None
+  return workdir
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config saved beside a workdir's checkpoints."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise CheckpointError(f"{workdir}: no {CONFIG_FILE}; not a textfusion "
+                          "training workdir")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{path}: unreadable config ({error})") from None
+
+
+def check_compatible(saved: ml_collections.ConfigDict,
+                     current: ml_collections.ConfigDict, workdir: Any) -> None:
+  """Raises a one-line error naming every architecture field that differs."""
+  saved_flat = _flatten({k: saved.to_dict().get(k) for k in ARCHITECTURE_KEYS})
+  current_flat = _flatten(
+      {k: json.loads(config_to_json(current)).get(k) for k in ARCHITECTURE_KEYS})
+  diffs = [
+      f"{key}: checkpoint {saved_flat.get(key)!r} != config "
+      f"{current_flat.get(key)!r}"
+      for key in sorted(set(saved_flat) | set(current_flat))
+      if saved_flat.get(key) != current_flat.get(key)
+  ]
+  if diffs:
+    raise CheckpointError(
+        f"checkpoint in {workdir} was written by an incompatible config ("
+        + "; ".join(diffs) + "); use a fresh --workdir or the same model config")
+
+
+def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json atomically (a crash never leaves half a file)."""
+  tmp = workdir / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+  tmp.write_text(config_to_json(config))
+  os.replace(tmp, workdir / CONFIG_FILE)
+
+
+def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,
+                 max_to_keep: int, async_save: bool = True
+                 ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_interval_steps,
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      create=True)
+  return ocp.CheckpointManager(
+      Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_iterator: Any | None = None, *, force: bool = False) -> bool:
+  """Saves state (async) and the data iterator position at `step`."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+            data_iterator: Any | None = None, step: int | None = None
+            ) -> tuple[Any, int]:
+  """Restores (state, step); the data iterator is restored in place."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"{manager.directory}: no checkpoint to restore")
+  if step not in manager.all_steps():
+    raise CheckpointError(
+        f"{manager.directory}: no checkpoint for step {step} (have "
+        f"{sorted(manager.all_steps())})")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError) as error:
+    first_line = str(error).strip().splitlines()[0] if str(error) else ""
+    raise CheckpointError(
+        f"{manager.directory}/{step}: cannot restore into this model "
+        f"({type(error).__name__}: {first_line[:300]})") from None
+  return restored["state"], step

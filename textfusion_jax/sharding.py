@@ -1,0 +1,114 @@
+"""Device mesh, logical-axis sharding rules and global batch assembly.
+
+Parameters carry logical axis names (see `textfusion_jax.model`); a config's
+`sharding_rules` maps them to mesh axes. Batches are split over every mesh
+axis at once (data parallel x FSDP), so FSDP shards parameters and optimizer
+state while each device still sees a distinct slice of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshShape = Mapping[str, int]
+
+
+def make_mesh(mesh_shape: MeshShape,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a Mesh from {axis_name: size}; one size may be -1 (= the rest).
+
+  Axes are `Auto` because Flax convolutions do not support explicit-axis
+  sharding in this JAX version.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  names = tuple(mesh_shape.keys())
+  sizes = [int(s) for s in mesh_shape.values()]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(mesh_shape)}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices cannot fill "
+                       f"{dict(mesh_shape)}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh: shape {dict(zip(names, sizes))} needs "
+                     f"{int(np.prod(sizes))} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), names, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int],
+                       mesh: Mesh) -> PartitionSpec:
+  """Drops mesh axes from dims they do not divide (those dims replicate)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      fitted.append(None)
+      continue
+    axes_tuple = axes if isinstance(axes, tuple) else (axes,)
+    size = int(np.prod([mesh.shape[a] for a in axes_tuple]))
+    fitted.append(axes if dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+def logical_to_mesh_spec(logical_axes: Sequence[str | None] | None,
+                         rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
+  """Maps logical axis names to mesh axes; names without a rule replicate."""
+  table = dict(rules)
+  return PartitionSpec(*(table.get(name) if name is not None else None
+                         for name in (logical_axes or ())))
+
+
+def logical_shardings(abstract_state: Any, rules: Sequence[tuple[str, Any]],
+                      mesh: Mesh) -> Any:
+  """NamedShardings for an nnx State of (abstract) Variables.
+
+  Variables annotated with `nnx.with_partitioning` are mapped through `rules`;
+  anything else, and any dim that its mesh axes do not divide, is replicated.
+  """
+  rules = resolve_rules(rules)
+
+  def to_sharding(variable: Any) -> NamedSharding:
+    logical = (variable.get_metadata().get("out_sharding")
+               if isinstance(variable, nnx.Variable) else None)
+    spec = logical_to_mesh_spec(logical, rules)
+    return NamedSharding(mesh, _fit_spec_to_shape(spec, variable.shape, mesh))
+
+  return jax.tree.map(to_sharding, abstract_state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def resolve_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """Normalises config rules (lists from the command line) to tuples."""
+  resolved = []
+  for rule in rules:
+    logical, physical = rule
+    if isinstance(physical, list):
+      physical = tuple(physical)
+    resolved.append((logical, physical))
+  return tuple(resolved)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over all mesh axes."""
+  return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles per-process numpy batches into global sharded jax.Arrays."""
+  return {
+      key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+      for key, value in local_batch.items()
+  }

@@ -1,0 +1,201 @@
+"""Training and evaluation loop, split into plainly named phases.
+
+  setup_workdir -> make_mesh -> build_inputs -> build_trainer -> restore_or_init
+  -> train loop (log, checkpoint, evaluate) -> final evaluation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from textfusion_jax import checkpointing
+from textfusion_jax import data_sources
+from textfusion_jax import evaluation
+from textfusion_jax import metric_writer
+from textfusion_jax import sharding as sharding_lib
+from textfusion_jax import training
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Inputs:
+  train_iter: Any  # checkpointable grain iterator of per-process batches
+  eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
+  text_dim: int
+
+
+# -- phases -------------------------------------------------------------------
+
+
+def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
+  """Checks the workdir and a previous run's config before touching anything."""
+  path = checkpointing.ensure_writable_workdir(workdir)
+  if (path / checkpointing.CONFIG_FILE).exists():
+    saved = checkpointing.load_saved_config(path)
+    checkpointing.check_compatible(saved, config, path)
+  if jax.process_index() == 0:
+    checkpointing.write_config(path, config)
+  return path
+
+
+def build_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  train_source, eval_source = data_sources.make_sources(config)
+  table_train, table_eval, text_dim = data_sources.make_caption_tables(
+      config, train_source, eval_source)
+  if text_dim != config.model.text_dim:
+    raise ValueError(
+        f"config.model.text_dim={config.model.text_dim} but the text encoder "
+        f"{config.text.encoder!r} gives {text_dim}-d embeddings")
+  train_iter = data_sources.make_train_iterator(config, train_source,
+                                                table_train)
+  eval_batches = data_sources.make_eval_batches_fn(config, eval_source,
+                                                   table_eval)
+  return Inputs(train_iter, eval_batches, text_dim)
+
+
+def restore_or_init(trainer: training.ShardedTrainer, manager: Any,
+                    train_iter: Any, seed: int) -> tuple[training.TrainState,
+                                                         int]:
+  if manager.latest_step() is not None:
+    state, step = checkpointing.restore(manager, trainer.abstract_state(),
+                                        train_iter)
+    log.info("Resumed from step %d", step)
+    return state, step
+  return trainer.init_state(jax.random.key(seed)), 0
+
+
+def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
+  """Eval data is identical on every process; each takes its own shards."""
+  sharding = sharding_lib.batch_sharding(mesh)
+
+  def put(batch):
+    return {k: jax.make_array_from_callback(
+        np.shape(v), sharding, lambda index, v=v: np.asarray(v)[index])
+            for k, v in batch.items()}
+
+  return put
+
+
+def _log_scalars(writer: metric_writer.MetricWriter, step: int,
+                 metrics: training.TrainMetrics, steps_per_sec: float) -> dict:
+  scalars = {f"train/{k}": float(v) for k, v in metrics.compute().items()}
+  scalars["train/steps_per_sec"] = steps_per_sec
+  writer.write_scalars(step, scalars)
+  return scalars
+
+
+def _eval_and_log(evaluator: evaluation.FusionEvaluator,
+                  writer: metric_writer.MetricWriter,
+                  params: Any, step: int) -> dict:
+  result = evaluator.evaluate(params, step)
+  scalars = {f"eval/{method}/{k}": v for method in evaluation.METHODS
+             for k, v in result[method].items()}
+  writer.write_scalars(step, scalars)
+  if result["samples"]:
+    writer.write_images(step, {"eval/fused": np.stack(result["samples"])})
+  return result
+
+
+def _check_finite(loss: Any, step: int, manager: Any, workdir: Path) -> None:
+  value = float(loss)
+  if not math.isfinite(value):
+    raise NonFiniteLossError(
+        f"non-finite loss {value} at step {step}; stopped without applying it."
+        f" Last good checkpoint: step {manager.latest_step()} in "
+        f"{workdir / 'checkpoints'}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible) and evaluates."""
+  workdir_path = setup_workdir(config, workdir)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  log.info("Mesh: %s", dict(mesh.shape))
+  inputs = build_inputs(config)
+  trainer = training.ShardedTrainer(config, mesh)
+  manager = checkpointing.make_manager(
+      workdir_path, save_interval_steps=config.train.checkpoint_every,
+      max_to_keep=config.train.keep_checkpoints)
+  state, start_step = restore_or_init(trainer, manager, inputs.train_iter,
+                                      config.seed)
+  writer = metric_writer.MetricWriter(workdir_path)
+  evaluator = evaluation.FusionEvaluator(
+      trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
+      save_images=config.eval.save_images)
+  base_rng = jax.random.key(config.seed + 1)
+  num_steps = config.train.num_steps
+  # A preemption stand-in: stop early, as a killed job would, after saving.
+  stop_at = (min(num_steps, start_step + config.train.stop_after_steps)
+             if config.train.stop_after_steps else num_steps)
+
+  with jax.set_mesh(mesh):
+    train_step = trainer.jitted_train_step
+    pending = None
+    last_log_time, last_log_step = time.time(), start_step
+    progress = tqdm(total=num_steps, initial=start_step, unit="step",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    step = start_step
+    previous_loss = None
+    try:
+      while step < stop_at:
+        batch = sharding_lib.global_batch(next(inputs.train_iter),
+                                          trainer.batch_sharding)
+        state, step_metrics = train_step(state, batch,
+                                         training.step_rng(base_rng, step))
+        step += 1
+        # Checking the previous step's loss keeps one step in flight.
+        if previous_loss is not None:
+          _check_finite(previous_loss, step - 1, manager, workdir_path)
+        previous_loss = step_metrics.loss.compute()
+        pending = (step_metrics if pending is None else
+                   pending.merge(step_metrics))
+        progress.update(1)
+        is_log_step = step % config.train.log_every == 0 or step == num_steps
+        if is_log_step or manager.should_save(step):
+          _check_finite(previous_loss, step, manager, workdir_path)
+        if is_log_step:
+          now = time.time()
+          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          scalars = _log_scalars(writer, step, pending, rate)
+          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+          pending, last_log_time, last_log_step = None, now, step
+        checkpointing.save(manager, step, state, inputs.train_iter)
+        if (config.train.eval_every and step % config.train.eval_every == 0
+            and step < num_steps):
+          _eval_and_log(evaluator, writer, state.params, step)
+    finally:
+      progress.close()
+      manager.wait_until_finished()
+    if manager.latest_step() != step:
+      checkpointing.save(manager, step, state, inputs.train_iter, force=True)
+      manager.wait_until_finished()
+    if step < num_steps:
+      log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
+                  num_steps)
+      writer.close()
+      manager.close()
+      return {"stopped_at": step}
+    result = _eval_and_log(evaluator, writer, state.params, step)
+  writer.close()
+  manager.close()
+  if jax.process_index() == 0:
+    print(f"\nEvaluation at step {step} on {result['num_images']} images "
+          f"(workdir {workdir_path}/eval/{step}):")
+    print(evaluation.comparison_table(result))
+  return result

@@ -1,0 +1,190 @@
+"""Train state, optimizer and the pure, sharded train step.
+
+(No `from __future__ import annotations`: clu reads the metric annotations.)
+"""
+
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from textfusion_jax import losses
+from textfusion_jax import model as model_lib
+from textfusion_jax import sharding as sharding_lib
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step updates; plain dicts so checkpoints stay portable."""
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  loss_intensity: clu_metrics.Average.from_output("loss_intensity")
+  loss_gradient: clu_metrics.Average.from_output("loss_gradient")
+  loss_ssim: clu_metrics.Average.from_output("loss_ssim")
+  loss_color: clu_metrics.Average.from_output("loss_color")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  param_norm: clu_metrics.LastValue.from_output("param_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup then cosine decay to `final_lr_fraction` of the peak."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=config.optim.learning_rate,
+      warmup_steps=config.optim.warmup_steps,
+      decay_steps=max(config.train.num_steps, config.optim.warmup_steps + 1),
+      end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
+
+
+def make_optimizer(config: ml_collections.ConfigDict
+                  ) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.optim.b1,
+                  b2=config.optim.b2,
+                  weight_decay=config.optim.weight_decay))
+
+
+def _build_model(model_config: ml_collections.ConfigDict,
+                 rng: jax.Array) -> model_lib.FusionNet:
+  # Shardings come from jit's out_shardings, not from eager per-variable puts.
+  with nnx.use_eager_sharding(False):
+    return model_lib.FusionNet(model_config, rngs=nnx.Rngs(params=rng))
+
+
+class ShardedTrainer:
+  """Builds the sharded state and the jitted train/apply functions.
+
+  The nnx graph definition is static; only plain dict pytrees cross jit
+  boundaries, so the same functions serve training, evaluation, checkpoint
+  restore and the fuse command.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    self.config = config
+    self.mesh = mesh
+    self.optimizer = make_optimizer(config)
+    abstract_model = nnx.eval_shape(
+        lambda: _build_model(config.model, jax.random.key(0)))
+    self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    rest = nnx.state(abstract_model, nnx.Not(nnx.Param))
+    if jax.tree.leaves(rest):
+      raise ValueError("FusionNet holds non-parameter state; TrainState "
+                       "would drop it")
+    rules = sharding_lib.resolve_rules(config.sharding_rules)
+    # Optimizer moments keep the params' Variable metadata, so one rule set
+    # shards params and optimizer state alike.
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    self.state_shardings = TrainState(
+        step=sharding_lib.replicated(mesh),
+        params=_to_plain(sharding_lib.logical_shardings(
+            abstract_params, rules, mesh)),
+        opt_state=_to_plain(sharding_lib.logical_shardings(
+            abstract_opt, rules, mesh)))
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+    self.loss_weights = dict(config.loss)
+
+  # -- state ------------------------------------------------------------------
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """Initialises parameters directly in their shards (no host copy)."""
+
+    def init(rng):
+      model = _build_model(self.config.model, rng)
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=_to_plain(self.optimizer.init(params)))
+
+    return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs with shardings, as orbax restore targets."""
+    shapes = jax.eval_shape(self.init_state, jax.random.key(0))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings)
+
+  # -- functions --------------------------------------------------------------
+
+  def apply(self, params: PyTree, vis: jax.Array, ir: jax.Array,
+            text_emb: jax.Array) -> jax.Array:
+    return nnx.merge(self.graphdef, params)(vis, ir, text_emb)
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
+                 rng: jax.Array) -> tuple[TrainState, TrainMetrics]:
+    """One AdamW step. A non-finite loss leaves the state unchanged."""
+    # The model is deterministic today; the per-step key keeps the signature
+    # stable for stochastic layers (drop-path, noise augmentation).
+    del rng
+
+    def loss_fn(params):
+      fused = self.apply(params, batch["vis"], batch["ir"], batch["text_emb"])
+      total, parts = losses.fusion_loss(
+          fused, batch["vis"], batch["ir"], self.loss_weights,
+          vis_target=batch.get("vis_clean"))
+      return total, parts
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state,
+                                               state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        TrainState(step=state.step + 1, params=params, opt_state=opt_state),
+        state)
+    metrics = TrainMetrics.single_from_model_output(
+        loss=loss,
+        **{f"loss_{name}": value for name, value in parts.items()},
+        grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(state.params),
+        learning_rate=learning_rate_schedule(self.config)(state.step))
+    return new_state, metrics
+
+  @functools.cached_property
+  def jitted_train_step(self) -> Callable[..., tuple[TrainState, TrainMetrics]]:
+    replicated = sharding_lib.replicated(self.mesh)
+    return jax.jit(
+        self.train_step,
+        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=(0,))
+
+  @functools.cached_property
+  def jitted_apply(self) -> Callable[..., jax.Array]:
+    return jax.jit(
+        self.apply,
+        in_shardings=(self.state_shardings.params, self.batch_sharding,
+                      self.batch_sharding, self.batch_sharding),
+        out_shardings=self.batch_sharding)
+
+
+def step_rng(base_rng: jax.Array, step: int | jax.Array) -> jax.Array:
+  """Per-step key: independent of restarts, since it depends on step alone."""
+  return jax.random.fold_in(base_rng, step)
+
+
+def _to_plain(tree: PyTree) -> PyTree:
+  """nnx.State (possibly nested inside optax tuples) -> plain dicts."""
+  return jax.tree.map(
+      lambda x: x.to_pure_dict() if isinstance(x, nnx.State) else x, tree,
+      is_leaf=lambda x: isinstance(x, nnx.State))

@@ -1,0 +1,240 @@
+"""Tests of the evaluation CLI: parity on the fixtures, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from textfusion_jax import evaluate
+from textfusion_jax import image_io
+from textfusion_jax import metrics
+from textfusion_jax import metrics_reference
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "metrics"
+SETS = ("fused_mean", "fused_max", "fused_color")
+
+
+@pytest.mark.skipif(not (FIXTURES / "reference_fused_mean.json").is_file(),
+                    reason=f"metric fixtures not found at {FIXTURES}")
+def test_parity_with_reference_evaluator_on_fixtures():
+  result = evaluate.evaluate_folders(FIXTURES / "ir", FIXTURES / "vi",
+                                     [FIXTURES / s for s in SETS])
+  report = []
+  for fused_set in SETS:
+    reference = json.loads((FIXTURES / f"reference_{fused_set}.json")
+                           .read_text())
+    ours = result["methods"][fused_set]
+    assert sorted(ours["per_image"]) == sorted(reference["per_image"])
+    worst_image, worst_mean = (0.0, ""), (0.0, "")
+    for stem, expected in reference["per_image"].items():
+      for name in metrics.METRIC_NAMES:
+        got, want = ours["per_image"][stem][name], expected[name]
+        error = abs(got - want)
+        assert error <= max(1e-3 * abs(want), 1e-4), (fused_set, stem, name,
+                                                      got, want)
+        worst_image = max(worst_image, (error / max(abs(want), 1e-1),
+                                        f"{stem} {name}"))
+    for name in metrics.METRIC_NAMES:
+      got, want = ours["mean"][name], reference["mean"][name]
+      assert got == pytest.approx(want, rel=1e-4), (fused_set, name, got, want)
+      worst_mean = max(worst_mean, (abs(got - want) / abs(want), name))
+    report.append(f"{fused_set}: worst per-image rel {worst_image[0]:.1e} "
+                  f"({worst_image[1]}), worst mean rel {worst_mean[0]:.1e} "
+                  f"({worst_mean[1]})")
+  print("\n" + "\n".join(report))
+
+
+# --------------------------------------------------------------------------
+# Small folders written by the tests. All images fit the (64, 64) bucket that
+# tests/test_metrics.py compiles too.
+
+
+def grey_image(seed: int, h: int, w: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:h, :w]
+  image = 120 + 70 * np.sin(x / 6.0 + seed) * np.cos(y / 5.0) + rng.normal(
+      0, 10, (h, w))
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def save(path: Path, image: np.ndarray) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(path)
+  return path
+
+
+SHAPES = {"a": (48, 56), "b": (60, 50), "c": (48, 56)}
+
+
+@pytest.fixture
+def folders(tmp_path):
+  """ir/, vis/ (colour), fused/ and fused2/ with stems a, b, c."""
+  for i, (stem, (h, w)) in enumerate(SHAPES.items()):
+    save(tmp_path / "ir" / f"{stem}.png", grey_image(i, h, w))
+    vis = np.stack([grey_image(10 + i + k, h, w) for k in range(3)], -1)
+    save(tmp_path / "vis" / f"{stem}.png", vis)
+    save(tmp_path / "fused" / f"{stem}.png", grey_image(20 + i, h, w))
+    save(tmp_path / "fused2" / f"{stem}.png", grey_image(30 + i, h, w))
+  return tmp_path
+
+
+def args_for(root: Path, *extra: str, fused=("fused",)) -> list[str]:
+  out = ["--ir", str(root / "ir"), "--vis", str(root / "vis")]
+  for name in fused:
+    out += ["--fused", str(root / name)]
+  return out + list(extra)
+
+
+def oracle(root: Path, fused: str, stem: str) -> dict[str, float]:
+  grey = lambda d: image_io.as_grey_u8(image_io.read_image(
+      image_io.list_images(root / d)[stem]))
+  return metrics_reference.all_metrics(grey(fused), grey("ir"), grey("vis"))
+
+
+def test_cli_writes_table_json_csv(folders, capsys):
+  # Other formats and a 16-bit file: a colour JPG and a 16-bit grey PNG.
+  jpg = np.stack([grey_image(40 + k, 60, 50) for k in range(3)], -1)
+  (folders / "fused2" / "b.png").unlink()
+  Image.fromarray(jpg).save(folders / "fused2" / "b.jpg", quality=95)
+  deep = grey_image(50, 48, 56).astype(np.uint16) * 257 + 3
+  (folders / "ir" / "c.png").unlink()
+  Image.fromarray(deep).save(folders / "ir" / "c.png")
+  (folders / "ir" / "a.png").rename(folders / "ir" / "a.bmp")
+
+  evaluate.main(args_for(folders, "--json", str(folders / "out.json"),
+                         "--csv", str(folders / "out.csv"),
+                         fused=("fused", "fused2")))
+  stdout = capsys.readouterr().out
+  assert "16-bit" in stdout and str(folders / "ir" / "c.png") in stdout
+  table = [line for line in stdout.splitlines() if line.startswith("|")]
+  assert table[0] == "| method | " + " | ".join(metrics.METRIC_NAMES) + " |"
+  assert [row.split(" | ")[0] for row in table[2:]] == ["| fused", "| fused2"]
+
+  result = json.loads((folders / "out.json").read_text())
+  assert result == evaluate.evaluate_folders(
+      folders / "ir", folders / "vis", [folders / "fused", folders / "fused2"])
+  assert set(result) == {"methods"}
+  for method in ("fused", "fused2"):
+    per_image = result["methods"][method]["per_image"]
+    assert sorted(per_image) == ["a", "b", "c"]
+    for stem, values in per_image.items():
+      assert list(values) == list(metrics.METRIC_NAMES)
+      expected = oracle(folders, method, stem)
+      for name in metrics.METRIC_NAMES:
+        assert values[name] == pytest.approx(expected[name], rel=1e-3,
+                                             abs=1e-4), (method, stem, name)
+    mean = result["methods"][method]["mean"]
+    for name in metrics.METRIC_NAMES:
+      assert mean[name] == pytest.approx(
+          np.mean([v[name] for v in per_image.values()]), rel=1e-12)
+
+  with open(folders / "out.csv", newline="") as handle:
+    rows = list(csv.DictReader(handle))
+  assert len(rows) == 2 * (3 + 1)
+  assert [r["image"] for r in rows[:4]] == ["a", "b", "c", "mean"]
+  assert float(rows[1]["VIF"]) == result["methods"]["fused"]["per_image"][
+      "b"]["VIF"]
+  assert not [p for p in folders.iterdir() if ".tmp-" in p.name]
+
+
+def run_bad(root: Path, capsys, *extra: str, fused=("fused",)) -> str:
+  """Runs the CLI expecting bad input; returns the error line."""
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(args_for(root, "--json", str(root / "out.json"), *extra,
+                           fused=fused))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: cannot evaluate")
+  assert not (root / "out.json").exists()
+  return err
+
+
+def test_missing_stem_is_reported(folders, capsys):
+  (folders / "fused" / "b.png").unlink()
+  err = run_bad(folders, capsys)
+  assert str(folders / "fused") in err and "missing here: b" in err
+
+
+def test_size_mismatch_is_reported(folders, capsys):
+  save(folders / "vis" / "a.png", grey_image(1, 50, 56))
+  err = run_bad(folders, capsys)
+  assert "'a' differs in size" in err
+  assert str(folders / "vis" / "a.png") in err and "56x50" in err
+
+
+def test_unreadable_file_is_reported(folders, capsys):
+  (folders / "ir" / "c.png").write_bytes(b"not a png at all")
+  err = run_bad(folders, capsys)
+  assert str(folders / "ir" / "c.png") in err and "cannot decode" in err
+
+
+def test_empty_and_missing_folders_are_reported(folders, capsys):
+  (folders / "empty").mkdir()
+  err = run_bad(folders, capsys, fused=("empty", "nowhere"))
+  assert f"{folders / 'empty'}: no images" in err
+  assert f"{folders / 'nowhere'}: not a directory" in err
+
+
+def test_too_small_images_are_reported(folders, capsys):
+  for d in ("ir", "fused"):
+    save(folders / d / "a.png", grey_image(1, 40, 56))
+  save(folders / "vis" / "a.png", np.zeros((40, 56, 3), np.uint8))
+  err = run_bad(folders, capsys)
+  assert "'a' is 56x40" in err and "at least 41x41" in err
+
+
+def test_all_problems_in_one_message_without_traceback(folders):
+  (folders / "fused" / "b.png").unlink()
+  save(folders / "vis" / "a.png", grey_image(1, 50, 56))
+  (folders / "ir" / "c.png").write_bytes(b"")
+  (folders / "empty").mkdir()
+  (folders / "out.json").write_text("previous results")
+  proc = subprocess.run(
+      [sys.executable, "-m", "textfusion_jax.evaluate",
+       *args_for(folders, "--json", str(folders / "out.json"),
+                 fused=("fused", "empty"))],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: cannot evaluate (4 problems)")
+  for fragment in (f"{folders / 'fused'}: 1 image(s)", "'a' differs in size",
+                   f"{folders / 'ir' / 'c.png'}: empty file",
+                   f"{folders / 'empty'}: no images"):
+    assert fragment in err
+  assert (folders / "out.json").read_text() == "previous results"
+
+
+def test_missing_output_folder_is_reported_with_the_rest(folders, capsys):
+  (folders / "fused" / "a.png").unlink()
+  err = run_bad(folders, capsys, "--csv", str(folders / "no" / "x.csv"))
+  assert "(2 problems)" in err and f"--csv {folders / 'no' / 'x.csv'}" in err
+
+
+def test_plan_buckets_merges_sizes_without_cropping():
+  sizes = {f"r{i}": (233 + 4 * i, 496 + 3 * i) for i in range(40)}
+  sizes.update({f"m{i}": (480, 640) for i in range(20)})
+  sizes["huge"] = (2048, 2048)
+  buckets = evaluate.plan_buckets(sizes, batch_size=8,
+                                  compile_cost_pixels=4e7)
+  assert sorted(s for stems in buckets.values() for s in stems) == sorted(sizes)
+  for (bh, bw), stems in buckets.items():
+    assert all(sizes[s][0] <= bh and sizes[s][1] <= bw for s in stems)
+  # 41 distinct sizes, but a compilation costs more than their padding ...
+  assert len(buckets) == 2
+  # ... except for the outlier (whose unused batch slots take small images).
+  assert "huge" in buckets[(2048, 2048)]
+  # With free compilations and no batch padding, only the rounding to 32
+  # pixels groups sizes.
+  rounded = {(-(-h // 32) * 32, -(-w // 32) * 32) for h, w in sizes.values()}
+  assert set(evaluate.plan_buckets(sizes, 1, 0.0)) == rounded

@@ -1,0 +1,220 @@
+"""Caption embedding at scale: the embed_captions CLI and the caption store."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from textfusion_jax.text import caption_files, embed_captions, tiny_clip
+from textfusion_jax.text.caption_store import (CaptionEmbeddings,
+                                               CaptionStoreError)
+from textfusion_jax.text.encoder import TextEncoder
+
+SHARED_SAMPLES = (Path(__file__).resolve().parents[2] / "shared" / "data" /
+                  "ivf_samples")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  return tiny_clip.save_tiny_random_clip(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir):
+  return TextEncoder.from_pretrained(tiny_dir)
+
+
+class CountingEncoder:
+  """A TextEncoder that records how many captions it was asked to embed."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def encode_ids(self, ids, batch_size=64):
+    self.calls.append(len(ids))
+    return self.inner.encode_ids(ids, batch_size)
+
+
+def _write_jsonl(path: Path, records) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(
+      (r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  return path
+
+
+def _run(encoder, files, out, **kwargs):
+  """embed_captions.run on (dataset, path) pairs, read afresh, quietly."""
+  return embed_captions.run(encoder, caption_files.read_caption_files(files),
+                            out, progress=False, **kwargs)
+
+
+def _assert_matches_direct_encode(store, encoder, files):
+  keys, captions = [], []
+  for dataset, path in files:
+    for record in caption_files.read_caption_file(path, dataset):
+      assert len(store.rows(dataset, record.name)) == len(record.captions)
+      for i, caption in enumerate(record.captions):
+        keys.append((dataset, record.name, i))
+        captions.append(caption)
+  for key, expected in zip(keys, encoder.encode(captions, batch_size=16)):
+    got = store.lookup(*key)
+    assert got.shape == (encoder.embed_dim,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_cli_on_shared_samples(tiny_dir, encoder, tmp_path, capsys):
+  files = sorted(SHARED_SAMPLES.glob("*/captions.jsonl"))
+  if not files:
+    pytest.skip(f"no shared sample captions under {SHARED_SAMPLES}")
+  out = tmp_path / "store"
+  rc = embed_captions.main(["--encoder", str(tiny_dir), "--out", str(out),
+                            "--captions", *map(str, files),
+                            "--batch-size", "16", "--shard-size", "64"])
+  assert rc == 0
+  assert "embed captions" in capsys.readouterr().err  # the progress bar
+  store = CaptionEmbeddings.load(out)
+  assert store.datasets() == sorted(p.parent.name for p in files)
+  assert store.encoder == str(tiny_dir) and store.dim == encoder.embed_dim
+  store.check_dim(encoder.embed_dim)
+  _assert_matches_direct_encode(
+      store, encoder, [(p.parent.name, p) for p in files])
+
+
+def test_duplicates_are_embedded_once(encoder, tmp_path):
+  a = _write_jsonl(tmp_path / "day" / "captions.jsonl", [
+      {"name": "1", "captions": ["a red car", "a red car", "two people"]},
+      {"name": "2", "captions": ["two people"]},
+      {"name": "3", "captions": []},
+  ])
+  b = _write_jsonl(tmp_path / "night" / "captions.jsonl", [
+      {"name": "1", "captions": ["a red car", "a dark road at night"]},
+  ])
+  counting = CountingEncoder(encoder)
+  files = [("day", a), ("night", b)]
+  store = _run(counting, files, tmp_path / "out", shard_size=3)
+  assert sum(counting.calls) == 3 and store.table.shape == (3, 64)
+  assert store.manifest["num_captions"] == 6
+  assert store.rows("day", "1") == [0, 0, 1]
+  assert store.rows("night", "1")[0] == 0 and store.rows("day", "3") == []
+  _assert_matches_direct_encode(store, encoder, files)
+
+
+def test_interrupted_run_resumes_without_redoing_shards(encoder, tmp_path):
+  captions = [f"scene number {i} with a person near a car" for i in range(10)]
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl", [
+      {"name": str(i), "captions": captions[2 * i:2 * i + 2]}
+      for i in range(5)])
+  files, out = [("set", path)], tmp_path / "out"
+
+  first = CountingEncoder(encoder)
+  assert _run(first, files, out, shard_size=2, max_shards=2) is None
+  assert first.calls == [2, 2]
+  assert not (out / "manifest.json").exists()
+  finished = sorted((out / "shards").glob("*.npz"))
+  assert len(finished) == 2
+  before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+
+  second = CountingEncoder(encoder)
+  store = _run(second, files, out, shard_size=2)
+  assert second.calls == [2, 2, 2]  # only the three missing shards
+  stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+  assert stats == before
+  np.testing.assert_allclose(store.table, encoder.encode(captions), atol=1e-6)
+
+  # A damaged shard is redone; a finished job redoes nothing.
+  finished[1].write_bytes(finished[1].read_bytes()[:100])
+  third = CountingEncoder(encoder)
+  store = _run(third, files, out, shard_size=2)
+  assert third.calls == [2]
+  np.testing.assert_allclose(store.table, encoder.encode(captions), atol=1e-6)
+  fourth = CountingEncoder(encoder)
+  _run(fourth, files, out, shard_size=2)
+  assert fourth.calls == []
+
+  # Changed captions invalidate only the shards whose captions changed.
+  captions[9] = "a changed caption"
+  _write_jsonl(path, [{"name": str(i), "captions": captions[2 * i:2 * i + 2]}
+                      for i in range(5)])
+  fifth = CountingEncoder(encoder)
+  store = _run(fifth, files, out, shard_size=2)
+  assert fifth.calls == [2]
+  np.testing.assert_allclose(store.lookup("set", "4", 1),
+                             encoder.encode(["a changed caption"])[0],
+                             atol=1e-6)
+
+
+def test_processes_embed_disjoint_shards(encoder, tmp_path):
+  captions = [f"caption {i} of a thermal image" for i in range(7)]
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl", [
+      {"name": str(i), "captions": [c]} for i, c in enumerate(captions)])
+  files, out, barriers = [("set", path)], tmp_path / "out", []
+  worker = CountingEncoder(encoder)
+  assert _run(worker, files, out, shard_size=2, process_index=1,
+              process_count=2, barrier=lambda: barriers.append(1)) is None
+  assert worker.calls == [2, 1]  # shards 1 and 3 of 0..3
+  chief = CountingEncoder(encoder)
+  store = _run(chief, files, out, shard_size=2, process_index=0,
+               process_count=2, barrier=lambda: barriers.append(0))
+  assert chief.calls == [2, 2] and barriers == [1, 0]
+  np.testing.assert_allclose(store.table, encoder.encode(captions), atol=1e-6)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"name": "b", "captions": ["ok"', "malformed JSON"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"name": "b", "captions": ["ok", ""]}', "caption 1 of 'b' is empty"),
+    ('{"name": "b", "captions": ["ok", 3]}',
+     "caption 1 of 'b' is not a string: 3"),
+    ('{"name": "b", "captions": "ok"}', "'captions' must be a list"),
+    ('{"captions": ["ok"]}', "'name' must be a non-empty string"),
+    ('{"name": "a", "captions": ["again"]}', "name 'a' already appeared on "
+     "line 1"),
+])
+def test_bad_caption_lines_name_file_and_line(tiny_dir, tmp_path, capsys,
+                                              line, message):
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl", [
+      {"name": "a", "captions": ["fine"]}, "", line])
+  with pytest.raises(caption_files.CaptionFileError,
+                     match=f"{path}:3: {message}"):
+    caption_files.read_caption_file(path)
+  rc = embed_captions.main(["--encoder", str(tiny_dir), "--captions", str(path),
+                            "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err[-1].startswith(f"error: {path}:3: ")
+
+
+def test_cli_rejects_encoder_without_tokenizer(tiny_dir, tmp_path, capsys):
+  directory = tmp_path / "no_tokenizer"
+  directory.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    (directory / name).write_bytes((tiny_dir / name).read_bytes())
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl",
+                      [{"name": "a", "captions": ["fine"]}])
+  rc = embed_captions.main(["--encoder", str(directory), "--captions",
+                            str(path), "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and "no tokenizer" in err[-1] and str(directory) in err[-1]
+
+
+def test_store_errors(encoder, tmp_path):
+  with pytest.raises(CaptionStoreError, match="no manifest.json"):
+    CaptionEmbeddings.load(tmp_path)
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl",
+                      [{"name": "a", "captions": ["fine", "also fine"]}])
+  store = _run(encoder, [("custom", path)], tmp_path / "out")
+  assert store.datasets() == ["custom"]
+  with pytest.raises(CaptionStoreError, match="expects 512"):
+    store.check_dim(512)
+  with pytest.raises(CaptionStoreError, match="no dataset 'set'"):
+    store.rows("set", "a")
+  with pytest.raises(CaptionStoreError, match="no captions for 'b'"):
+    store.rows("custom", "b")
+  with pytest.raises(CaptionStoreError, match="has 2 caption"):
+    store.lookup("custom", "a", 2)
+  mapped = CaptionEmbeddings.load(tmp_path / "out", mmap=True)
+  np.testing.assert_array_equal(mapped.lookup("custom", "a", 1),
+                                store.lookup("custom", "a", 1))

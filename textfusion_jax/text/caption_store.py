@@ -1,0 +1,163 @@
+"""Precomputed caption embeddings on disk, and the input pipeline's loader.
+
+A store is a directory written by `textfusion_jax.text.embed_captions`:
+
+  manifest.json    format, version, encoder (path or hub id), dim, counts,
+                   source files; written last, so its presence means complete
+  embeddings.npy   (num_unique, dim) float32, one row per distinct caption
+  index.json       {dataset: {name: [row of caption 0, row of caption 1, ...]}}
+  texts.json       the distinct captions, row order (for inspection only)
+
+Identical captions share a row. `dataset` is the caption file's parent
+directory name unless given, e.g. 'llvip'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+FORMAT = "textfusion-caption-embeddings"
+VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TABLE_FILE = "embeddings.npy"
+INDEX_FILE = "index.json"
+TEXTS_FILE = "texts.json"
+
+
+class CaptionStoreError(ValueError):
+  """A caption store is missing, incomplete, inconsistent or lacks a key."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary sibling of `path` that replaces it on success.
+
+  Readers never see a half-written file, and an interrupted write leaves
+  only a stray temporary file (which the next write replaces).
+  """
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(obj, ensure_ascii=False))
+
+
+def write_store(directory: str | os.PathLike, table: np.ndarray,
+                index: Mapping[str, Mapping[str, list[int]]],
+                texts: list[str], manifest: Mapping[str, Any]) -> None:
+  """Writes a complete store; `manifest` gets format/version/dim added."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until done
+  with atomic_path(directory / TABLE_FILE) as tmp:
+    with open(tmp, "wb") as f:
+      np.save(f, np.asarray(table, np.float32))
+  _write_json(directory / INDEX_FILE, index)
+  _write_json(directory / TEXTS_FILE, texts)
+  _write_json(directory / MANIFEST_FILE,
+              {"format": FORMAT, "version": VERSION, **manifest,
+               "dim": int(table.shape[1]), "num_unique": int(table.shape[0])})
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionEmbeddings:
+  """Embeddings keyed by (dataset, name, caption index)."""
+  table: np.ndarray  # (num_unique, dim) float32
+  index: Mapping[str, Mapping[str, list[int]]]
+  manifest: Mapping[str, Any]
+  directory: str = ""
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike, *,
+           mmap: bool = False) -> CaptionEmbeddings:
+    """Loads a store; `mmap` maps the table instead of reading it."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+      raise CaptionStoreError(
+          f"{directory}: no {MANIFEST_FILE} (not a caption store, or "
+          "embed_captions has not finished)")
+    try:
+      manifest = json.loads(manifest_path.read_text())
+      index = json.loads((directory / INDEX_FILE).read_text())
+      table = np.load(directory / TABLE_FILE, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError) as e:
+      raise CaptionStoreError(f"{directory}: unreadable store ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+      raise CaptionStoreError(
+          f"{directory}: not a {FORMAT} v{VERSION} store "
+          f"(format={manifest.get('format')!r}, "
+          f"version={manifest.get('version')!r})")
+    expected = (manifest["num_unique"], manifest["dim"])
+    if table.shape != expected or table.dtype != np.float32:
+      raise CaptionStoreError(
+          f"{directory}: {TABLE_FILE} is {table.dtype}{table.shape}, the "
+          f"manifest says float32{expected}")
+    top = max((r for names in index.values() for rows in names.values()
+               for r in rows), default=-1)
+    if top >= table.shape[0]:
+      raise CaptionStoreError(
+          f"{directory}: {INDEX_FILE} points at row {top}, past the table")
+    return cls(table, index, manifest, str(directory))
+
+  @property
+  def dim(self) -> int:
+    return int(self.table.shape[1])
+
+  @property
+  def encoder(self) -> str:
+    """The path or hub id of the text encoder that produced the store."""
+    return self.manifest["encoder"]
+
+  def check_dim(self, dim: int) -> None:
+    """Raises CaptionStoreError unless the embeddings are `dim` wide."""
+    if dim != self.dim:
+      raise CaptionStoreError(
+          f"{self.directory}: embeddings are {self.dim}-dimensional (encoder "
+          f"{self.encoder}) but the model expects {dim}")
+
+  def datasets(self) -> list[str]:
+    return sorted(self.index)
+
+  def names(self, dataset: str) -> list[str]:
+    return list(self._dataset(dataset))
+
+  def _dataset(self, dataset: str) -> Mapping[str, list[int]]:
+    try:
+      return self.index[dataset]
+    except KeyError:
+      raise CaptionStoreError(
+          f"{self.directory}: no dataset {dataset!r} (has "
+          f"{', '.join(self.datasets()) or 'none'})") from None
+
+  def rows(self, dataset: str, name: str) -> list[int]:
+    """Table rows of `name`'s captions, one per caption index."""
+    try:
+      return list(self._dataset(dataset)[name])
+    except KeyError:
+      raise CaptionStoreError(
+          f"{self.directory}: dataset {dataset!r} has no captions for "
+          f"{name!r}") from None
+
+  def lookup(self, dataset: str, name: str, caption_index: int) -> np.ndarray:
+    """The (dim,) float32 embedding of one caption."""
+    rows = self.rows(dataset, name)
+    if not 0 <= caption_index < len(rows):
+      raise CaptionStoreError(
+          f"{self.directory}: {dataset}/{name} has {len(rows)} caption(s), "
+          f"no index {caption_index}")
+    return np.asarray(self.table[rows[caption_index]])

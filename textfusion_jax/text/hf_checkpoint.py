@@ -1,0 +1,140 @@
+"""Reading Hugging Face CLIP checkpoint directories (or hub ids).
+
+A checkpoint directory holds config.json (a `CLIPConfig` or a
+`CLIPTextConfig`), the tokenizer files (tokenizer.json, or vocab.json plus
+merges.txt) and the weights as model.safetensors or pytorch_model.bin, either
+possibly sharded with a `*.index.json`. Only text-tower weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textfusion_jax.text import clip_text, weight_map
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+_HUB_PATTERNS = ["*.json", "*.txt"]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory or hub id cannot be used as a CLIP text encoder."""
+
+
+def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+  """A local directory for `path_or_hub_id`, downloading a hub id if needed."""
+  path = Path(path_or_hub_id).expanduser()
+  if path.is_dir():
+    return path
+  text = str(path_or_hub_id)
+  if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    raise CheckpointError(f"{text}: not a checkpoint directory")
+  return _download(text)
+
+
+def _download(hub_id: str) -> Path:
+  # pylint: disable=g-import-not-at-top
+  import huggingface_hub
+  try:
+    directory = Path(huggingface_hub.snapshot_download(
+        hub_id, allow_patterns=_HUB_PATTERNS + ["*.safetensors"]))
+    if not _weight_files(directory):
+      directory = Path(huggingface_hub.snapshot_download(
+          hub_id, allow_patterns=_HUB_PATTERNS + ["pytorch_model*.bin"]))
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise CheckpointError(
+        f"cannot fetch {hub_id!r} from the Hugging Face hub ({first_line}); "
+        "pass a local directory with config.json, the tokenizer files and "
+        "model.safetensors or pytorch_model.bin instead") from None
+  return directory
+
+
+def load_config(directory: Path) -> clip_text.ClipTextConfig:
+  """The tower config from config.json of either HF CLIP form."""
+  # pylint: disable=g-import-not-at-top
+  import transformers
+  config_path = directory / CONFIG_FILE
+  try:
+    model_type = json.loads(config_path.read_text()).get("model_type")
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: unreadable config ({e})") from None
+  if model_type == "clip":
+    config = transformers.CLIPConfig.from_pretrained(directory)
+    return clip_text.ClipTextConfig.from_hf(config.text_config,
+                                            config.projection_dim)
+  if model_type == "clip_text_model":
+    return clip_text.ClipTextConfig.from_hf(
+        transformers.CLIPTextConfig.from_pretrained(directory))
+  raise CheckpointError(f"{config_path}: model_type {model_type!r} is not a "
+                        "CLIP model ('clip' or 'clip_text_model')")
+
+
+def load_tokenizer(directory: Path) -> Any:
+  """The transformers CLIPTokenizer saved in `directory`."""
+  # pylint: disable=g-import-not-at-top
+  import transformers
+  # transformers silently builds an empty-vocab tokenizer when the files are
+  # missing, so check for them first.
+  has_files = ((directory / "tokenizer.json").is_file() or
+               ((directory / "vocab.json").is_file() and
+                (directory / "merges.txt").is_file()))
+  if not has_files:
+    raise CheckpointError(
+        f"{directory}: no tokenizer (expected tokenizer.json, or vocab.json "
+        "and merges.txt)")
+  return transformers.CLIPTokenizer.from_pretrained(directory)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+  """The files holding the weights, preferring safetensors."""
+  for name in (SAFETENSORS_FILE, TORCH_FILE):
+    if (directory / name).is_file():
+      return [directory / name]
+    index = directory / f"{name}.index.json"
+    if index.is_file():
+      weight_map_ = json.loads(index.read_text())["weight_map"]
+      return [directory / f for f in sorted(set(weight_map_.values()))]
+  return []
+
+
+def load_text_tensors(directory: Path) -> dict[str, np.ndarray]:
+  """Text-tower tensors (HF names -> float32 arrays) of a checkpoint."""
+  files = _weight_files(directory)
+  if not files:
+    raise CheckpointError(
+        f"{directory}: no weights ({SAFETENSORS_FILE} or {TORCH_FILE}, or a "
+        "sharded *.index.json)")
+  tensors = {}
+  for file in files:
+    if file.suffix == ".safetensors":
+      tensors.update(_read_safetensors(file))
+    else:
+      tensors.update(_read_torch(file))
+  return tensors
+
+
+def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+  # pylint: disable=g-import-not-at-top
+  import safetensors
+  with safetensors.safe_open(file, framework="numpy") as f:
+    return {k: f.get_tensor(k).astype(np.float32)
+            for k in weight_map.text_keys(f.keys())}
+
+
+def _read_torch(file: Path) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(
+        f"{file}: reading a .bin checkpoint needs torch (pip install torch), "
+        "or convert it to model.safetensors") from None
+  state = torch.load(file, map_location="cpu", weights_only=True)
+  return {k: state[k].float().numpy()
+          for k in weight_map.text_keys(state.keys())}

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ""  # TFDS source: data_dir the dataset was built into.
   config.data.train_split = "train"  # TFDS source: training split.
   config.data.eval_split = "test"  # TFDS source: eval split.
+  config.data.cache_in_memory = False  # Folder source: keep decoded training pairs in RAM.
   config.data.crop_size = 96  # Square training crop (Text-IF uses 96).
   config.data.shuffle_captions_across_pairs = False  # Ablation: train on another pair's captions.
   config.data.worker_count = 0  # grain worker processes (0 = in the main process).
@@ -70,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # Eval batch size (a multiple of the device count).
   config.eval.save_images = 8  # Fused eval images also written to TensorBoard.
   config.eval.max_images = 0  # Cap on eval images (0 = all).
+  config.eval.pad_multiple = 1  # Pad eval images to multiples of this (fewer compiled shapes on mixed sizes).
 
   # Mesh axes and sizes; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})

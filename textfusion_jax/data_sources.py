@@ -60,6 +60,28 @@ class ConcatSource(Sequence):
     return list(dict(self._sources)[dataset].pairs[local].captions)
 
 
+class CachedSource(Sequence):
+  """Keeps decoded records in memory: small real datasets decode once.
+
+  Built lazily per process (grain workers each hold their own copy).
+  """
+
+  def __init__(self, source: Sequence[Any]):
+    self._source = source
+    self._cache: dict[int, Any] = {}
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Any:
+    if index not in self._cache:
+      self._cache[index] = self._source[index]
+    return self._cache[index]
+
+  def __getattr__(self, name: str) -> Any:  # captions(), dataset_and_name()
+    return getattr(self._source, name)
+
+
 def _folder_source(roots: str, field: str) -> ConcatSource:
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
   paths = [Path(r) for r in roots.split(",") if r.strip()]
@@ -81,7 +103,8 @@ def make_sources(config: ml_collections.ConfigDict
                                      data.image_width,
                                      seed=config.seed + _EVAL_SEED_OFFSET))
   if data.source == "folder":
-    return (_folder_source(data.train_dir, "train_dir"),
+    train = _folder_source(data.train_dir, "train_dir")
+    return (CachedSource(train) if data.cache_in_memory else train,
             _folder_source(data.eval_dir, "eval_dir"))
   if data.source == "tfds":
     from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
@@ -94,7 +117,7 @@ def make_sources(config: ml_collections.ConfigDict
 
 
 def _table_from_store(source: Sequence[Any], store: Any) -> CaptionTable:
-  if not isinstance(source, ConcatSource):
+  if not hasattr(source, "dataset_and_name"):
     raise ValueError("config.text.embeddings_dir needs config.data.source="
                      "'folder' (store keys are <dataset>/<name>)")
   rows = tuple(np.asarray(store.rows(*source.dataset_and_name(i)), np.int32)

@@ -61,8 +61,13 @@ class FusionEvaluator:
   def __init__(self, apply_fn: Callable[..., jax.Array],
                batches: Callable[[], Iterable[Mapping[str, Any]]],
                to_device: Callable[[Mapping[str, np.ndarray]], Any],
-               workdir: str | Path, save_images: int = 16):
+               workdir: str | Path, save_images: int = 16,
+               pad_multiple: int = 1):
     self._apply_fn = apply_fn
+    # Padding every image up to a multiple of `pad_multiple` (the metrics
+    # score only the true region) bounds the number of compiled shapes on
+    # datasets of many image sizes.
+    self._pad_multiple = max(1, pad_multiple)
     self._batches = batches
     self._to_device = to_device
     self._root = Path(workdir) / "eval"
@@ -80,19 +85,24 @@ class FusionEvaluator:
     for batch in self._batches():
       names = list(batch["name"])
       valid = np.asarray(batch.get("valid", np.ones(len(names), bool)))
-      device_batch = self._to_device(
-          {k: batch[k] for k in ("vis", "ir", "text_emb")})
+      height, width = batch["vis"].shape[1:3]
+      device_batch = self._to_device({
+          "vis": _pad_images(batch["vis"], self._pad_multiple),
+          "ir": _pad_images(batch["ir"], self._pad_multiple),
+          "text_emb": batch["text_emb"],
+          "sizes": np.tile([[height, width]], (len(METHODS) * len(names), 1)
+                           ).astype(np.int32)})
       candidates, ir_grey, vis_grey, fused_u8 = self._prepare(
           params, device_batch["vis"], device_batch["ir"],
           device_batch["text_emb"])
       # A second device program: the metric suite compiles with its own
       # XLA options; inputs never leave the device in between.
-      stacked = jax.device_get(
-          metrics_lib.batched_all_metrics(candidates, ir_grey, vis_grey))
+      stacked = jax.device_get(metrics_lib.batched_all_metrics(
+          candidates, ir_grey, vis_grey, device_batch["sizes"]))
       scores = {method: {k: v[m * len(names):(m + 1) * len(names)]
                          for k, v in stacked.items()}
                 for m, method in enumerate(METHODS)}
-      fused_u8 = np.asarray(jax.device_get(fused_u8))
+      fused_u8 = np.asarray(jax.device_get(fused_u8))[:, :height, :width]
       for i, name in enumerate(names):
         if not valid[i]:
           continue
@@ -110,6 +120,16 @@ class FusionEvaluator:
       _write_json_atomic(out_dir / "metrics.json", result)
     result["samples"] = samples
     return result
+
+
+def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:
+  """(B, H, W, C) reflect-padded at the bottom/right to multiples."""
+  height, width = images.shape[1:3]
+  pad_h, pad_w = -height % multiple, -width % multiple
+  if not pad_h and not pad_w:
+    return images
+  return np.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
+                mode="symmetric")
 
 
 def _mean_over_images(per_image: Mapping[str, Mapping[str, float]]

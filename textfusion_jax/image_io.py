@@ -101,10 +101,12 @@ def read_image_with_info(
           array = sixteen_to_eight_bit(array, sixteen_bit_rule)
         return array, ImageInfo(str(path), was_16bit, True)
       if mode in ("L", "1"):
-        return np.asarray(image.convert("L")), ImageInfo(str(path), False, True)
+        # convert() copies even when the mode already matches.
+        grey = image if mode == "L" else image.convert("L")
+        return np.asarray(grey), ImageInfo(str(path), False, True)
       if mode == "LA":
         return np.asarray(image.getchannel(0)), ImageInfo(str(path), False, True)
-      array = np.asarray(image.convert("RGB"))
+      array = np.asarray(image if mode == "RGB" else image.convert("RGB"))
       return array, ImageInfo(str(path), False, False)
   except ImageReadError:
     raise

@@ -107,8 +107,9 @@ def _eval_and_log(evaluator: evaluation.FusionEvaluator,
   scalars = {f"eval/{method}/{k}": v for method in evaluation.METHODS
              for k, v in result[method].items()}
   writer.write_scalars(step, scalars)
-  if result["samples"]:
-    writer.write_images(step, {"eval/fused": np.stack(result["samples"])})
+  # One entry per sample: eval images may differ in size.
+  writer.write_images(step, {f"eval/fused/{i}": image[None]
+                             for i, image in enumerate(result["samples"])})
   return result
 
 
@@ -137,7 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writer.MetricWriter(workdir_path)
   evaluator = evaluation.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
-      save_images=config.eval.save_images)
+      save_images=config.eval.save_images,
+      pad_multiple=config.eval.pad_multiple)
   base_rng = jax.random.key(config.seed + 1)
   num_steps = config.train.num_steps
   # A preemption stand-in: stop early, as a killed job would, after saving.

@@ -205,3 +205,18 @@ def save_tiny_random_clip(directory: str | os.PathLike, *, seed: int = 0,
   safetensors.numpy.save_file(tensors, directory / "model.safetensors",
                               metadata={"format": "pt"})
   return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m textfusion_jax.text.tiny_clip OUT_DIR [--seed N]`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      description="Write a tiny random CLIP text model in Hugging Face format.")
+  parser.add_argument("out", help="directory to write")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  print(save_tiny_random_clip(args.out, seed=args.seed))
+
+
+if __name__ == "__main__":
+  main()

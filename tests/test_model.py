@@ -1,0 +1,249 @@
+"""Tests of FusionNet, its building blocks and presets (tiny preset, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from textfusion_jax import color
+from textfusion_jax import layers
+from textfusion_jax import losses
+from textfusion_jax import model as model_lib
+
+AXIS_NAMES = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed",
+              None}
+BATCH, HEIGHT, WIDTH = 2, 37, 53  # Odd sizes: the model must pad and crop.
+
+
+def _config(**overrides):
+  config = model_lib.model_config("tiny")
+  config.update(overrides)
+  return config
+
+
+def _inputs(seed=0, batch=BATCH, height=HEIGHT, width=WIDTH):
+  k_vis, k_ir, k_text = jax.random.split(jax.random.key(seed), 3)
+  # Kept away from 0 and 1 so that the output clipping rarely engages.
+  vis = jax.random.uniform(k_vis, (batch, height, width, 3), minval=0.1,
+                           maxval=0.9)
+  ir = jax.random.uniform(k_ir, (batch, height, width, 1))
+  text = jax.random.normal(k_text, (batch, 512))
+  return vis, ir, text
+
+
+@nnx.jit
+def _forward(model, vis, ir, text):
+  return model(vis, ir, text)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return model_lib.FusionNet(_config(), rngs=nnx.Rngs(0))
+
+
+def _perturb_zero_init(model, seed=1, scale=0.5):
+  """Gives the zero-initialised modulation output layers random weights."""
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * model.num_levels))
+  for mod in model.modulation:
+    for var in (mod.out.kernel, mod.out.bias):
+      var[...] = scale * jax.random.normal(next(keys), var[...].shape)
+
+
+def test_output_shape_dtype_and_range_for_odd_sizes(tiny):
+  vis, ir, text = _inputs()
+  fused = _forward(tiny, vis, ir, text)
+  assert fused.shape == (BATCH, HEIGHT, WIDTH, 3)
+  assert fused.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(fused)))
+  assert float(fused.min()) >= 0.0 and float(fused.max()) <= 1.0
+  # The output is a small learnt residual on the visible image at init.
+  residual = jnp.abs(fused - vis)
+  assert 0.0 < float(residual.mean()) < 0.1
+
+
+def test_ycbcr_output_keeps_visible_chroma():
+  model = model_lib.FusionNet(_config(output="ycbcr"), rngs=nnx.Rngs(0))
+  vis, ir, text = _inputs()
+  fused = _forward(model, vis, ir, text)
+  assert fused.shape == (BATCH, HEIGHT, WIDTH, 3)
+  assert float(fused.min()) >= 0.0 and float(fused.max()) <= 1.0
+  inside = jnp.all((fused > 1e-4) & (fused < 1 - 1e-4), axis=-1)
+  assert float(inside.mean()) > 0.9
+  fused_cbcr = color.rgb_to_ycbcr(fused)[..., 1:]
+  vis_cbcr = color.rgb_to_ycbcr(vis)[..., 1:]
+  err = jnp.abs(fused_cbcr - vis_cbcr).max(axis=-1)
+  assert float(jnp.where(inside, err, 0.0).max()) < 1e-5
+  assert float(jnp.abs(color.rgb_to_y(fused) - color.rgb_to_y(vis)).max()) > 0
+
+
+def test_pad_to_multiple_handles_tiny_and_one_pixel_axes():
+  x = jnp.arange(2 * 1 * 3, dtype=jnp.float32).reshape(2, 1, 3, 1)
+  padded = model_lib._pad_to_multiple(x, 8)
+  assert padded.shape == (2, 8, 8, 1)
+  # Width 3 is reflected (0 1 2 1 0 1 2 1); height 1 is edge-padded.
+  np.testing.assert_array_equal(padded[0, 0, :, 0], [0, 1, 2, 1, 0, 1, 2, 1])
+  np.testing.assert_array_equal(padded, jnp.repeat(padded[:, :1], 8, axis=1))
+  assert model_lib._pad_to_multiple(x, 1) is x
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output(tiny):
+  model16 = model_lib.FusionNet(_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
+  for _, param in nnx.to_flat_state(nnx.state(model16, nnx.Param)):
+    assert param[...].dtype == jnp.float32
+  vis, ir, text = _inputs()
+  fused32 = _forward(tiny, vis, ir, text)
+  fused16 = _forward(model16, vis, ir, text)
+  assert fused16.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(fused16)))
+  # Compare the learnt residuals, not the outputs (both are near `vis`).
+  r32, r16 = fused32 - vis, fused16 - vis
+  rel = float(jnp.linalg.norm(r16 - r32) / jnp.linalg.norm(r32))
+  assert 0.0 < rel < 0.1, rel  # Not bit-identical: bfloat16 really ran.
+
+
+def test_text_has_no_effect_at_init_and_an_effect_when_modulated():
+  model = model_lib.FusionNet(_config(), rngs=nnx.Rngs(0))
+  vis, ir, text = _inputs()
+  other_text = jax.random.normal(jax.random.key(9), text.shape)
+  np.testing.assert_array_equal(_forward(model, vis, ir, text),
+                                _forward(model, vis, ir, other_text))
+  _perturb_zero_init(model)
+  a = _forward(model, vis, ir, text)
+  b = _forward(model, vis, ir, other_text)
+  assert float(jnp.abs(a - b).mean()) > 1e-3
+
+
+def test_modulation_shares_one_text_embedding_across_the_batch():
+  mod = layers.TextModulation(16, 8, 4, rngs=nnx.Rngs(0))
+  mod.out.kernel[...] = jax.random.normal(jax.random.key(1), (8, 8))
+  x = jax.random.normal(jax.random.key(2), (3, 5, 5, 4))
+  text = jax.random.normal(jax.random.key(3), (1, 16))
+  np.testing.assert_allclose(mod(x, text), mod(x, jnp.repeat(text, 3, 0)),
+                             rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(mod(x, text) - x).mean()) > 1e-3
+
+
+def test_gradients_reach_every_parameter_under_jax_jit():
+  model = model_lib.FusionNet(_config(), rngs=nnx.Rngs(0))
+  vis, ir, text = _inputs(height=24, width=20)
+  weights = losses.default_loss_weights()
+  # The functional split/merge path that a training step uses.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def grads_of(params):
+    def loss_fn(params):
+      fused = nnx.merge(graphdef, params, rest)(vis, ir, text)
+      return losses.fusion_loss(fused, vis, ir, weights)[0]
+    return jax.grad(loss_fn)(params)
+
+  def zero_grad_paths(grads):
+    return [path for path, g in nnx.to_flat_state(grads)
+            if not bool(jnp.any(g[...] != 0))]
+
+  # At init only the hidden layers behind the zeroed modulation outputs are
+  # cut off from the loss.
+  at_init = zero_grad_paths(grads_of(params))
+  assert at_init and all(
+      path[0] == "modulation" and path[2] == "hidden" for path in at_init)
+
+  _perturb_zero_init(model)
+  grads = grads_of(nnx.state(model, nnx.Param))
+  for _, g in nnx.to_flat_state(grads):
+    assert bool(jnp.all(jnp.isfinite(g[...])))
+  assert zero_grad_paths(grads) == []
+
+
+def test_every_param_carries_logical_axis_names(tiny):
+  params = nnx.state(tiny, nnx.Param)
+  specs = nnx.get_partition_spec(params)
+  flat_specs = dict(nnx.to_flat_state(specs))
+  seen = set()
+  for path, param in nnx.to_flat_state(params):
+    names = param.get_metadata().get("out_sharding")
+    assert names is not None, path
+    assert len(names) == param[...].ndim, path
+    assert set(names) <= AXIS_NAMES, (path, names)
+    assert tuple(flat_specs[path].get_value()) == tuple(names)
+    if param[...].ndim == 4:  # 3x3 conv kernels
+      assert names[:2] == ("conv_h", "conv_w"), path
+    seen.update(names)
+  assert AXIS_NAMES <= seen
+
+
+def test_parameters_are_placed_eagerly_under_a_mesh():
+  mesh = jax.make_mesh((1, 1), ("fsdp", "data"))
+  rules = (("channels_out", "fsdp"), ("text_embed", "data"),
+           ("channels_in", None), ("conv_h", None), ("conv_w", None))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    mod = layers.TextModulation(16, 8, 4, rngs=nnx.Rngs(0))
+    conv = layers.conv3x3(4, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  spec = jax.sharding.PartitionSpec
+  assert mod.hidden.kernel[...].sharding.spec == spec("data", "fsdp")
+  assert conv.kernel[...].sharding.spec == spec(None, None, None, "fsdp")
+
+
+def test_preset_sizes():
+  counts = {}
+  for preset in model_lib.PRESETS:
+    config = model_lib.model_config(preset)
+    abstract = nnx.eval_shape(
+        lambda config=config: model_lib.FusionNet(config, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    counts[preset] = model_lib.count_params(abstract)
+  assert counts["tiny"] < 300_000
+  assert 1_000_000 <= counts["small"] <= 2_000_000
+  assert 50_000_000 <= counts["base"] <= 70_000_000, counts
+
+
+def test_count_params_matches_concrete_model(tiny):
+  expected = sum(p[...].size for _, p in
+                 nnx.to_flat_state(nnx.state(tiny, nnx.Param)))
+  assert model_lib.count_params(tiny) == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(heads=(1, 2)), "heads"),
+    (dict(heads=(1, 3, 2)), "split"),
+    (dict(output="grey"), "output"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(ffn="mlp"), "FFN kind"),
+    (dict(dim=5, heads=(1, 1, 1)), "even"),
+])
+def test_bad_configs_are_rejected(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    nnx.eval_shape(lambda: model_lib.FusionNet(_config(**overrides),
+                                               rngs=nnx.Rngs(0)))
+
+
+def test_depthwise_cpu_path_matches_lax_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+  probe = jax.random.normal(jax.random.key(2), (2, 7, 6, 5))
+
+  def lax_dw(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+        precision=jax.lax.Precision.HIGHEST)
+
+  def loss(fn):
+    return lambda x, k: jnp.sum(jnp.sin(fn(x, k)) * probe)
+
+  np.testing.assert_allclose(layers._depthwise_cpu(x, kernel),
+                             lax_dw(x, kernel), atol=1e-5)
+  for ours, ref in zip(jax.grad(loss(layers._depthwise_cpu), (0, 1))(x, kernel),
+                       jax.grad(loss(lax_dw), (0, 1))(x, kernel)):
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_pixel_shuffle_order_and_inverse():
+  x = jnp.arange(1 * 2 * 3 * 8, dtype=jnp.float32).reshape(1, 2, 3, 8)
+  y = layers.pixel_shuffle(x, 2)
+  assert y.shape == (1, 4, 6, 2)
+  # torch.PixelShuffle: output[c, 2h+i, 2w+j] = input[c*4 + i*2 + j, h, w].
+  for c, i, j in [(0, 0, 1), (1, 1, 0), (1, 1, 1)]:
+    assert y[0, 2 * 1 + i, 2 * 2 + j, c] == x[0, 1, 2, c * 4 + i * 2 + j]
+  np.testing.assert_array_equal(layers.pixel_unshuffle(y, 2), x)

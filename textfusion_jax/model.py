@@ -1,0 +1,297 @@
+"""FusionNet: text-guided infrared-visible image fusion, and its presets.
+
+Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
+
+* Two Restormer encoders, one per modality (visible RGB, IR grey), each a
+  3x3 patch embedding then `len(num_blocks)` levels of transformer blocks
+  (channel-wise MDTA attention + FFN), with conv + pixel-unshuffle between
+  levels. Level l has dim * 2**l channels at 1/2**l resolution.
+* Cross-domain attention at every level: IR queries attend to visible
+  keys/values and vice versa. Shallow levels use transposed (channel-wise)
+  attention; the coarsest level full token attention through
+  `jax.nn.dot_product_attention`, then a 1x1 fusion conv and one spatial
+  self-attention. Shallow levels merge the two streams with a 1x1 conv into a
+  skip connection.
+* Decoder: at each level the features are modulated by the text embedding,
+  x <- (1 + gamma) x + beta (an MLP per level, last layer zero-initialised),
+  then (below the coarsest level) concatenated with the fused skip, reduced by
+  a 1x1 conv (not at the finest level, which keeps 2 * dim channels as in
+  Restormer) and passed through transformer blocks; conv + pixel-shuffle
+  upsamples between levels. Refinement blocks and a 3x3 output conv follow.
+* Output: config.output 'rgb' predicts an RGB residual on the visible image;
+  'ycbcr' predicts a Y residual on the visible luma and re-attaches the
+  visible CbCr. Both are clipped to [0, 1] and returned in float32.
+* Any H, W: inputs are reflect-padded to a multiple of 2**(levels - 1) and the
+  output is cropped back. Padded pixels take part in attention (as in
+  Restormer's test-time padding).
+
+Logical sharding axes. Every parameter is created with
+`nnx.with_partitioning` and one of these names per dimension (None: small,
+replicate); `nnx.get_partition_spec(nnx.state(model))` returns them, and the
+training config maps them to mesh axes by rules:
+
+  'conv_h', 'conv_w'  spatial dims of 3x3 conv kernels.
+  'channels_in'       input features of conv / dense kernels.
+  'channels_out'      output features of conv / dense kernels.
+  'text_embed'        text-embedding input dim of the modulation MLPs.
+  None                biases, LayerNorm scales, attention temperatures, and
+                      the size-1 input dim of depthwise kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from textfusion_jax import color
+from textfusion_jax import layers
+
+OUTPUT_MODES = ("rgb", "ycbcr")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  """Returns a fresh ConfigDict for 'tiny', 'small' or 'base'.
+
+  tiny:  unit tests (~157 K parameters, fast on CPU).
+  small: the CPU demo (~1.1 M parameters; trains at 96x96, batch 8, on 2
+         CPU cores).
+  base:  Text-IF's sizes (dim 48, blocks 2/2/2/2, heads 1/2/4/8, FFN x2,
+         its dense-conv FFN); see `count_params` for the exact count.
+  """
+  c = ml_collections.ConfigDict()
+  # Channels at full resolution; level l has dim * 2**l.
+  c.dim = 48
+  # Transformer blocks per level (encoders, decoder); length = level count.
+  c.num_blocks = (2, 2, 2, 2)
+  # Attention heads per level; the finest decoder level uses heads[0].
+  c.heads = (1, 2, 4, 8)
+  # FFN hidden width as a multiple of the channels.
+  c.ffn_expansion = 2.0
+  # 'gdfn' (Restormer, gated depthwise) or 'dense' (Text-IF's full 3x3 conv).
+  c.ffn = "dense"
+  # Transformer blocks at full resolution after the decoder.
+  c.refinement_blocks = 4
+  # Width of the text embedding (CLIP ViT-B/32: 512).
+  c.text_dim = 512
+  # Hidden width of each modulation MLP (Text-IF: 2 * text_dim).
+  c.text_hidden = 1024
+  # 'rgb': RGB residual on the visible image; 'ycbcr': fused Y + visible CbCr.
+  c.output = "rgb"
+  # Compute dtype, 'float32' or 'bfloat16'; params and output stay float32.
+  c.dtype = "float32"
+  # dot_product_attention implementation: None (XLA) or 'cudnn' (GPU, bf16).
+  c.attention_impl = None
+  if preset == "base":
+    pass
+  elif preset == "small":
+    # XLA:CPU time grows with the op count and the full-resolution width, so
+    # few, narrow blocks; the wider text MLPs add parameters almost for free.
+    c.dim = 8
+    c.num_blocks = (1, 1, 1, 2)
+    c.ffn = "gdfn"
+    c.refinement_blocks = 0
+    c.text_hidden = 256
+  elif preset == "tiny":
+    # text_dim stays 512 so that tests can feed real CLIP embeddings.
+    c.dim = 8
+    c.num_blocks = (1, 1, 1)
+    c.heads = (1, 2, 2)
+    c.ffn = "gdfn"
+    c.refinement_blocks = 1
+    c.text_hidden = 32
+  else:
+    raise ValueError(f"unknown preset {preset!r}; use 'tiny', 'small' or "
+                     "'base'")
+  return c
+
+
+PRESETS = ("tiny", "small", "base")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first inconsistent field of `config`."""
+  levels = len(config.num_blocks)
+  if levels < 2:
+    raise ValueError("num_blocks needs at least 2 levels")
+  if config.dim % 2:
+    raise ValueError("dim must be even (downsampling halves, then "
+                     "pixel-unshuffles the channels)")
+  if len(config.heads) != levels:
+    raise ValueError(f"heads has {len(config.heads)} entries, num_blocks "
+                     f"{levels}")
+  for level, heads in enumerate(config.heads):
+    channels = config.dim * 2**level
+    if channels % heads:
+      raise ValueError(f"level {level}: {channels} channels do not split "
+                       f"into {heads} heads")
+  if 2 * config.dim % config.heads[0]:
+    raise ValueError("2 * dim must split into heads[0] heads")
+  if config.output not in OUTPUT_MODES:
+    raise ValueError(f"output must be one of {OUTPUT_MODES}, got "
+                     f"{config.output!r}")
+  if config.dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got "
+                     f"{config.dtype!r}")
+
+
+class Encoder(nnx.Module):
+  """Patch embedding, then one stack of transformer blocks per level."""
+
+  def __init__(self, in_channels: int, config: ml_collections.ConfigDict, *,
+               rngs: nnx.Rngs):
+    dtype = COMPUTE_DTYPES[config.dtype]
+    self.embed = layers.conv3x3(in_channels, config.dim, dtype=dtype,
+                                rngs=rngs)
+    self.levels = nnx.List()
+    self.downs = nnx.List()
+    for level, (blocks, heads) in enumerate(zip(config.num_blocks,
+                                                config.heads)):
+      channels = config.dim * 2**level
+      if level:
+        self.downs.append(layers.Downsample(channels // 2, dtype=dtype,
+                                           rngs=rngs))
+      self.levels.append(_blocks(blocks, channels, heads, config, rngs))
+
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """Returns the features of every level, finest first."""
+    features = [self.levels[0](self.embed(x))]
+    for down, level in zip(self.downs, self.levels[1:]):
+      features.append(level(down(features[-1])))
+    return features
+
+
+def _blocks(count: int, channels: int, heads: int,
+            config: ml_collections.ConfigDict, rngs: nnx.Rngs
+            ) -> nnx.Sequential:
+  return nnx.Sequential(*[
+      layers.TransformerBlock(channels, heads, config.ffn_expansion,
+                              config.ffn, dtype=COMPUTE_DTYPES[config.dtype],
+                              rngs=rngs)
+      for _ in range(count)])
+
+
+class FusionNet(nnx.Module):
+  """Fuses a visible and an IR image under a text embedding.
+
+  __call__(vis, ir, text_emb): vis (B, H, W, 3) and ir (B, H, W, 1) floats in
+  [0, 1], text_emb (B, text_dim) (or (1, text_dim), shared by the batch).
+  Returns the fused (B, H, W, 3) RGB image, float32 in [0, 1].
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate_config(config)
+    self.output = config.output
+    self.dtype = COMPUTE_DTYPES[config.dtype]
+    self.num_levels = len(config.num_blocks)
+    dtype = self.dtype
+    dims = [config.dim * 2**level for level in range(self.num_levels)]
+    deepest = self.num_levels - 1
+
+    self.vis_encoder = Encoder(3, config, rngs=rngs)
+    self.ir_encoder = Encoder(1, config, rngs=rngs)
+
+    # Cross-domain attention and stream merging, finest level first.
+    self.cross = nnx.List([
+        layers.CrossDomainAttention(
+            dims[level], config.heads[level],
+            "token" if level == deepest else "channel", dtype=dtype,
+            rngs=rngs, implementation=config.attention_impl)
+        for level in range(self.num_levels)])
+    self.merge = nnx.List([
+        layers.pointwise(2 * dims[level], dims[level], dtype=dtype, rngs=rngs)
+        for level in range(self.num_levels)])
+    self.deep_attention = layers.SpatialSelfAttention(
+        dims[deepest], config.heads[deepest], dtype=dtype, rngs=rngs,
+        implementation=config.attention_impl)
+
+    # Decoder, finest level first; the finest works at 2 * dim channels.
+    dec_dims = [2 * dims[0]] + dims[1:]
+    self.modulation = nnx.List([
+        layers.TextModulation(config.text_dim, config.text_hidden, dims[level],
+                              rngs=rngs)
+        for level in range(self.num_levels)])
+    self.ups = nnx.List([
+        layers.Upsample(dec_dims[level + 1], dtype=dtype, rngs=rngs)
+        for level in range(deepest)])
+    self.reduce = nnx.List([
+        layers.pointwise(2 * dims[level], dims[level], dtype=dtype, rngs=rngs)
+        for level in range(1, deepest)])
+    self.decoder = nnx.List([
+        _blocks(config.num_blocks[level], dec_dims[level],
+                config.heads[level], config, rngs)
+        for level in range(self.num_levels)])
+    self.refinement = _blocks(config.refinement_blocks, dec_dims[0],
+                              config.heads[0], config, rngs)
+    out_channels = 3 if config.output == "rgb" else 1
+    # Small output weights: the untrained net returns about the visible image
+    # (residual std ~0.02 instead of ~1.5) while every weight still gets a
+    # gradient from the first step.
+    self.head = layers.conv3x3(dec_dims[0], out_channels, dtype=dtype,
+                               rngs=rngs, init_scale=_HEAD_INIT_SCALE)
+
+  def __call__(self, vis: jax.Array, ir: jax.Array,
+               text_emb: jax.Array) -> jax.Array:
+    if vis.shape[-1] != 3 or ir.shape[-1] != 1 or vis.shape[:3] != ir.shape[:3]:
+      raise ValueError(f"expected vis (B, H, W, 3) and ir (B, H, W, 1), got "
+                       f"{vis.shape} and {ir.shape}")
+    height, width = vis.shape[1:3]
+    vis = vis.astype(jnp.float32)
+    multiple = 2**(self.num_levels - 1)
+    vis_pad = _pad_to_multiple(vis, multiple)
+    ir_pad = _pad_to_multiple(ir.astype(jnp.float32), multiple)
+
+    vis_feats = self.vis_encoder(vis_pad.astype(self.dtype))
+    ir_feats = self.ir_encoder(ir_pad.astype(self.dtype))
+    skips = []
+    for cross, merge, v, i in zip(self.cross, self.merge, vis_feats,
+                                  ir_feats):
+      v, i = cross(v, i)
+      skips.append(merge(jnp.concatenate([v, i], axis=-1)))
+
+    deepest = self.num_levels - 1
+    x = self.deep_attention(skips[deepest])
+    x = self.decoder[deepest](self.modulation[deepest](x, text_emb))
+    for level in reversed(range(deepest)):
+      x = self.modulation[level](self.ups[level](x), text_emb)
+      x = jnp.concatenate([x, skips[level]], axis=-1)
+      if level:
+        x = self.reduce[level - 1](x)
+      x = self.decoder[level](x)
+    residual = self.head(self.refinement(x)).astype(jnp.float32)
+    return self._to_rgb(residual[:, :height, :width], vis)
+
+  def _to_rgb(self, residual: jax.Array, vis: jax.Array) -> jax.Array:
+    if self.output == "rgb":
+      return jnp.clip(vis + residual, 0.0, 1.0)
+    ycbcr = color.rgb_to_ycbcr(vis)
+    y = jnp.clip(ycbcr[..., :1] + residual, 0.0, 1.0)
+    rgb = color.ycbcr_to_rgb(jnp.concatenate([y, ycbcr[..., 1:]], axis=-1))
+    return jnp.clip(rgb, 0.0, 1.0)
+
+
+def _pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+  """Pads H and W at the bottom/right up to a multiple, mirroring the image.
+
+  'reflect' needs at least 2 pixels along an axis; a 1-pixel axis is
+  edge-padded.
+  """
+  for axis in (1, 2):
+    size = x.shape[axis]
+    extra = -size % multiple
+    if extra:
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, extra)
+      x = jnp.pad(x, widths, mode="reflect" if size > 1 else "edge")
+  return x
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters (works on nnx.eval_shape'd models too)."""
+  return sum(math.prod(p.shape)
+             for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

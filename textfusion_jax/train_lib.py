@@ -106,6 +106,8 @@ def _eval_and_log(evaluator: evaluation.FusionEvaluator,
   result = evaluator.evaluate(params, step)
   scalars = {f"eval/{method}/{k}": v for method in evaluation.METHODS
              for k, v in result[method].items()}
+  scalars.update({f"eval/restoration/{k}": v
+                  for k, v in result.get("restoration", {}).items()})
   writer.write_scalars(step, scalars)
   # One entry per sample: eval images may differ in size.
   writer.write_images(step, {f"eval/fused/{i}": image[None]
@@ -200,4 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     print(f"\nEvaluation at step {step} on {result['num_images']} images "
           f"(workdir {workdir_path}/eval/{step}):")
     print(evaluation.comparison_table(result))
+    if "restoration" in result:
+      print("restoration (synthetic ground truth): " + ", ".join(
+          f"{k} {v:.4g}" for k, v in result["restoration"].items()))
   return result

@@ -78,8 +78,13 @@ def test_vis_target_replaces_the_visible_input_in_the_targets():
   _, with_target = losses.fusion_loss(clean, dark, ir, WEIGHTS,
                                       vis_target=clean)
   _, without = losses.fusion_loss(clean, dark, ir, WEIGHTS)
-  assert float(sum(with_target.values())) < 1e-5
+  for term in ("intensity", "gradient", "color"):
+    assert float(with_target[term]) < 1e-5, term
   assert float(without["color"]) > 1e-3
+  # SSIM keeps scoring structure against the recorded (dark) input.
+  np.testing.assert_allclose(float(with_target["ssim"]),
+                             float(without["ssim"]), rtol=1e-6)
+  assert float(with_target["ssim"]) > 1e-3
 
 
 def test_sobel_magnitude_on_a_step_edge():

@@ -128,12 +128,11 @@ class Fuser:
   def __init__(self, workdir: str, step: int | None = None):
     self.config = checkpointing.load_saved_config(workdir)
     self.mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
-    with jax.set_mesh(self.mesh):
-      self.trainer = training.ShardedTrainer(self.config, self.mesh)
-      manager = checkpointing.make_manager(
-          workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
-      state, self.step = checkpointing.restore(
-          manager, self.trainer.abstract_state(), step=step)
+    self.trainer = training.ShardedTrainer(self.config, self.mesh)
+    manager = checkpointing.make_manager(
+        workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
+    state, self.step = checkpointing.restore(
+        manager, self.trainer.abstract_state(), step=step)
     self.params = state.params
     self.encoder = text_setup.build_text_encoder(self.config.text)
     if self.encoder.embed_dim != self.config.model.text_dim:

@@ -4,11 +4,11 @@
   python train.py --config configs/demo.py --workdir DIR --config.train.num_steps=50
 """
 
-import logging
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from textfusion_jax import errors
@@ -24,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.WARNING)
   with errors.one_line_errors():
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -14,6 +14,9 @@ import pytest
 _CACHE = Path(os.environ.get(
     "TEXTFUSION_TEST_JIT_CACHE",
     Path(tempfile.gettempdir()) / "textfusion_jax_test_jit_cache"))
+# Environment variables too, so the CLI subprocesses share the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -66,6 +66,14 @@ def _fuse(*args):
                         check=False)
 
 
+def _single_error_line(stderr: str) -> str:
+  """The one `error:` line a failed command printed, with no traceback."""
+  assert "Traceback" not in stderr, stderr[-2000:]
+  lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, stderr[-2000:]
+  return lines[0]
+
+
 def _write_pair(root: Path, name: str, size=(40, 30), ir_size=None):
   rng = np.random.default_rng(len(name))
   (root / "ir").mkdir(parents=True, exist_ok=True)
@@ -146,8 +154,7 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     expect = "c.jsonl:2"
   out = _fuse(*args)
   assert out.returncode != 0
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and expect in lines[0], out.stderr[-2000:]
+  assert expect in _single_error_line(out.stderr), out.stderr[-2000:]
   assert not (tmp_path / "out").exists()
 
 
@@ -157,8 +164,7 @@ def test_fuse_unknown_checkpoint_is_one_line(tmp_path):
               str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"), "--text",
               "x", "--out", str(tmp_path / "out"))
   assert out.returncode != 0
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and "nope" in lines[0], out.stderr
+  assert "nope" in _single_error_line(out.stderr)
 
 
 def test_fuse_text_dim_mismatch_is_one_line(workdir, tmp_path):
@@ -183,6 +189,5 @@ def test_fuse_text_dim_mismatch_is_one_line(workdir, tmp_path):
               "--vis", str(tmp_path / "vi"), "--text", "x", "--out",
               str(tmp_path / "out"))
   assert out.returncode != 0
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and "64-d" in lines[0] and "32" in lines[0], (
-      out.stderr[-2000:])
+  line = _single_error_line(out.stderr)
+  assert "64-d" in line and "32" in line, line

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import flags
+from absl import logging
 from tqdm import tqdm
 
 from textfusion_jax import checkpointing
@@ -109,6 +110,23 @@ def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
   return [by_name[n][index] for n in names]
 
 
+def check_sizes(pairs: Sequence[Pair]) -> None:
+  """Reads headers only; one error listing every pair whose sizes differ."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  problems = []
+  for pair in pairs:
+    try:
+      with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
+        if ir.size != vis.size:
+          problems.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
+                          f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
+    except OSError as error:
+      problems.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
+  if problems:
+    raise errors.UserError("; ".join(problems) + " (pairs must be registered "
+                           "and equal in size)")
+
+
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
   """(vis RGB float (H, W, 3), ir float (H, W, 1)) in [0, 1]."""
   vis = image_io.as_rgb_u8(image_io.read_image(pair.vis))
@@ -158,6 +176,7 @@ class Fuser:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax/jax info lines are noise here
   for name, value in (("--checkpoint", _CHECKPOINT.value), ("--ir", _IR.value),
                       ("--vis", _VIS.value), ("--out", _OUT.value)):
     if not value:
@@ -165,6 +184,7 @@ def main(argv: Sequence[str]) -> None:
   if bool(_TEXT.value) == bool(_CAPTIONS.value):
     raise errors.UserError("give exactly one of --text or --captions")
   pairs = collect_pairs(_IR.value, _VIS.value, _OUT.value)
+  check_sizes(pairs)
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else
              read_captions(_CAPTIONS.value, [p.name for p in pairs],
                            _CAPTION_INDEX.value))

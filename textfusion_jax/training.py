@@ -155,8 +155,8 @@ class ShardedTrainer:
     metrics = TrainMetrics.single_from_model_output(
         loss=loss,
         **{f"loss_{name}": value for name, value in parts.items()},
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(state.params),
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(state.params),
         learning_rate=learning_rate_schedule(self.config)(state.step))
     return new_state, metrics
 
@@ -186,5 +186,5 @@ def step_rng(base_rng: jax.Array, step: int | jax.Array) -> jax.Array:
 def _to_plain(tree: PyTree) -> PyTree:
   """nnx.State (possibly nested inside optax tuples) -> plain dicts."""
   return jax.tree.map(
-      lambda x: x.to_pure_dict() if isinstance(x, nnx.State) else x, tree,
+      lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, tree,
       is_leaf=lambda x: isinstance(x, nnx.State))

@@ -1,4 +1,4 @@
-"""CPU demo: the README's main command (about 6 minutes on 2 cores).
+"""CPU demo: the README's main command (240 steps took 6m15s from a fresh clone, install included; 300 steps at ~1.07 s/step add about a minute).
 
 Run:
   python train.py --config configs/demo.py --workdir /tmp/textfusion_demo

@@ -15,7 +15,6 @@ the visible input.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import text_setup
 from textfusion_jax import tiling
 from textfusion_jax import training
+from textfusion_jax.text import caption_files
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -91,19 +91,9 @@ def _natural_key(stem: str) -> tuple:
 
 def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
   """The `index`-th caption of each pair from a captions.jsonl."""
-  by_name: dict[str, list[str]] = {}
-  with open(path, encoding="utf-8") as lines:
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        by_name[str(record["name"])] = list(record["captions"])
-      except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise errors.UserError(
-            f"{path}:{number}: malformed captions line ({error})") from None
-  problems = [n for n in names if n not in by_name or
-              len(by_name[n]) <= index]
+  by_name = {r.name: r.captions
+             for r in caption_files.read_caption_file(path, dataset="")}
+  problems = [n for n in names if len(by_name.get(n, ())) <= index]
   if problems:
     raise errors.UserError(
         f"{path}: no caption {index} for pair(s) {', '.join(problems)}")

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.text.embeddings_dir = ""  # Precomputed caption embeddings (embed_captions output); '' embeds at startup.
   config.text.dtype = "float32"  # Compute dtype of the CLIP text tower.
   config.text.batch_size = 64  # Captions per encoder call when embedding at startup.
+  config.text.standardize_at_init = True  # Fold train-caption embedding mean/std into the text MLPs at init.
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # 'synthetic', 'folder' (paired ir/ vi/ dirs) or 'tfds'.

@@ -98,6 +98,12 @@ class CaptionTable:
       return None
     return self.texts[self.rows[record_index][caption_index]]
 
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (D,) over every (record, caption) pair."""
+    used = self.embeddings[np.concatenate(self.rows)].astype(np.float64)
+    return (used.mean(0).astype(np.float32),
+            used.std(0).astype(np.float32))
+
   def deranged(self, seed: int) -> CaptionTable:
     """Table in which record i gets the captions of record derangement[i]."""
     perm = derangement(len(self.rows), seed)

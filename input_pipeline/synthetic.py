@@ -51,10 +51,13 @@ wheels, lit windows and lamp heads are bright; sky is cold, the road a little
 warmer than the ground; trees and shadows are not drawn (invisible in IR);
 smooth thermal non-uniformity, fine noise and a slight blur are added.
 
-Captions (derived only from scene parameters, see `scene_captions`):
-  0: content - lighting, setting, people/vehicle counts, kinds and positions.
-  1: condition - the visible degradation words, and what stands out warm in the
-     thermal image.
+Captions (derived only from scene parameters, see `scene_captions`). Each
+opens with the same condition sentence, "<degradation words> visible image at
+dusk|in daylight", because that is what a fusion network cannot read from the
+pixels alone: a dark frame may be a dim dusk scene shot correctly or a daylit
+scene underexposed, and they need different corrections. Then:
+  0: content - setting, people/vehicle counts, kinds and positions.
+  1: what stands out warm in the thermal image.
   2: hidden objects - which people are nearly invisible in the degraded visible
      image but bright in infrared, or a statement that none are. A person is
      hidden when they stand against the ground (not in front of a vehicle or
@@ -672,10 +675,15 @@ def scene_captions(scene: Scene) -> list[str]:
       "a road" if scene.road else "",
       "buildings" if scene.buildings else "",
       "trees" if scene.trees else ""])
-  light = "daylit" if scene.lighting == "day" else "dusk"
   objects = _join([_group("pedestrian", people_x, w)] +
                   _vehicles_phrase(scene.vehicles, w))
-  content = (f"A {light} street scene" + (f" with {setting}" if setting else "")
+  # The condition leads every caption: CLIP truncates at 77 tokens, so the
+  # words the fusion needs most must come first.
+  condition = degradation_phrase(scene.degradation)
+  condition = (f"{condition[0].upper()}{condition[1:]} "
+               f"{'in daylight' if scene.lighting == 'day' else 'at dusk'}")
+  content = (f"{condition}. A street scene"
+             + (f" with {setting}" if setting else "")
              + f"; {objects or 'the street is empty'}.")
 
   warm = [_group("warm pedestrian", people_x, w),
@@ -687,21 +695,20 @@ def scene_captions(scene: Scene) -> list[str]:
   warm = [p for p in warm if p]
   thermal = (f"in the thermal image {_join(warm)} stand out" if warm else
              "the thermal image shows only cool surroundings")
-  condition = degradation_phrase(scene.degradation)
-  condition = f"{condition[0].upper()}{condition[1:]}; {thermal}."
+  thermal = f"{condition}; {thermal}."
 
   hidden = [p.x for p in scene.people if p.hidden]
   if hidden:
     n = len(hidden)
     where = _group("pedestrian", hidden, w)
     hidden_text = (f"{where[0].upper()}{where[1:]} {'is' if n == 1 else 'are'}"
-                   " nearly invisible in the visible image but bright in "
-                   "infrared.")
+                   " nearly invisible in it but bright in infrared.")
   elif scene.people:
-    hidden_text = "No pedestrian is lost in the degraded visible image."
+    hidden_text = "No pedestrian is lost in it."
   else:
     hidden_text = "There is nobody on the street."
-  return [content, condition, hidden_text]
+  hidden_text = f"{condition}. {hidden_text}"
+  return [content, thermal, hidden_text]
 
 
 class SyntheticPairs:

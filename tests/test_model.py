@@ -43,9 +43,10 @@ def tiny():
 
 
 def _perturb_zero_init(model, seed=1, scale=0.5):
-  """Gives the zero-initialised modulation output layers random weights."""
-  keys = iter(jax.random.split(jax.random.key(seed), 2 * model.num_levels))
-  for mod in model.modulation:
+  """Gives the zero-initialised text-MLP output layers random weights."""
+  mlps = list(model.modulation) + [model.vis_correction]
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * len(mlps)))
+  for mod in mlps:
     for var in (mod.out.kernel, mod.out.bias):
       var[...] = scale * jax.random.normal(next(keys), var[...].shape)
 
@@ -142,11 +143,13 @@ def test_gradients_reach_every_parameter_under_jax_jit():
     return [path for path, g in nnx.to_flat_state(grads)
             if not bool(jnp.any(g[...] != 0))]
 
-  # At init only the hidden layers behind the zeroed modulation outputs are
+  # At init only the hidden layers behind the zeroed text-MLP outputs are
   # cut off from the loss.
   at_init = zero_grad_paths(grads_of(params))
-  assert at_init and all(
-      path[0] == "modulation" and path[2] == "hidden" for path in at_init)
+  behind_zero_outputs = [p for p in at_init if p[-2] == "hidden" and (
+      p[0] == "modulation" or p[0] == "vis_correction")]
+  assert at_init and at_init == behind_zero_outputs, at_init
+  assert any(p[0] == "vis_correction" for p in at_init)
 
   _perturb_zero_init(model)
   grads = grads_of(nnx.state(model, nnx.Param))
@@ -247,3 +250,35 @@ def test_pixel_shuffle_order_and_inverse():
   for c, i, j in [(0, 0, 1), (1, 1, 0), (1, 1, 1)]:
     assert y[0, 2 * 1 + i, 2 * 2 + j, c] == x[0, 1, 2, c * 4 + i * 2 + j]
   np.testing.assert_array_equal(layers.pixel_unshuffle(y, 2), x)
+
+
+def test_folded_text_standardization_equals_standardizing_the_input():
+  model = model_lib.FusionNet(_config(), rngs=nnx.Rngs(0))
+  _perturb_zero_init(model, scale=0.02)  # Small: keep outputs off the clip.
+  vis, ir, text = _inputs()
+  mean = 0.5 * jax.random.normal(jax.random.key(3), (512,))
+  std = jax.random.uniform(jax.random.key(4), (512,), minval=0.5, maxval=2.0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  plain = nnx.to_pure_dict(params)
+  folded = model_lib.fold_text_standardization(plain, mean, std)
+  assert set(folded) == set(plain)
+
+  def run(p, t):
+    state = nnx.state(nnx.merge(graphdef, params), nnx.Param)
+    nnx.replace_by_pure_dict(state, p)
+    return _forward(nnx.merge(graphdef, state), vis, ir, t)
+
+  expected = run(plain, (text - mean) / std)
+  np.testing.assert_allclose(run(folded, text), expected, atol=2e-5)
+  # The fold changed something: raw embeddings give another output.
+  assert float(jnp.max(jnp.abs(run(plain, text) - expected))) > 1e-3
+  # A constant dimension is not divided by ~0, and one caption for all
+  # (zero std everywhere) only removes the mean.
+  floored = model_lib.fold_text_standardization(plain, mean,
+                                                std.at[0].set(0.0))
+  hidden = floored["modulation"][0]["hidden"]["kernel"]
+  assert float(jnp.max(jnp.abs(hidden[0]))) < float(
+      20 * jnp.max(jnp.abs(plain["modulation"][0]["hidden"]["kernel"][0])))
+  np.testing.assert_allclose(
+      run(model_lib.fold_text_standardization(plain, mean, 0 * std), text),
+      run(plain, text - mean), atol=2e-5)

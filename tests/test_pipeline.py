@@ -93,6 +93,15 @@ def test_caption_table_dedups_and_maps_records():
       np.testing.assert_array_equal(table.embedding(r, c), _embed([text])[0])
 
 
+def test_caption_table_statistics_weight_every_record_caption():
+  # Record 0 uses row 'a' twice; statistics count it twice (as sampling does).
+  table = CaptionTable.from_captions([["a", "a"], ["b"]], lambda texts: np.array(
+      [[1.0, 4.0] if t == "a" else [4.0, 4.0] for t in texts], np.float32))
+  mean, std = table.statistics()
+  np.testing.assert_allclose(mean, [2.0, 4.0])
+  np.testing.assert_allclose(std, [np.sqrt(2.0), 0.0])
+
+
 def test_caption_table_from_precomputed_record_embeddings():
   records = [{"text_emb": np.full((k, 4), r, np.float32)}
              for r, k in enumerate((2, 3, 1))]

@@ -122,6 +122,7 @@ class FusionEvaluator:
     result["per_image"] = per_image["model"]
     if restoration:
       result["restoration"] = _mean_over_images(restoration)
+      result["restoration_per_image"] = restoration
     if jax.process_index() == 0:
       _write_json_atomic(out_dir / "metrics.json", result)
     result["samples"] = samples
@@ -133,18 +134,28 @@ def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,
   """Synthetic data only: distance to what the degraded visible image hid.
 
   target_L1: mean |grey(F) - max(IR, grey(clean VIS))| (the training target);
-  clean_PSNR: PSNR of grey(F) against grey(clean VIS), in dB. Captions
-  describe the degradation, so these are the numbers text should improve.
+  clean_PSNR: PSNR of grey(F) against grey(clean VIS), in dB;
+  color_L1: mean |CbCr(F) - CbCr(clean VIS)| over both channels (BT.601, in
+  8-bit levels): underexposure and haze scale and shift the chroma too.
+  Captions describe the degradation, so these are the numbers text should
+  improve.
   """
   fused = image_io.rgb_to_grey_u8(fused_u8).astype(np.float64)
-  clean = image_io.rgb_to_grey_u8(
-      np.rint(np.clip(vis_clean, 0, 1) * 255).astype(np.uint8)).astype(
-          np.float64)
+  clean_u8 = np.rint(np.clip(vis_clean, 0, 1) * 255).astype(np.uint8)
+  clean = image_io.rgb_to_grey_u8(clean_u8).astype(np.float64)
   ir_levels = np.rint(np.clip(ir[..., 0], 0, 1) * 255)
   mse = float(np.mean((fused - clean) ** 2))
+  chroma = lambda rgb: rgb.astype(np.float64) @ _RGB_TO_CBCR.T
   return {"target_L1": float(np.mean(np.abs(fused - np.maximum(ir_levels,
                                                                 clean)))),
-          "clean_PSNR": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))}
+          "clean_PSNR": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)),
+          "color_L1": float(np.mean(np.abs(chroma(fused_u8) -
+                                           chroma(clean_u8))))}
+
+
+# BT.601 chroma rows (textfusion_jax.color); offsets cancel in differences.
+_RGB_TO_CBCR = np.array([[-0.168736, -0.331264, 0.5],
+                         [0.5, -0.418688, -0.081312]])
 
 
 def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:

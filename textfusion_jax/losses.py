@@ -14,7 +14,9 @@ computed in float32, and are means over pixels and the batch:
   two means, as Text-IF's L_color, so its weight 12 carries over).
 
 When the data provide a clean visible image (`vis_target`, e.g. for a
-low-light or degraded input), it replaces `vis` in every target.
+low-light or degraded input), it replaces `vis` in every target, SSIM
+included: SSIM's luminance and contrast terms against the dark, noisy
+recording would pull the output back towards the degradation.
 """
 
 from __future__ import annotations
@@ -110,17 +112,13 @@ def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
     ir: (B, H, W, 1) infrared input in [0, 1].
     weights: a weight for each of LOSS_TERMS (e.g. `default_loss_weights()`).
     vis_target: optional clean (B, H, W, 3) visible image that replaces `vis`
-      in the intensity, gradient and colour targets. SSIM stays against the
-      recorded `vis`: structure should follow what the camera saw, while
-      brightness, edges and colour follow the clean scene the caption
-      describes.
+      in every target (the scene the caption describes, before degradation).
 
   Returns:
     (total, parts): the float32 scalar sum of weight * part, and a dict of the
     unweighted float32 scalar parts keyed by LOSS_TERMS.
   """
   _check_weights(weights)
-  recorded_y = color.rgb_to_ycbcr(vis.astype(jnp.float32))[..., :1]
   vis = (vis if vis_target is None else vis_target).astype(jnp.float32)
   fused = color.rgb_to_ycbcr(fused_rgb.astype(jnp.float32))
   source = color.rgb_to_ycbcr(vis)
@@ -132,7 +130,7 @@ def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
       "intensity": jnp.mean(jnp.abs(fused_y - jnp.maximum(ir, vis_y))),
       "gradient": jnp.mean(jnp.abs(sobel_magnitude(fused_y) - grad_target)),
       "ssim": 1.0 - 0.5 * jnp.mean(ssim(fused_y, ir) +
-                                   ssim(fused_y, recorded_y)),
+                                   ssim(fused_y, vis_y)),
       "color": 2.0 * jnp.mean(jnp.abs(fused[..., 1:] - source[..., 1:])),
   }
   total = sum(weights[name] * parts[name] for name in LOSS_TERMS)

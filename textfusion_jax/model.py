@@ -2,6 +2,13 @@
 
 Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
 
+* Text-guided input correction (config.text_vis_affine): a text MLP gives a
+  per-channel scale and shift of the visible image, vis <- (1 + gamma) vis +
+  beta, before the encoder and as the base of the output residual. A caption
+  such as "heavily underexposed, slightly hazy ... at dusk" fixes the gain and
+  airlight that the pixels alone leave ambiguous (a dim dusk scene shot
+  correctly looks like an underexposed daylit one), and undoing gain and haze
+  is exactly a per-channel affine map. Zero-initialised: starts as identity.
 * Two Restormer encoders, one per modality (visible RGB, IR grey), each a
   3x3 patch embedding then `len(num_blocks)` levels of transformer blocks
   (channel-wise MDTA attention + FFN), with conv + pixel-unshuffle between
@@ -77,6 +84,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   c.ffn = "dense"
   # Transformer blocks at full resolution after the decoder.
   c.refinement_blocks = 4
+  # Text MLP scales/shifts the visible input per channel (undoes captioned
+  # exposure and haze; see the module docstring).
+  c.text_vis_affine = True
   # Width of the text embedding (CLIP ViT-B/32: 512).
   c.text_dim = 512
   # Hidden width of each modulation MLP (Text-IF: 2 * text_dim).
@@ -193,6 +203,10 @@ class FusionNet(nnx.Module):
     dims = [config.dim * 2**level for level in range(self.num_levels)]
     deepest = self.num_levels - 1
 
+    self.vis_correction = (
+        layers.TextModulation(config.text_dim, config.text_hidden, 3,
+                              rngs=rngs)
+        if config.get("text_vis_affine", False) else None)
     self.vis_encoder = Encoder(3, config, rngs=rngs)
     self.ir_encoder = Encoder(1, config, rngs=rngs)
 
@@ -242,6 +256,8 @@ class FusionNet(nnx.Module):
                        f"{vis.shape} and {ir.shape}")
     height, width = vis.shape[1:3]
     vis = vis.astype(jnp.float32)
+    if self.vis_correction is not None:
+      vis = self.vis_correction(vis, text_emb)
     multiple = 2**(self.num_levels - 1)
     vis_pad = _pad_to_multiple(vis, multiple)
     ir_pad = _pad_to_multiple(ir.astype(jnp.float32), multiple)
@@ -273,6 +289,40 @@ class FusionNet(nnx.Module):
     y = jnp.clip(ycbcr[..., :1] + residual, 0.0, 1.0)
     rgb = color.ycbcr_to_rgb(jnp.concatenate([y, ycbcr[..., 1:]], axis=-1))
     return jnp.clip(rgb, 0.0, 1.0)
+
+
+def fold_text_standardization(params: dict, mean: jax.Array,
+                              std: jax.Array, min_std_fraction: float = 0.1
+                              ) -> dict:
+  """Folds (e - mean) / std into the first layer of every text MLP.
+
+  A data-dependent init for the parameter dict of a FusionNet: afterwards
+  hidden(e) = W^T (e - mean) / std + b, so the MLPs see standardized caption
+  embeddings. CLIP embeddings of one domain's captions share a large common
+  component and differ by little (per-dimension std ~0.1 of the norm), which
+  otherwise leaves the zero-initialised (gamma, beta) a weak, slow-to-learn
+  signal. Nothing extra is stored: the checkpoint holds the folded weights.
+
+  Dimensions whose std is below `min_std_fraction` of the mean std are scaled
+  as if at that floor, so unseen captions cannot blow up a near-constant
+  dimension; if every caption is the same, only the mean is removed.
+  """
+  std = jnp.asarray(std, jnp.float32)
+  floor = min_std_fraction * jnp.mean(std)
+  inv_std = jnp.where(floor > 0, 1.0 / jnp.maximum(std, floor), 1.0)
+  mean = jnp.asarray(mean, jnp.float32)
+
+  def fold(hidden: dict) -> dict:
+    kernel = hidden["kernel"] * inv_std[:, None]
+    return {"kernel": kernel, "bias": hidden["bias"] - mean @ kernel}
+
+  params = dict(params)
+  params["modulation"] = {level: {**mlp, "hidden": fold(mlp["hidden"])}
+                          for level, mlp in params["modulation"].items()}
+  if "vis_correction" in params:
+    mlp = params["vis_correction"]
+    params["vis_correction"] = {**mlp, "hidden": fold(mlp["hidden"])}
+  return params
 
 
 def _pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:

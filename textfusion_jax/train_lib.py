@@ -38,6 +38,7 @@ class Inputs:
   train_iter: Any  # checkpointable grain iterator of per-process batches
   eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
   text_dim: int
+  text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
 
 
 # -- phases -------------------------------------------------------------------
@@ -66,18 +67,20 @@ def build_inputs(config: ml_collections.ConfigDict) -> Inputs:
                                                 table_train)
   eval_batches = data_sources.make_eval_batches_fn(config, eval_source,
                                                    table_eval)
-  return Inputs(train_iter, eval_batches, text_dim)
+  return Inputs(train_iter, eval_batches, text_dim, table_train.statistics())
 
 
 def restore_or_init(trainer: training.ShardedTrainer, manager: Any,
-                    train_iter: Any, seed: int) -> tuple[training.TrainState,
-                                                         int]:
+                    inputs: Inputs, config: ml_collections.ConfigDict
+                    ) -> tuple[training.TrainState, int]:
   if manager.latest_step() is not None:
     state, step = checkpointing.restore(manager, trainer.abstract_state(),
-                                        train_iter)
+                                        inputs.train_iter)
     log.info("Resumed from step %d", step)
     return state, step
-  return trainer.init_state(jax.random.key(seed)), 0
+  text_stats = (inputs.text_stats if config.text.standardize_at_init
+                else None)
+  return trainer.init_state(jax.random.key(config.seed), text_stats), 0
 
 
 def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
@@ -135,8 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
-  state, start_step = restore_or_init(trainer, manager, inputs.train_iter,
-                                      config.seed)
+  state, start_step = restore_or_init(trainer, manager, inputs, config)
   writer = metric_writer.MetricWriter(workdir_path)
   evaluator = evaluation.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,

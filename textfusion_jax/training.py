@@ -12,6 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
@@ -104,16 +105,24 @@ class ShardedTrainer:
 
   # -- state ------------------------------------------------------------------
 
-  def init_state(self, rng: jax.Array) -> TrainState:
-    """Initialises parameters directly in their shards (no host copy)."""
+  def init_state(self, rng: jax.Array,
+                 text_stats: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> TrainState:
+    """Initialises parameters directly in their shards (no host copy).
 
-    def init(rng):
+    text_stats: optional (mean, std) of the training caption embeddings,
+    folded into the text MLPs (`model.fold_text_standardization`).
+    """
+
+    def init(rng, text_stats):
       model = _build_model(self.config.model, rng)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      if text_stats is not None:
+        params = model_lib.fold_text_standardization(params, *text_stats)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=_to_plain(self.optimizer.init(params)))
 
-    return jax.jit(init, out_shardings=self.state_shardings)(rng)
+    return jax.jit(init, out_shardings=self.state_shardings)(rng, text_stats)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings, as orbax restore targets."""

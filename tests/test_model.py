@@ -282,3 +282,14 @@ def test_folded_text_standardization_equals_standardizing_the_input():
   np.testing.assert_allclose(
       run(model_lib.fold_text_standardization(plain, mean, 0 * std), text),
       run(plain, text - mean), atol=2e-5)
+
+
+def test_min_gain_modulation_is_identity_at_init_and_floored():
+  mod = layers.TextModulation(4, 8, 3, rngs=nnx.Rngs(0), min_gain=0.5)
+  x = jnp.ones((2, 5, 5, 3))
+  text = jax.random.normal(jax.random.key(1), (2, 4))
+  np.testing.assert_allclose(mod(x, text), x)  # zero-initialised output
+  mod.out.bias[...] = jnp.array([-50.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+  out = mod(x, text)[0, 0, 0]
+  np.testing.assert_allclose(out, [0.5, 1.0, 0.5 + 0.5 * np.exp(3.0)],
+                             rtol=1e-5)

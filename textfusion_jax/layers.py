@@ -390,7 +390,10 @@ class TextModulation(nnx.Module):
   """
 
   def __init__(self, text_dim: int, hidden: int, channels: int, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, min_gain: float | None = None):
+    # With min_gain m the scale is m + (1 - m) exp(gamma) instead of
+    # 1 + gamma: still 1 at init, but never below m.
+    self.min_gain = min_gain
     self.hidden = nnx.Linear(
         text_dim, hidden, param_dtype=PARAM_DTYPE,
         kernel_init=annotated(nnx.initializers.lecun_normal(),
@@ -404,4 +407,8 @@ class TextModulation(nnx.Module):
     params = self.out(jax.nn.leaky_relu(self.hidden(
         text_emb.astype(jnp.float32))))
     gamma, beta = jnp.split(params[:, None, None, :], 2, axis=-1)
-    return ((1.0 + gamma) * x.astype(jnp.float32) + beta).astype(x.dtype)
+    if self.min_gain is None:
+      scale = 1.0 + gamma
+    else:
+      scale = self.min_gain + (1.0 - self.min_gain) * jnp.exp(gamma)
+    return (scale * x.astype(jnp.float32) + beta).astype(x.dtype)

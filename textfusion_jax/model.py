@@ -8,7 +8,9 @@ Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
   such as "heavily underexposed, slightly hazy ... at dusk" fixes the gain and
   airlight that the pixels alone leave ambiguous (a dim dusk scene shot
   correctly looks like an underexposed daylit one), and undoing gain and haze
-  is exactly a per-channel affine map. Zero-initialised: starts as identity.
+  is exactly a per-channel affine map. Zero-initialised: starts as identity;
+  the gain is 0.5 + 0.5 exp(gamma), so it can brighten freely but never
+  suppress the visible image below half.
 * Two Restormer encoders, one per modality (visible RGB, IR grey), each a
   3x3 patch embedding then `len(num_blocks)` levels of transformer blocks
   (channel-wise MDTA attention + FFN), with conv + pixel-unshuffle between
@@ -60,6 +62,12 @@ from textfusion_jax import layers
 OUTPUT_MODES = ("rgb", "ycbcr")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
+# Floor of the visible correction's gain. Unbounded, training learned gains of
+# 0.07-0.3: it erased the noisy visible image (the cheapest way to cut the
+# gradient loss) and took brightness from the IR, so the caption could not
+# steer brightness. With the floor, true captions beat shuffled ones on
+# brightness and colour (README, text ablation).
+_VIS_MIN_GAIN = 0.5
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -207,7 +215,7 @@ class FusionNet(nnx.Module):
 
     self.vis_correction = (
         layers.TextModulation(config.text_dim, config.text_hidden, 3,
-                              rngs=rngs)
+                              rngs=rngs, min_gain=_VIS_MIN_GAIN)
         if config.get("text_vis_affine", False) else None)
     self.vis_encoder = Encoder(3, config, rngs=rngs)
     self.ir_encoder = Encoder(1, config, rngs=rngs)

@@ -56,6 +56,29 @@ def test_outputs_written(full_run):
   saved = checkpointing.load_saved_config(workdir)
   assert saved.model.dim == config.model.dim
   assert result["num_images"] == config.data.eval_size
+  # Synthetic data: restoration errors against the clean scene, per image too.
+  assert set(metrics_json["restoration"]) == {"target_L1", "clean_PSNR",
+                                              "color_L1"}
+  assert len(metrics_json["restoration_per_image"]) == config.data.eval_size
+
+
+def test_restoration_errors_against_the_clean_scene():
+  rng = np.random.default_rng(0)
+  clean = rng.uniform(0.2, 0.8, (6, 7, 3))
+  clean_u8 = np.rint(clean * 255).astype(np.uint8)
+  ir = np.zeros((6, 7, 1))
+  exact = evaluation._restoration_errors(clean_u8, ir, clean)
+  assert exact["color_L1"] == 0 and exact["clean_PSNR"] > 90
+  # A grey shift of 10 levels moves Y by 10 and leaves CbCr unchanged.
+  shifted = evaluation._restoration_errors(clean_u8 + 10, ir, clean)
+  assert abs(shifted["color_L1"]) < 1e-9
+  np.testing.assert_allclose(shifted["target_L1"], 10, atol=0.6)
+  # Adding 20 to blue only: Cb moves by 0.5 * 20, Cr by -0.081312 * 20.
+  bluer = clean_u8.copy()
+  bluer[..., 2] += 20
+  np.testing.assert_allclose(
+      evaluation._restoration_errors(bluer, ir, clean)["color_L1"],
+      (10 + 0.081312 * 20) / 2, rtol=1e-9)
 
 
 def test_baselines_scored_on_same_images(full_run):

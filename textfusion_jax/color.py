@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 # Rows give Y, Cb, Cr as weights of R, G, B.
-_RGB_TO_YCBCR = np.array([
+RGB_TO_YCBCR = np.array([
     [0.299, 0.587, 0.114],
     [-0.168736, -0.331264, 0.5],
     [0.5, -0.418688, -0.081312],
 ], dtype=np.float64)
-_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+_YCBCR_TO_RGB = np.linalg.inv(RGB_TO_YCBCR)
 _OFFSET = np.array([0.0, 0.5, 0.5])
 
 
@@ -36,7 +36,7 @@ def _matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:
 
 def rgb_to_ycbcr(rgb: jax.Array) -> jax.Array:
   """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1]."""
-  matrix = jnp.asarray(_RGB_TO_YCBCR.T, rgb.dtype)
+  matrix = jnp.asarray(RGB_TO_YCBCR.T, rgb.dtype)
   return _matmul(rgb, matrix) + jnp.asarray(_OFFSET, rgb.dtype)
 
 
@@ -48,5 +48,5 @@ def ycbcr_to_rgb(ycbcr: jax.Array) -> jax.Array:
 
 def rgb_to_y(rgb: jax.Array) -> jax.Array:
   """(..., 3) RGB -> (..., 1) luma Y, the grey level the fusion losses use."""
-  weights = jnp.asarray(_RGB_TO_YCBCR[0], rgb.dtype)
+  weights = jnp.asarray(RGB_TO_YCBCR[0], rgb.dtype)
   return jnp.sum(rgb * weights, axis=-1, keepdims=True)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from textfusion_jax import color
 from textfusion_jax import image_io
 from textfusion_jax import metrics as metrics_lib
 
@@ -145,17 +146,13 @@ def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,
   clean = image_io.rgb_to_grey_u8(clean_u8).astype(np.float64)
   ir_levels = np.rint(np.clip(ir[..., 0], 0, 1) * 255)
   mse = float(np.mean((fused - clean) ** 2))
-  chroma = lambda rgb: rgb.astype(np.float64) @ _RGB_TO_CBCR.T
+  # BT.601 chroma rows; the +128 offsets cancel in the difference.
+  chroma = lambda rgb: rgb.astype(np.float64) @ color.RGB_TO_YCBCR[1:].T
   return {"target_L1": float(np.mean(np.abs(fused - np.maximum(ir_levels,
                                                                 clean)))),
           "clean_PSNR": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)),
           "color_L1": float(np.mean(np.abs(chroma(fused_u8) -
                                            chroma(clean_u8))))}
-
-
-# BT.601 chroma rows (textfusion_jax.color); offsets cancel in differences.
-_RGB_TO_CBCR = np.array([[-0.168736, -0.331264, 0.5],
-                         [0.5, -0.418688, -0.081312]])
 
 
 def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:

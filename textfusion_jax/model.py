@@ -3,14 +3,17 @@
 Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
 
 * Text-guided input correction (config.text_vis_affine): a text MLP gives a
-  per-channel scale and shift of the visible image, vis <- (1 + gamma) vis +
-  beta, before the encoder and as the base of the output residual. A caption
+  per-channel gain and shift of the visible image, vis <- g vis + beta, before
+  the encoder and as the base of the output residual. A caption
   such as "heavily underexposed, slightly hazy ... at dusk" fixes the gain and
   airlight that the pixels alone leave ambiguous (a dim dusk scene shot
   correctly looks like an underexposed daylit one), and undoing gain and haze
-  is exactly a per-channel affine map. Zero-initialised: starts as identity;
-  the gain is 0.5 + 0.5 exp(gamma), so it can brighten freely but never
-  suppress the visible image below half.
+  is exactly a per-channel affine map. Zero-initialised: starts as identity.
+  g = m + (1 - m) exp(gamma) with m = config.text_vis_min_gain (0.5), so it
+  can brighten freely but never suppress the visible image below m: left
+  unbounded, training learned g of 0.07-0.3, erasing the noisy visible image
+  (the cheapest way to cut the gradient loss) and taking brightness from the
+  IR, so the caption could not steer brightness.
 * Two Restormer encoders, one per modality (visible RGB, IR grey), each a
   3x3 patch embedding then `len(num_blocks)` levels of transformer blocks
   (channel-wise MDTA attention + FFN), with conv + pixel-unshuffle between
@@ -62,12 +65,6 @@ from textfusion_jax import layers
 OUTPUT_MODES = ("rgb", "ycbcr")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
-# Floor of the visible correction's gain. Unbounded, training learned gains of
-# 0.07-0.3: it erased the noisy visible image (the cheapest way to cut the
-# gradient loss) and took brightness from the IR, so the caption could not
-# steer brightness. With the floor, true captions beat shuffled ones on
-# brightness and colour (README, text ablation).
-_VIS_MIN_GAIN = 0.5
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -97,6 +94,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   # Text MLP scales/shifts the visible input per channel (undoes captioned
   # exposure and haze; see the module docstring).
   c.text_vis_affine = True
+  # Floor of that gain (see the module docstring); None leaves it unbounded.
+  c.text_vis_min_gain = 0.5
   # Width of the text embedding (CLIP ViT-B/32: 512).
   c.text_dim = 512
   # Hidden width of each modulation MLP (Text-IF: 2 * text_dim).
@@ -215,7 +214,8 @@ class FusionNet(nnx.Module):
 
     self.vis_correction = (
         layers.TextModulation(config.text_dim, config.text_hidden, 3,
-                              rngs=rngs, min_gain=_VIS_MIN_GAIN)
+                              rngs=rngs,
+                              min_gain=config.get("text_vis_min_gain"))
         if config.get("text_vis_affine", False) else None)
     self.vis_encoder = Encoder(3, config, rngs=rngs)
     self.ir_encoder = Encoder(1, config, rngs=rngs)
@@ -308,10 +308,10 @@ def fold_text_standardization(params: dict, mean: jax.Array,
 
   A data-dependent init for the parameter dict of a FusionNet: afterwards
   hidden(e) = W^T (e - mean) / std + b, so the MLPs see standardized caption
-  embeddings. CLIP embeddings of one domain's captions share a large common
-  component and differ by little (per-dimension std ~0.1 of the norm), which
-  otherwise leaves the zero-initialised (gamma, beta) a weak, slow-to-learn
-  signal. Nothing extra is stored: the checkpoint holds the folded weights.
+  embeddings. Captions of one domain share a large common component and
+  differ by little (the demo's tiny text tower on the synthetic captions:
+  per-dimension std 0.11 against a mean norm of 1.27), which otherwise leaves
+  the zero-initialised (gamma, beta) a weak, slow-to-learn signal. Nothing extra is stored: the checkpoint holds the folded weights.
 
   Dimensions whose std is below `min_std_fraction` of the mean std are scaled
   as if at that floor, so unseen captions cannot blow up a near-constant

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.gradient = 10.0  # L1 of Sobel magnitude to the max source gradient.
   config.loss.ssim = 1.0  # 1 - SSIM against IR and visible Y.
   config.loss.color = 12.0  # L1 of fused CbCr to visible CbCr (Text-IF: 12).
+  config.loss.complementarity = 2.0  # 2 - SCD of each crop (see losses.py).
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # Peak AdamW learning rate.

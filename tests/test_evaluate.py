@@ -17,6 +17,7 @@ from textfusion_jax import evaluate
 from textfusion_jax import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
+from textfusion_jax import tiling
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "metrics"
@@ -116,8 +117,11 @@ def test_cli_writes_table_json_csv(folders, capsys):
   stdout = capsys.readouterr().out
   assert "16-bit" in stdout and str(folders / "ir" / "c.png") in stdout
   table = [line for line in stdout.splitlines() if line.startswith("|")]
-  assert table[0] == "| method | " + " | ".join(metrics.METRIC_NAMES) + " |"
-  assert [row.split(" | ")[0] for row in table[2:]] == ["| fused", "| fused2"]
+  assert table[0] == ("| method | " + " | ".join(metrics.METRIC_NAMES) +
+                      " | mean_rank |")
+  assert [row.split(" | ")[0] for row in table[2:4]] == ["| fused", "| fused2"]
+  assert table[4] == ("| method | " + " | ".join(metrics.SOURCE_PART_NAMES) +
+                      " |")
 
   result = json.loads((folders / "out.json").read_text())
   assert result == evaluate.evaluate_folders(
@@ -127,7 +131,7 @@ def test_cli_writes_table_json_csv(folders, capsys):
     per_image = result["methods"][method]["per_image"]
     assert sorted(per_image) == ["a", "b", "c"]
     for stem, values in per_image.items():
-      assert list(values) == list(metrics.METRIC_NAMES)
+      assert list(values) == list(metrics.ALL_METRIC_NAMES)
       expected = oracle(folders, method, stem)
       for name in metrics.METRIC_NAMES:
         assert values[name] == pytest.approx(expected[name], rel=1e-3,
@@ -225,7 +229,7 @@ def test_plan_buckets_merges_sizes_without_cropping():
   sizes = {f"r{i}": (233 + 4 * i, 496 + 3 * i) for i in range(40)}
   sizes.update({f"m{i}": (480, 640) for i in range(20)})
   sizes["huge"] = (2048, 2048)
-  buckets = evaluate.plan_buckets(sizes, batch_size=8,
+  buckets = tiling.plan_buckets(sizes, batch_size=8,
                                   compile_cost_pixels=4e7)
   assert sorted(s for stems in buckets.values() for s in stems) == sorted(sizes)
   for (bh, bw), stems in buckets.items():
@@ -237,4 +241,56 @@ def test_plan_buckets_merges_sizes_without_cropping():
   # With free compilations and no batch padding, only the rounding to 32
   # pixels groups sizes.
   rounded = {(-(-h // 32) * 32, -(-w // 32) * 32) for h, w in sizes.values()}
-  assert set(evaluate.plan_buckets(sizes, 1, 0.0)) == rounded
+  assert set(tiling.plan_buckets(sizes, 1, 0.0)) == rounded
+
+
+def test_baselines_rows_equal_scoring_the_trivial_images(folders, capsys):
+  """--baselines rows are the trivial fusions, scored like any folder."""
+  from textfusion_jax import fusion_baselines  # pylint: disable=g-import-not-at-top
+  grey = lambda d, stem: image_io.as_grey_u8(image_io.read_image(
+      image_io.list_images(folders / d)[stem])).astype(np.float64)
+  for rule in fusion_baselines.TRIVIAL_RULES:
+    for stem in SHAPES:
+      image = fusion_baselines.trivial_fusion(rule, grey("ir", stem),
+                                              grey("vis", stem))
+      save(folders / "explicit" / rule / f"{stem}.png", image.astype(np.uint8))
+  result = evaluate.evaluate_folders(folders / "ir", folders / "vis",
+                                     [folders / "fused"], baselines=True)
+  explicit = evaluate.evaluate_folders(
+      folders / "ir", folders / "vis",
+      [folders / "explicit" / r for r in fusion_baselines.TRIVIAL_RULES])
+  assert list(result["methods"]) == ["fused", *fusion_baselines.TRIVIAL_RULES]
+  for rule in fusion_baselines.TRIVIAL_RULES:
+    assert (result["methods"][rule]["per_image"] ==
+            explicit["methods"][rule]["per_image"])
+  # Copies max their own half of the paired metrics.
+  copy_vis = result["methods"]["copy_vis"]["mean"]
+  assert copy_vis["SSIM_vis"] == pytest.approx(1.0, abs=1e-6)
+  assert copy_vis["CC_vis"] == pytest.approx(1.0, abs=1e-6)
+  ranks = fusion_baselines.mean_ranks(
+      {m: v["mean"] for m, v in result["methods"].items()})
+  assert {m: v["mean_rank"] for m, v in result["methods"].items()} == ranks
+  # Without --fused, only the trivial rows.
+  evaluate.main(["--ir", str(folders / "ir"), "--vis", str(folders / "vis"),
+                 "--baselines"])
+  rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ") and "method" not in line]
+  assert rows[:4] == [f"| {r}" for r in fusion_baselines.TRIVIAL_RULES]
+
+
+def test_baselines_with_unmatched_folders_or_clashing_names(folders, capsys):
+  (folders / "vis" / "c.png").unlink()
+  err = run_bad(folders, capsys, "--baselines")
+  assert f"{folders / 'vis'}: 1 image(s) present in other folders" in err
+  save(folders / "vis" / "c.png", grey_image(3, 48, 56))
+  (folders / "fused").rename(folders / "rule_max")
+  err = run_bad(folders, capsys, "--baselines", fused=("rule_max",))
+  assert "'rule_max' clashes with a --baselines row" in err
+
+
+def test_mean_ranks_share_ties_and_rank_every_row():
+  from textfusion_jax import fusion_baselines  # pylint: disable=g-import-not-at-top
+  rows = {"a": {"x": 3.0, "y": 1.0}, "b": {"x": 2.0, "y": 1.0},
+          "c": {"x": 1.0, "y": 5.0}}
+  assert fusion_baselines.mean_ranks(rows, ("x", "y")) == {
+      "a": (1 + 2.5) / 2, "b": (2 + 2.5) / 2, "c": (3 + 1) / 2}

@@ -36,9 +36,11 @@ def test_loss_is_zero_when_fused_equals_every_target():
   _, vis, _ = _images()
   ir = color.rgb_to_y(vis)  # IR equal to the visible luma: one target.
   total, parts = losses.fusion_loss(vis, vis, ir, WEIGHTS)
+  # Complementarity needs two sources: with one, F - VIS is flat (corr 0).
+  assert float(parts.pop("complementarity")) == pytest.approx(2.0)
   for name, value in parts.items():
     assert abs(float(value)) < 1e-6, name
-  assert abs(float(total)) < 1e-5
+  assert abs(float(total) - 2.0 * WEIGHTS["complementarity"]) < 1e-5
 
 
 def test_intensity_and_colour_vanish_on_the_max_intensity_grey_image():
@@ -138,3 +140,16 @@ def test_weights_must_name_every_term(weights):
   fused, vis, ir = _images()
   with pytest.raises(ValueError, match="loss weights"):
     losses.fusion_loss(fused, vis, ir, weights)
+
+
+def test_complementarity_is_zero_for_the_sum_and_high_for_a_copy():
+  rng = np.random.default_rng(3)
+  ir = jnp.asarray(rng.random((2, 16, 16, 1)), jnp.float32)
+  vis_y = jnp.asarray(rng.random((2, 16, 16, 1)), jnp.float32)
+  np.testing.assert_allclose(
+      losses.complementarity(ir + vis_y - 0.5, ir, vis_y), 0.0, atol=1e-5)
+  copy = losses.complementarity(vis_y, ir, vis_y)
+  # corr(IR, 0) = 0 and corr(VIS, VIS - IR) ~ 0.7 for independent sources.
+  assert np.all(np.asarray(copy) > 1.1)
+  mean = losses.complementarity((ir + vis_y) / 2, ir, vis_y)
+  assert np.all(np.asarray(mean) < np.asarray(copy))

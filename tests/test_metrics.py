@@ -218,3 +218,31 @@ def test_vif_window_is_separable_and_never_zeroed():
     taps = np.array(metrics._vif_taps(scale))
     assert np.all(window > 0)
     np.testing.assert_allclose(np.outer(taps, taps), window, rtol=1e-12)
+
+
+def test_per_source_parts_add_up_and_match_single_source_metrics():
+  rng = np.random.default_rng(7)
+  f, a, b = (textured(rng, 60, 52) for _ in range(3))
+  got = batched([f], [a], [b])[0]
+  values = jax.device_get(metrics.all_metrics(*(x.astype(np.float32)
+                                                for x in (f, a, b))))
+  for name in ("MI", "VIF", "SSIM", "Qabf"):
+    assert values[f"{name}_ir"] + values[f"{name}_vis"] == pytest.approx(
+        values[name], rel=1e-5)
+    assert values[name] == pytest.approx(got[name], rel=1e-4)
+  assert (values["CC_ir"] + values["CC_vis"]) / 2 == pytest.approx(
+      values["CC"], rel=1e-5)
+  # Each part is the metric against that source alone: with both sources
+  # equal to one of them, a sum is twice the part and a mean equals it.
+  for source, key in ((a, "ir"), (b, "vis")):
+    alone = jax.device_get(metrics.all_metrics(
+        *(x.astype(np.float32) for x in (f, source, source))))
+    for name in ("MI", "VIF", "SSIM"):
+      assert values[f"{name}_{key}"] == pytest.approx(alone[name] / 2,
+                                                      rel=1e-4), name
+    assert values[f"CC_{key}"] == pytest.approx(alone["CC"], rel=1e-5)
+  # Qabf's parts are each source's share of one edge-weighted sum.
+  assert values["Qabf_ir"] != pytest.approx(values["Qabf_vis"], rel=1e-3)
+  ir_copy = jax.device_get(metrics.all_metrics(
+      *(x.astype(np.float32) for x in (a, a, b))))
+  assert ir_copy["Qabf_ir"] > ir_copy["Qabf_vis"]

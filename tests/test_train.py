@@ -44,8 +44,9 @@ def test_outputs_written(full_run):
   metrics_json = json.loads(
       (workdir / "eval" / str(steps) / "metrics.json").read_text())
   for method in evaluation.METHODS:
-    assert set(metrics_json[method]) == set(metrics_lib.METRIC_NAMES)
+    assert set(metrics_json[method]) == set(metrics_lib.ALL_METRIC_NAMES)
     assert all(np.isfinite(v) for v in metrics_json[method].values())
+  assert set(metrics_json["mean_rank"]) == set(evaluation.METHODS)
   pngs = list((workdir / "eval" / str(steps)).glob("*.png"))
   assert len(pngs) == config.data.eval_size
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -81,10 +82,63 @@ def test_restoration_errors_against_the_clean_scene():
       (10 + 0.081312 * 20) / 2, rtol=1e-9)
 
 
-def test_baselines_scored_on_same_images(full_run):
+def test_trivial_rows_scored_on_same_images(full_run):
   _, result = full_run
   # max(IR, VIS) has at least the mean's dynamic range on every image.
-  assert result["baseline_max"]["SD"] >= result["baseline_mean"]["SD"] - 1e-6
+  assert result["rule_max"]["SD"] >= result["rule_mean"]["SD"] - 1e-6
+  # A copy is its own source: its half of SSIM and CC is exactly 1.
+  assert result["copy_vis"]["CC_vis"] == pytest.approx(1.0, abs=1e-5)
+  assert result["copy_ir"]["SSIM_ir"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _write_folder_dataset(root: Path, names, seed: int) -> Path:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for sub in ("ir", "vi"):
+    (root / sub).mkdir(parents=True)
+  lines = []
+  for i, name in enumerate(names):
+    h, w = (48, 64) if i % 2 else (56, 52)
+    y, x = np.mgrid[:h, :w]
+    base = 120 + 60 * np.sin(x / 5 + i) * np.cos(y / 4)
+    ir = np.clip(base + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
+    vis = np.clip(base[..., None] * [1, 0.8, 0.6] +
+                  rng.normal(0, 15, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(ir).save(root / "ir" / f"{name}.png")
+    Image.fromarray(vis).save(root / "vi" / f"{name}.png")
+    lines.append(json.dumps({"name": name, "captions": [f"scene {name}"]}))
+  (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  return root
+
+
+def test_in_training_metrics_equal_the_evaluate_cli(tmp_path):
+  """metrics.json rows == `evaluate --baselines` on the PNGs it wrote."""
+  from textfusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  train_dir = _write_folder_dataset(tmp_path / "train", "abcdef", 0)
+  eval_dir = _write_folder_dataset(tmp_path / "held", ["p", "q", "r"], 1)
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = str(train_dir)
+  config.data.eval_dir = str(eval_dir)
+  config.train.num_steps = 2
+  config.eval.batch_size = 1
+  config.eval.pad_multiple = 32
+  workdir = tmp_path / "run"
+  train_lib.train_and_evaluate(config, str(workdir))
+  saved = json.loads((workdir / "eval" / "2" / "metrics.json").read_text())
+  fused_dir = tmp_path / "model"
+  fused_dir.mkdir()
+  # In-training names are '<dataset>/<stem>': eval/2/held/p.png.
+  for png in (workdir / "eval" / "2").rglob("*.png"):
+    (fused_dir / png.name).write_bytes(png.read_bytes())
+  cli = evaluate.evaluate_folders(eval_dir / "ir", eval_dir / "vi",
+                                  [fused_dir], baselines=True)["methods"]
+  assert sorted(cli["model"]["per_image"]) == ["p", "q", "r"]
+  for method in evaluation.METHODS:
+    for name in metrics_lib.ALL_METRIC_NAMES:
+      assert saved[method][name] == pytest.approx(
+          cli[method]["mean"][name], rel=2e-5, abs=1e-5), (method, name)
+    assert saved["mean_rank"][method] == cli[method]["mean_rank"]
 
 
 def test_resume_equals_uninterrupted(full_run, tmp_path):

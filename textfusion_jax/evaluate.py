@@ -1,7 +1,7 @@
 """Scores folders of fused images against their IR/VIS sources.
 
   python -m textfusion_jax.evaluate --ir DIR --vis DIR --fused DIR \
-      [--fused DIR2 ...] [--json OUT] [--csv OUT] [--batch-size 8]
+      [--fused DIR2 ...] [--baselines] [--json OUT] [--csv OUT] [--batch-size 8]
 
 Images are matched by file stem across the folders (PNG, JPG, BMP, TIFF;
 grey or colour, colour turned to grey by OpenCV's rule; 16-bit scaled to 8
@@ -11,9 +11,18 @@ batched function. Images keep their size (no resizing): they are zero-padded
 into a few bucket shapes and the metrics ignore the padding, so a folder of
 many sizes costs a few compilations, not one per size.
 
-Prints a markdown table of per-method means; --json writes
-{"methods": {name: {"mean": {...}, "per_image": {stem: {...}}}}} and --csv one
-row per (method, image) plus one "mean" row per method. Bad input (missing
+--baselines adds the four trivial fusions of `textfusion_jax.fusion_baselines`
+(copy_vis, copy_ir, rule_mean, rule_max), computed from the IR and VIS
+folders, as rows of the same table (then --fused is optional). Copying one
+source outranks most published methods on MI, VIF, Qabf and SSIM; that
+module's docstring gives the numbers.
+
+Prints a markdown table of per-method means with a mean_rank column (over
+EN, SD, SF, MI, SCD, VIF, Qabf, SSIM, across the table's rows), then the
+per-source parts (MI_ir, MI_vis, ...; see `textfusion_jax.metrics`); --json
+writes {"methods": {name: {"mean": {...}, "mean_rank": r, "per_image":
+{stem: {...}}}}} and --csv one row per (method, image) plus one "mean" row
+per method. Bad input (missing
 stems, size mismatches, unreadable files, empty folders, ...) ends with one
 `error:` line listing every problem and exit status 2.
 """
@@ -35,15 +44,16 @@ import numpy as np
 from tqdm import tqdm
 
 from textfusion_jax import errors
+from textfusion_jax import fusion_baselines
 from textfusion_jax import image_io
 from textfusion_jax import metrics
+from textfusion_jax import tiling
 
-# Bucket planning: an extra compilation is worth this many pixel-evaluations
-# of padding (a CPU compile takes ~5-10 s, scoring ~0.2 us per pixel; on an
-# accelerator compiles dominate even more).
+# Bucket planning (tiling.plan_buckets): an extra compilation is worth this
+# many pixel-evaluations of padding (a CPU compile of the metric suite takes
+# ~5-10 s, scoring ~0.2 us per pixel; accelerators favour fewer compiles).
 _COMPILE_COST_PIXELS = {"cpu": 4e7}
 _DEFAULT_COMPILE_COST_PIXELS = 1e9
-_SIZE_STEP = 32  # buckets start from sizes rounded up to this
 # Decoded grey images kept from the checking pass for scoring, up to this
 # many bytes (beyond it they are decoded again when scored).
 _CACHE_BYTES = 1 << 30
@@ -162,45 +172,6 @@ def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
       fused={n: folders[f"fused {n!r}"][1] for n in names})
 
 
-def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
-                 compile_cost_pixels: float
-                ) -> dict[tuple[int, int], list[str]]:
-  """Groups stems into padded bucket shapes (H, W) -> stems.
-
-  Starts from sizes rounded up to a multiple of 32 and greedily merges the
-  two buckets whose merge saves the most, while a merge's extra padding costs
-  less than one compilation (`compile_cost_pixels`). Batches are padded to
-  `batch_size`, which the cost also counts.
-  """
-  groups: dict[tuple[int, int], list[str]] = {}
-  for stem, (h, w) in sorted(sizes.items()):
-    key = (-(-h // _SIZE_STEP) * _SIZE_STEP, -(-w // _SIZE_STEP) * _SIZE_STEP)
-    groups.setdefault(key, []).append(stem)
-
-  def cost(shape: tuple[int, int], count: int) -> float:
-    padded = math.ceil(count / batch_size) * batch_size
-    return compile_cost_pixels + padded * shape[0] * shape[1]
-
-  buckets = list(groups.items())
-  while len(buckets) > 1:
-    best = None
-    for i in range(len(buckets)):
-      for j in range(i + 1, len(buckets)):
-        (si, ni), (sj, nj) = buckets[i], buckets[j]
-        merged = (max(si[0], sj[0]), max(si[1], sj[1]))
-        gain = (cost(si, len(ni)) + cost(sj, len(nj)) -
-                cost(merged, len(ni) + len(nj)))
-        if best is None or gain > best[0]:
-          best = (gain, i, j, merged)
-    gain, i, j, merged = best
-    if gain <= 0:
-      break
-    stems = buckets[i][1] + buckets[j][1]
-    buckets = [b for k, b in enumerate(buckets) if k not in (i, j)]
-    buckets.append((merged, stems))
-  return {shape: sorted(stems) for shape, stems in buckets}
-
-
 def _pad_batch(images: Sequence[np.ndarray], shape: tuple[int, int],
                batch_size: int) -> np.ndarray:
   """Zero-pads grey uint8 images into a (batch_size, H, W) array."""
@@ -215,15 +186,19 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     yield items[start:start + size]
 
 
-def _score(inputs: _Inputs, batch_size: int,
-           progress: bool) -> dict[str, dict[str, dict[str, float]]]:
-  """method -> stem -> metric -> value, scored bucket by bucket on device."""
+def _score(inputs: _Inputs, batch_size: int, progress: bool,
+           baselines: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+  """method -> stem -> metric -> value, scored bucket by bucket on device.
+
+  With `baselines`, the trivial fusions of the sources are scored too.
+  """
+  rules = fusion_baselines.TRIVIAL_RULES if baselines else ()
   cost = _COMPILE_COST_PIXELS.get(jax.default_backend(),
                                   _DEFAULT_COMPILE_COST_PIXELS)
-  buckets = plan_buckets(inputs.sizes, batch_size, cost)
+  buckets = tiling.plan_buckets(inputs.sizes, batch_size, cost)
   per_image: dict[str, dict[str, dict[str, float]]] = {
-      name: {} for name in inputs.fused}
-  with tqdm(total=len(inputs.stems) * len(inputs.fused), desc="scoring",
+      name: {} for name in (*inputs.fused, *rules)}
+  with tqdm(total=len(inputs.stems) * len(per_image), desc="scoring",
             unit="triple", disable=not progress) as bar:
     for shape, stems in buckets.items():
       for chunk in _chunks(stems, batch_size):
@@ -236,14 +211,20 @@ def _score(inputs: _Inputs, batch_size: int,
                         batch_size)
         vis = _pad_batch([inputs.grey(inputs.vis[s]) for s in chunk], shape,
                          batch_size)
-        for name, files in inputs.fused.items():
-          fused = _pad_batch([inputs.grey(files[s]) for s in chunk], shape,
+        candidates = {
+            name: _pad_batch([inputs.grey(files[s]) for s in chunk], shape,
                              batch_size)
+            for name, files in inputs.fused.items()}
+        ir_f, vis_f = ir.astype(np.float32), vis.astype(np.float32)
+        candidates.update({
+            rule: fusion_baselines.trivial_fusion(rule, ir_f, vis_f)
+            for rule in rules})
+        for name, fused in candidates.items():
           values = jax.device_get(
               metrics.batched_all_metrics(fused, ir, vis, sizes))
           for i, stem in enumerate(chunk):
             per_image[name][stem] = {
-                m: float(values[m][i]) for m in metrics.METRIC_NAMES}
+                m: float(values[m][i]) for m in metrics.ALL_METRIC_NAMES}
           bar.update(len(chunk))
   return per_image
 
@@ -253,46 +234,55 @@ def _summarise(per_image: Mapping[str, Mapping[str, Mapping[str, float]]]
   result = {}
   for name, images in per_image.items():
     mean = {m: float(np.mean([v[m] for v in images.values()]))
-            for m in metrics.METRIC_NAMES}
+            for m in metrics.ALL_METRIC_NAMES}
     result[name] = {"mean": mean,
                     "per_image": {s: dict(images[s]) for s in sorted(images)}}
+  ranks = fusion_baselines.mean_ranks(
+      {name: values["mean"] for name, values in result.items()})
+  for name, rank in ranks.items():
+    result[name][fusion_baselines.MEAN_RANK] = rank
   return {"methods": result}
 
 
 def _evaluate(ir_dir, vis_dir, fused_dirs, batch_size: int, progress: bool,
-              problems: Sequence[str] = ()) -> tuple[dict, list[str]]:
+              problems: Sequence[str] = (), baselines: bool = False
+              ) -> tuple[dict, list[str]]:
   problems = list(problems)
   if batch_size < 1:
     problems.append(f"batch size must be >= 1, got {batch_size}")
-  if not fused_dirs:
-    problems.append("no fused folders given")
+  if not fused_dirs and not baselines:
+    problems.append("no fused folders given (and no --baselines)")
+  clashes = sorted({Path(d).name for d in fused_dirs} &
+                   set(fusion_baselines.TRIVIAL_RULES)) if baselines else []
+  problems += [f"--fused folder name {n!r} clashes with a --baselines row; "
+               "rename the folder" for n in clashes]
   inputs = _validate(Path(ir_dir), Path(vis_dir), [Path(d) for d in fused_dirs],
                      progress, problems)
-  result = _summarise(_score(inputs, batch_size, progress))
+  result = _summarise(_score(inputs, batch_size, progress, baselines))
   return result, inputs.sixteen_bit
 
 
 def evaluate_folders(ir_dir: str | os.PathLike, vis_dir: str | os.PathLike,
                      fused_dirs: Sequence[str | os.PathLike], *,
-                     batch_size: int = 8, progress: bool = False) -> dict:
+                     batch_size: int = 8, progress: bool = False,
+                     baselines: bool = False) -> dict:
   """Scores each fused folder against the sources; the --json structure.
 
-  Returns {"methods": {<fused folder name>: {"mean": {metric: value},
-  "per_image": {stem: {metric: value}}}}}. Raises EvaluationInputError
-  (listing every problem) for bad input.
+  Returns {"methods": {<fused folder name or trivial rule>: {"mean": {metric:
+  value}, "mean_rank": rank, "per_image": {stem: {metric: value}}}}}, metrics
+  keyed by `metrics.ALL_METRIC_NAMES`. Raises EvaluationInputError (listing
+  every problem) for bad input.
   """
-  return _evaluate(ir_dir, vis_dir, fused_dirs, batch_size, progress)[0]
+  return _evaluate(ir_dir, vis_dir, fused_dirs, batch_size, progress,
+                   baselines=baselines)[0]
 
 
-def markdown_table(result: Mapping) -> str:
-  """One row per method with the mean of every metric."""
-  names = metrics.METRIC_NAMES
-  lines = ["| method | " + " | ".join(names) + " |",
-           "|---|" + "---|" * len(names)]
-  for method, values in result["methods"].items():
-    lines.append(f"| {method} | " +
-                 " | ".join(f"{values['mean'][m]:.4f}" for m in names) + " |")
-  return "\n".join(lines)
+def markdown_table(result: Mapping, names: Sequence[str] = metrics.METRIC_NAMES
+                   ) -> str:
+  """One row per method with the mean of each of `names` (and mean_rank)."""
+  return fusion_baselines.markdown_table(
+      {method: values["mean"] for method, values in result["methods"].items()},
+      names, with_rank=tuple(names) == metrics.METRIC_NAMES)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -309,13 +299,13 @@ def _write_atomic(path: Path, text: str) -> None:
 def _csv_text(result: Mapping) -> str:
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["method", "image", *metrics.METRIC_NAMES])
+  writer.writerow(["method", "image", *metrics.ALL_METRIC_NAMES])
   for method, values in result["methods"].items():
     for stem, row in values["per_image"].items():
       writer.writerow([method, stem, *(repr(row[m])
-                                       for m in metrics.METRIC_NAMES)])
+                                       for m in metrics.ALL_METRIC_NAMES)])
     writer.writerow([method, "mean", *(repr(values["mean"][m])
-                                       for m in metrics.METRIC_NAMES)])
+                                       for m in metrics.ALL_METRIC_NAMES)])
   return out.getvalue()
 
 
@@ -325,8 +315,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       description="Score fused images with the 12 standard fusion metrics.")
   parser.add_argument("--ir", required=True, help="folder of infrared images")
   parser.add_argument("--vis", required=True, help="folder of visible images")
-  parser.add_argument("--fused", required=True, action="append",
+  parser.add_argument("--fused", action="append", default=[],
                       help="folder of fused images (repeat for more methods)")
+  parser.add_argument("--baselines", action="store_true",
+                      help="add rows for copy_vis, copy_ir, rule_mean and "
+                      "rule_max, computed from --ir and --vis")
   parser.add_argument("--json", type=Path, help="write results as JSON here")
   parser.add_argument("--csv", type=Path, help="write results as CSV here")
   parser.add_argument("--batch-size", type=int, default=8,
@@ -341,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   if path is not None and not path.parent.is_dir()]
   try:
     result, sixteen_bit = _evaluate(args.ir, args.vis, args.fused,
-                                    args.batch_size, True, out_problems)
+                                    args.batch_size, True, out_problems,
+                                    baselines=args.baselines)
   except (EvaluationInputError, image_io.ImageReadError) as error:
     # ImageReadError: a file that changed after it was checked.
     errors.fail(str(error))
@@ -349,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"note: {len(sixteen_bit)} 16-bit image(s) scaled to 8 bits "
           "(v8 = round(v16 * 255 / 65535)): " + ", ".join(sixteen_bit))
   print(markdown_table(result))
+  print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
+        "their mean):")
+  print(markdown_table(result, metrics.SOURCE_PART_NAMES))
   if args.json:
     _write_atomic(args.json, json.dumps(result, indent=1) + "\n")
   if args.csv:

@@ -1,11 +1,12 @@
 """Periodic evaluation: fuse eval images, score them on device, save results.
 
-The model's fused images and two trivial baselines (mean and max of the
-sources) are scored with the same jitted metric suite on the same images:
-  model          the network's colour output, quantised to 8 bits
-  baseline_mean  round((IR + grey(VIS)) / 2)
-  baseline_max   max(IR, grey(VIS))
-Outputs land in `<workdir>/eval/<step>/`: fused PNGs and metrics.json.
+The model's fused images and the four trivial fusions of
+`textfusion_jax.fusion_baselines` (copy_vis, copy_ir, rule_mean, rule_max)
+are scored with the same jitted metric suite on the same images; the model
+is its colour output quantised to 8 bits, i.e. the PNG it writes. Outputs
+land in `<workdir>/eval/<step>/`: fused PNGs and metrics.json, whose rows
+equal what `python -m textfusion_jax.evaluate --baselines` gives on those
+PNGs and the sources (tests/test_train.py checks this).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from textfusion_jax import color
+from textfusion_jax import fusion_baselines
 from textfusion_jax import image_io
 from textfusion_jax import metrics as metrics_lib
 
-METHODS = ("model", "baseline_mean", "baseline_max")
+METHODS = ("model",) + fusion_baselines.TRIVIAL_RULES
 
 
 def to_u8(image01: jax.Array) -> jax.Array:
@@ -46,11 +48,10 @@ def metric_inputs(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array
   fused_u8 = to_u8(fused_rgb)
   vis_grey = metrics_lib.rgb_to_grey(to_u8(vis))
   ir_grey = to_u8(ir)[..., 0]
-  candidates = jnp.concatenate([
-      metrics_lib.rgb_to_grey(fused_u8),       # model
-      jnp.round((ir_grey + vis_grey) / 2.0),   # baseline_mean
-      jnp.maximum(ir_grey, vis_grey),          # baseline_max
-  ])
+  candidates = jnp.concatenate(
+      [metrics_lib.rgb_to_grey(fused_u8)] +
+      [fusion_baselines.trivial_fusion(rule, ir_grey, vis_grey)
+       for rule in fusion_baselines.TRIVIAL_RULES])
   repeat = len(METHODS)
   return (candidates, jnp.tile(ir_grey, (repeat, 1, 1)),
           jnp.tile(vis_grey, (repeat, 1, 1)), fused_u8.astype(jnp.uint8))
@@ -119,6 +120,9 @@ class FusionEvaluator:
           if len(samples) < self._save_images:
             samples.append(fused_u8[i])
     result = {m: _mean_over_images(per_image[m]) for m in METHODS}
+    if per_image["model"]:
+      result[fusion_baselines.MEAN_RANK] = fusion_baselines.mean_ranks(
+          {m: result[m] for m in METHODS})
     result["num_images"] = len(per_image["model"])
     result["per_image"] = per_image["model"]
     if restoration:
@@ -181,18 +185,12 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def comparison_table(result: Mapping[str, Any]) -> str:
-  """Markdown table: one row per method, one column per metric."""
-  names = list(metrics_lib.METRIC_NAMES)
-  lines = ["| method | " + " | ".join(names) + " |",
-           "|---|" + "---|" * len(names)]
-  for method in METHODS:
-    row = result.get(method, {})
-    lines.append(f"| {method} | " + " | ".join(
-        f"{row[n]:.4g}" if n in row else "-" for n in names) + " |")
+  """Markdown table of every method with its mean rank, and a summary line."""
+  table = fusion_baselines.markdown_table(
+      {m: result.get(m, {}) for m in METHODS}, metrics_lib.METRIC_NAMES)
   model = result.get("model", {})
-  mean = result.get("baseline_mean", {})
+  mean = result.get("rule_mean", {})
   better = [n for n in ("EN", "SD", "SF", "AG", "MI", "Qabf", "VIF")
             if n in model and n in mean and model[n] > mean[n]]
-  lines.append(f"\nmodel beats baseline_mean on {len(better)}/7 of "
-               f"EN, SD, SF, AG, MI, Qabf, VIF: {', '.join(better) or 'none'}")
-  return "\n".join(lines)
+  return (f"{table}\n\nmodel beats rule_mean on {len(better)}/7 of "
+          f"EN, SD, SF, AG, MI, Qabf, VIF: {', '.join(better) or 'none'}")

@@ -5,11 +5,15 @@
   python -m textfusion_jax.fuse --checkpoint WORKDIR --ir IR_DIR --vis VIS_DIR \
       --captions captions.jsonl --out OUT_DIR
 
-Directories are matched by file stem. With --captions, each pair uses its own
-caption (index --caption-index of its captions.jsonl line); --text gives one
-prompt for all. Large images are fused in overlapping tiles (--tile), so
-memory stays bounded whatever the image size. Output: colour PNGs the size of
-the visible input.
+--checkpoint is a model bundle (`python -m textfusion_jax.export`, e.g. the
+shipped pretrained/textfusion-small), verified against its manifest before
+anything is loaded, or a training workdir. Directories are matched by file
+stem. With --captions, each pair uses its own caption (index --caption-index
+of its captions.jsonl line); --text gives one prompt for all. Images up to
+--tile pixels a side run whole, padded into a few bucket shapes (one
+compilation each, whatever the mix of sizes); larger ones are fused in
+overlapping tiles, so memory stays bounded. Output: colour PNGs the size of
+the visible input, each written atomically.
 """
 
 from __future__ import annotations
@@ -19,23 +23,29 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from absl import flags
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
+from textfusion_jax import bundle
 from textfusion_jax import checkpointing
 from textfusion_jax import errors
 from textfusion_jax import image_io
+from textfusion_jax import model as model_lib
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import text_setup
 from textfusion_jax import tiling
 from textfusion_jax import training
 from textfusion_jax.text import caption_files
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A model bundle (python -m textfusion_jax.export) or "
+    "a training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _IR = flags.DEFINE_string("ir", None, "Infrared image or directory.")
 _VIS = flags.DEFINE_string("vis", None, "Visible image or directory.")
@@ -45,8 +55,10 @@ _CAPTIONS = flags.DEFINE_string("captions", None,
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
                                       "Which caption of each line to use.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (or directory).")
-_TILE = flags.DEFINE_integer("tile", 512, "Tile size for large images.")
-_OVERLAP = flags.DEFINE_integer("overlap", 32, "Tile overlap in pixels.")
+_TILE = flags.DEFINE_integer(
+    "tile", 1536, "Images up to this size run whole; larger ones in tiles of "
+    "this size.")
+_OVERLAP = flags.DEFINE_integer("overlap", 64, "Tile overlap in pixels.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,21 +112,36 @@ def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
   return [by_name[n][index] for n in names]
 
 
-def check_sizes(pairs: Sequence[Pair]) -> None:
-  """Reads headers only; one error listing every pair whose sizes differ."""
+def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
+  """Pair name -> (H, W) from headers; one error listing every mismatch."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   problems = []
+  sizes = {}
   for pair in pairs:
     try:
       with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
         if ir.size != vis.size:
           problems.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
                           f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
+        sizes[pair.name] = (vis.size[1], vis.size[0])
     except OSError as error:
       problems.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
   if problems:
     raise errors.UserError("; ".join(problems) + " (pairs must be registered "
                            "and equal in size)")
+  return sizes
+
+
+def bucket_shapes(sizes: dict[str, tuple[int, int]], tile: int
+                  ) -> dict[str, tuple[int, int] | None]:
+  """Name -> padded shape to run whole (None: tiled), few shapes in all."""
+  whole = {n: s for n, s in sizes.items() if max(s) <= tile}
+  cost = tiling.COMPILE_COST_PIXELS.get(jax.default_backend(),
+                                        tiling.DEFAULT_COMPILE_COST_PIXELS)
+  shapes: dict[str, tuple[int, int] | None] = {n: None for n in sizes}
+  for shape, names in tiling.plan_buckets(whole, 1, cost).items():
+    shapes.update({n: shape for n in names})
+  return shapes
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
@@ -131,36 +158,78 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Fuser:
-  """A trained model restored from a workdir, ready to fuse pairs."""
+  """A trained model, from a bundle or a training workdir, ready to fuse."""
 
-  def __init__(self, workdir: str, step: int | None = None):
-    self.config = checkpointing.load_saved_config(workdir)
+  def __init__(self, config: Any, params: Any, encoder: Any, *, step: int,
+               source: str):
+    self.config = config
+    self.step = step
+    self.source = source
+    self.encoder = encoder
+    if encoder is not None and encoder.embed_dim != config.model.text_dim:
+      raise checkpointing.CheckpointError(
+          f"checkpoint {source} expects {config.model.text_dim}-d text "
+          f"embeddings but encoder {config.text.encoder!r} gives "
+          f"{encoder.embed_dim}")
     self.mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
-    self.trainer = training.ShardedTrainer(self.config, self.mesh)
+    replicated = sharding_lib.replicated(self.mesh)
+    self.params = jax.device_put(params, replicated)
+    graphdef = model_lib.abstract_model(config.model)[0]
+
+    def apply(params, vis, ir, text_emb):
+      return nnx.merge(graphdef, params)(vis, ir, text_emb)
+
+    self._apply = jax.jit(apply, out_shardings=replicated)
+
+  @classmethod
+  def load(cls, path: str, step: int | None = None) -> Fuser:
+    """A bundle (verified first) or a training workdir."""
+    if bundle.is_bundle(path):
+      if step is not None:
+        raise errors.UserError(f"--step is for training workdirs; {path} is "
+                               "a bundle of one step")
+      return cls.from_bundle(path)
+    return cls.from_workdir(path, step)
+
+  @classmethod
+  def from_bundle(cls, root: str) -> Fuser:
+    manifest = bundle.verify(root)
+    config = bundle.load_config(root)
+    _, like = model_lib.abstract_model(config.model)
+    params = bundle.load(root, nnx.to_pure_dict(like))
+    return cls(config, params, text_setup.build_text_encoder(config.text),
+               step=int(manifest.get("step", 0)), source=str(root))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None, *,
+                   with_text_encoder: bool = True) -> Fuser:
+    config = checkpointing.load_saved_config(workdir)
+    mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+    trainer = training.ShardedTrainer(config, mesh)
     manager = checkpointing.make_manager(
         workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
-    state, self.step = checkpointing.restore(
-        manager, self.trainer.abstract_state(), step=step)
-    self.params = state.params
-    self.encoder = text_setup.build_text_encoder(self.config.text)
-    if self.encoder.embed_dim != self.config.model.text_dim:
-      raise checkpointing.CheckpointError(
-          f"checkpoint {workdir} expects {self.config.model.text_dim}-d text "
-          f"embeddings but encoder {self.config.text.encoder!r} gives "
-          f"{self.encoder.embed_dim}")
-    replicated = sharding_lib.replicated(self.mesh)
-    self._apply = jax.jit(self.trainer.apply, out_shardings=replicated)
+    state, step = checkpointing.restore(manager, trainer.abstract_state(),
+                                        step=step)
+    encoder = (text_setup.build_text_encoder(config.text)
+               if with_text_encoder else None)
+    return cls(config, state.params, encoder, step=step, source=str(workdir))
 
   def fuse(self, vis: np.ndarray, ir: np.ndarray, text_emb: np.ndarray, *,
-           tile: int, overlap: int) -> np.ndarray:
-    """Fused RGB uint8 (H, W, 3) for one pair."""
+           tile: int = _TILE.default, overlap: int = _OVERLAP.default,
+           pad_to: tuple[int, int] | None = None) -> np.ndarray:
+    """Fused RGB uint8 (H, W, 3) for one pair (float inputs in [0, 1]).
+
+    An image no larger than `tile` runs whole, padded to `pad_to` (its
+    bucket from `bucket_shapes`) or to a multiple of 64; larger ones run in
+    overlapping tiles.
+    """
 
     def fuse_batch(vis_tiles, ir_tiles):
       emb = np.repeat(text_emb[None], vis_tiles.shape[0], axis=0)
       return np.asarray(self._apply(self.params, vis_tiles, ir_tiles, emb))
 
     fused = tiling.fuse_tiled(fuse_batch, vis, ir, tile=tile, overlap=overlap,
-                              batch_size=1)
+                              batch_size=1, pad_to=pad_to)
     return np.clip(np.rint(fused * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -174,17 +243,18 @@ def main(argv: Sequence[str]) -> None:
   if bool(_TEXT.value) == bool(_CAPTIONS.value):
     raise errors.UserError("give exactly one of --text or --captions")
   pairs = collect_pairs(_IR.value, _VIS.value, _OUT.value)
-  check_sizes(pairs)
+  shapes = bucket_shapes(check_sizes(pairs), _TILE.value)
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else
              read_captions(_CAPTIONS.value, [p.name for p in pairs],
                            _CAPTION_INDEX.value))
-  fuser = Fuser(_CHECKPOINT.value, _STEP.value)
+  fuser = Fuser.load(_CHECKPOINT.value, _STEP.value)
   embeddings = fuser.encoder.encode(prompts)
   timings = []
   for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair"):
     vis, ir = load_pair(pair)
     start = time.perf_counter()
-    fused = fuser.fuse(vis, ir, emb, tile=_TILE.value, overlap=_OVERLAP.value)
+    fused = fuser.fuse(vis, ir, emb, tile=_TILE.value, overlap=_OVERLAP.value,
+                       pad_to=shapes[pair.name])
     timings.append(time.perf_counter() - start)
     image_io.write_png_atomic(pair.out, fused)
   steady = timings[1:] or timings

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -234,21 +236,30 @@ class ChannelAttention(nnx.Module):
 
 
 class TokenAttention(nnx.Module):
-  """Full multi-head attention between all H*W tokens (quadratic in pixels).
+  """Multi-head attention between H*W query tokens and (pooled) key tokens.
 
   Runs through `jax.nn.dot_product_attention` in its (B, L, heads, head_dim)
   layout, so `implementation='cudnn'` gives GPUs the fused flash kernel
   (bfloat16 only); None lets JAX pick (XLA today). `cross` as in
   `ChannelAttention`.
+
+  Keys and values are average-pooled to at most `max_kv_tokens` positions
+  (spatial-reduction attention, as PVT): full attention at 1/8 resolution is
+  quadratic in pixels, 6912^2 logits per head for a 768x576 image, which
+  took ~20 s on 2 CPU cores. The projections are linear, so pooling their
+  outputs equals projecting pooled features. Feature maps of at most
+  `max_kv_tokens` positions (a 96x96 training crop has 144) attend in full.
   """
 
   def __init__(self, channels: int, heads: int, *, dtype: jnp.dtype,
                rngs: nnx.Rngs, cross: bool = False,
-               implementation: str | None = None):
+               implementation: str | None = None,
+               max_kv_tokens: int | None = None):
     if channels % heads:
       raise ValueError(f"{channels} channels do not split into {heads} heads")
     self.heads = heads
     self.implementation = implementation
+    self.max_kv_tokens = max_kv_tokens
     self.qkv = QKVProjection(channels, cross=cross, depthwise=False,
                              dtype=dtype, rngs=rngs)
     self.proj = pointwise(channels, channels, use_bias=True, dtype=dtype,
@@ -257,11 +268,36 @@ class TokenAttention(nnx.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None
               ) -> jax.Array:
     b, h, w, c = x.shape
+    q, k, v = self.qkv(x, context)
+    factor = kv_pool_factor(h, w, self.max_kv_tokens)
+    if factor > 1:
+      k, v = avg_pool(k, factor), avg_pool(v, factor)
     q, k, v = (t.reshape(b, -1, self.heads, c // self.heads)
-               for t in self.qkv(x, context))
+               for t in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v,
                                        implementation=self.implementation)
     return self.proj(out.reshape(b, h, w, c))
+
+
+def kv_pool_factor(height: int, width: int, max_tokens: int | None) -> int:
+  """Smallest integer f with ceil(h / f) * ceil(w / f) <= max_tokens."""
+  if not max_tokens or height * width <= max_tokens:
+    return 1
+  factor = max(2, math.isqrt(height * width // max_tokens))
+  while -(-height // factor) * -(-width // factor) > max_tokens:
+    factor += 1
+  return factor
+
+
+def avg_pool(x: jax.Array, factor: int) -> jax.Array:
+  """(B, H, W, C) mean over factor x factor windows, edge-padded to fit."""
+  b, h, w, c = x.shape
+  pad_h, pad_w = -h % factor, -w % factor
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  x = x.reshape(b, (h + pad_h) // factor, factor, (w + pad_w) // factor,
+                factor, c)
+  return jnp.mean(x.astype(jnp.float32), axis=(2, 4)).astype(x.dtype)
 
 
 class FeedForward(nnx.Module):
@@ -320,10 +356,12 @@ class SpatialSelfAttention(nnx.Module):
   """Pre-norm residual full-token self-attention: x + Attn(LN(x))."""
 
   def __init__(self, channels: int, heads: int, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs, implementation: str | None = None):
+               rngs: nnx.Rngs, implementation: str | None = None,
+               max_kv_tokens: int | None = None):
     self.norm = layer_norm(channels, dtype=dtype, rngs=rngs)
     self.attn = TokenAttention(channels, heads, dtype=dtype, rngs=rngs,
-                               implementation=implementation)
+                               implementation=implementation,
+                               max_kv_tokens=max_kv_tokens)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.attn(self.norm(x))
@@ -339,13 +377,15 @@ class CrossDomainAttention(nnx.Module):
 
   def __init__(self, channels: int, heads: int, kind: str, *,
                dtype: jnp.dtype, rngs: nnx.Rngs,
-               implementation: str | None = None):
+               implementation: str | None = None,
+               max_kv_tokens: int | None = None):
     if kind == "channel":
       make = lambda: ChannelAttention(channels, heads, dtype=dtype, rngs=rngs,
                                       cross=True)
     elif kind == "token":
       make = lambda: TokenAttention(channels, heads, dtype=dtype, rngs=rngs,
-                                    cross=True, implementation=implementation)
+                                    cross=True, implementation=implementation,
+                                    max_kv_tokens=max_kv_tokens)
     else:
       raise ValueError(f"unknown attention kind {kind!r}")
     self.norm_vis = layer_norm(channels, dtype=dtype, rngs=rngs)

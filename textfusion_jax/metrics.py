@@ -10,6 +10,13 @@ OpenCV's rule Y = 0.299 R + 0.587 G + 0.114 B, rounded (`rgb_to_grey` here,
 grey. Below, mean(.) is over all pixels and corr(x, y) is Pearson's
 correlation sum(dx dy) / sqrt(sum(dx^2) sum(dy^2)) with d = x - mean(x).
 
+Copying one source unchanged maxes its half of MI, VIF, Qabf and SSIM (sums
+over the two sources) and outranks most published methods on them; SCD and CC
+punish copying. Score methods beside the trivial fusions of
+`textfusion_jax.fusion_baselines` (which gives the numbers), and use the
+per-source parts (`SOURCE_PART_NAMES`, below) to see which source a method
+keeps.
+
 Single-image metrics (of F):
 
 * EN: Shannon entropy, in bits, of the 256-bin histogram of round(F).
@@ -53,6 +60,10 @@ Metrics against the sources:
   float input; it makes C1, C2 negligible on the 0..255 scale, hence SSIM
   sums near 1), averaged over the (H - 6) x (W - 6) windows inside the image.
 * CC: (corr(A, F) + corr(B, F)) / 2.
+* Per-source parts: MI_ir = MI(F, A), VIF_ir = VIFp(A, F), SSIM_ir =
+  ssim(F, A), CC_ir = corr(A, F), Qabf_ir = sum(Q_A gA) / sum(gA + gB) (A's
+  share of Qabf's weighted sum); _vis likewise with B. MI, VIF, SSIM and Qabf
+  are the sums of their two parts, CC is their mean.
 * MSE: (mean((A - F)^2) + mean((B - F)^2)) / 2 on the 0..255 scale.
 * PSNR: 10 log10(max(F)^2 / MSE), also on the 0..255 scale (peak = max(F),
   not 255).
@@ -98,6 +109,12 @@ import numpy as np
 
 METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM",
                 "CC", "PSNR", "MSE")
+# Per-source parts of the paired metrics: X_ir compares F with IR, X_vis with
+# VIS. MI, VIF, SSIM and Qabf are the sums of their parts, CC their mean.
+PAIRED_METRICS = ("MI", "VIF", "SSIM", "CC", "Qabf")
+SOURCE_PART_NAMES = tuple(f"{m}_{s}" for m in PAIRED_METRICS
+                          for s in ("ir", "vis"))
+ALL_METRIC_NAMES = METRIC_NAMES + SOURCE_PART_NAMES
 
 # VIF's coarsest scale needs 41 pixels: 'valid' filters of 17, then 9 and
 # stride 2, 5 and stride 2, 3 and stride 2 must leave at least one window.
@@ -350,9 +367,12 @@ def _global_stats(f: Array, a: Array, b: Array,
   # F - B and F - A are centred on their own means (not as dF - dB) so that
   # a constant difference gives exactly zero deviations, as in the reference.
   df, da, db, d_fb, d_fa = _centred([f, a, b, f - b, f - a], region)
+  cc_ir, cc_vis = _correlation(da, df), _correlation(db, df)
   return {
       "SD": _sd(df, region),
-      "CC": (_correlation(da, df) + _correlation(db, df)) / 2,
+      "CC": (cc_ir + cc_vis) / 2,
+      "CC_ir": cc_ir,
+      "CC_vis": cc_vis,
       "SCD": _correlation(da, d_fb) + _correlation(db, d_fa),
   }
 
@@ -366,6 +386,12 @@ def _mi(f: Array, a: Array, b: Array, region: _Region) -> Array:
   joint_a, joint_b = _joint_histograms(f, a, b, region)
   total = region.count()
   return _mi_from_joint(joint_a, total) + _mi_from_joint(joint_b, total)
+
+
+def _sum_of_parts(name: str, part_ir: Array, part_vis: Array
+                  ) -> dict[str, Array]:
+  return {name: part_ir + part_vis, f"{name}_ir": part_ir,
+          f"{name}_vis": part_vis}
 
 
 def _sf(f: Array, region: _Region) -> Array:
@@ -433,6 +459,12 @@ def _vifp_integrands(s1: Array, s2: Array,
 
 
 def _vif(f: Array, a: Array, b: Array, region: _Region) -> Array:
+  return sum(_vif_parts(f, a, b, region))
+
+
+def _vif_parts(f: Array, a: Array, b: Array,
+               region: _Region) -> tuple[Array, Array]:
+  """(VIFp(A, F), VIFp(B, F))."""
   images = [a, b, f]
   num = [0.0, 0.0]
   den = [0.0, 0.0]
@@ -448,7 +480,7 @@ def _vif(f: Array, a: Array, b: Array, region: _Region) -> Array:
       num[i] = num[i] + n_i
       den[i] = den[i] + d_i
   # den == 0 implies num == 0: the reference's NaN ratio, counted as 1.
-  return sum(_safe_ratio(n, d, 1.0) for n, d in zip(num, den))
+  return tuple(_safe_ratio(n, d, 1.0) for n, d in zip(num, den))
 
 
 def _arctan(t: Array) -> Array:
@@ -492,17 +524,29 @@ def _edge_preservation(g_s: Array, a_s: Array, g_f: Array,
 
 
 def _qabf(f: Array, a: Array, b: Array, region: _Region) -> Array:
+  return sum(_qabf_parts(f, a, b, region))
+
+
+def _qabf_parts(f: Array, a: Array, b: Array,
+                region: _Region) -> tuple[Array, Array]:
+  """Each source's share of Qabf: sum(Q_S g_S) / sum(g_A + g_B)."""
   # Zero the padding: 'same' convolution then sees the zeros it pads with.
   mask = region.mask(f.shape)
   (g_f, a_f), (g_a, a_a), (g_b, a_b) = (_edges(jnp.where(mask, x, 0.0))
                                         for x in (f, a, b))
-  num = (_edge_preservation(g_a, a_a, g_f, a_f) * g_a +
-         _edge_preservation(g_b, a_b, g_f, a_f) * g_b)
-  num, den = _masked_sums([num, g_a + g_b], region)
-  return _safe_ratio(num, den, 0.0)
+  num_a, num_b, den = _masked_sums(
+      [_edge_preservation(g_a, a_a, g_f, a_f) * g_a,
+       _edge_preservation(g_b, a_b, g_f, a_f) * g_b, g_a + g_b], region)
+  return _safe_ratio(num_a, den, 0.0), _safe_ratio(num_b, den, 0.0)
 
 
 def _ssim(f: Array, a: Array, b: Array, region: _Region) -> Array:
+  return sum(_ssim_parts(f, a, b, region))
+
+
+def _ssim_parts(f: Array, a: Array, b: Array,
+                region: _Region) -> tuple[Array, Array]:
+  """(ssim(F, A), ssim(F, B))."""
   taps = (1.0 / _SSIM_WIN,) * _SSIM_WIN
   (mf, ma, mb), (vf, va, vb), (cfa, cfb) = _local_moments(
       [f, a, b], ((0, 1), (0, 2)), taps)
@@ -515,7 +559,7 @@ def _ssim(f: Array, a: Array, b: Array, region: _Region) -> Array:
           for ms, vs, cfs in ((ma, va, cfa), (mb, vb, cfb))]
   valid = region.shrink(_SSIM_WIN - 1)
   sum_a, sum_b = _masked_sums(maps, valid)
-  return (sum_a + sum_b) / valid.count()
+  return sum_a / valid.count(), sum_b / valid.count()
 
 
 def _mse(f: Array, a: Array, b: Array, region: _Region) -> Array:
@@ -610,7 +654,11 @@ def mse(fused: Array, ir: Array, vis: Array) -> Array:
 def all_metrics(fused: Array, ir: Array, vis: Array,
                 size: tuple[Size, Size] | Array | None = None
                ) -> dict[str, Array]:
-  """All twelve metrics of one (H, W) triple, keyed by `METRIC_NAMES`.
+  """All twelve metrics of one (H, W) triple and their per-source parts.
+
+  Keyed by `ALL_METRIC_NAMES`: the twelve `METRIC_NAMES`, then
+  `SOURCE_PART_NAMES` (e.g. MI_ir = MI(F, IR), Qabf_vis = the VIS share of
+  Qabf's edge-weighted sum).
 
   `size` = (h, w), possibly traced, scores only the top-left h x w of padded
   arrays (h, w >= MIN_SIZE is the caller's duty then); None scores it all.
@@ -630,15 +678,16 @@ def all_metrics(fused: Array, ir: Array, vis: Array,
       "EN": _entropy_nats(joint_a.sum(axis=1), count) / math.log(2),
       "SF": _sf(f, region),
       "AG": _ag(f, region),
-      "MI": _mi_from_joint(joint_a, count) + _mi_from_joint(joint_b, count),
-      "VIF": _vif(f, a, b, region),
-      "Qabf": _qabf(f, a, b, region),
-      "SSIM": _ssim(f, a, b, region),
+      **_sum_of_parts("MI", _mi_from_joint(joint_a, count),
+                      _mi_from_joint(joint_b, count)),
+      **_sum_of_parts("VIF", *_vif_parts(f, a, b, region)),
+      **_sum_of_parts("Qabf", *_qabf_parts(f, a, b, region)),
+      **_sum_of_parts("SSIM", *_ssim_parts(f, a, b, region)),
       "PSNR": _psnr_from_mse(f, mse_value, region),
       "MSE": mse_value,
       **_global_stats(f, a, b, region),
   }
-  return {name: values[name] for name in METRIC_NAMES}
+  return {name: values[name] for name in ALL_METRIC_NAMES}
 
 
 # XLA:CPU's default scheduler overlaps independent kernels at the price of ~4x

@@ -30,11 +30,28 @@ Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
   a 1x1 conv (not at the finest level, which keeps 2 * dim channels as in
   Restormer) and passed through transformer blocks; conv + pixel-shuffle
   upsamples between levels. Refinement blocks and a 3x3 output conv follow.
-* Output: config.output 'rgb' predicts an RGB residual on the visible image;
-  'ycbcr' predicts a Y residual on the visible luma and re-attaches the
-  visible CbCr. Both are clipped to [0, 1] and returned in float32.
-* Any H, W: inputs are reflect-padded to a multiple of 2**(levels - 1) and the
-  output is cropped back. Padded pixels take part in attention (as in
+* Output, config.output:
+  'fusion' (default): the head predicts, per pixel, log-gains a, b and a
+    residual r, and the fused luma is
+      Y = exp(b) (Y_vis - mean Y_vis) + exp(a) (IR - mean IR)
+          + (mean Y_vis + mean IR) / 2 + r
+    with the means over the image; the visible CbCr is re-attached. The
+    untrained net (a = b = r = 0) returns the sum of both sources' contrast
+    around their average brightness, so it fuses from the first step: a
+    person warm only in the IR is already there, and training shapes where
+    each source's detail goes. Heads that start from the visible image
+    ('rgb', 'ycbcr') never left it in CPU-sized training on real pairs, and
+    a blend w IR + (1 - w) VIS keeps the structure of the mean rule, whose SCD
+    (1.59 on TNO) no weighting can raise.
+  'rgb': an RGB residual on the visible image; 'ycbcr': a Y residual on the
+    visible luma with the visible CbCr re-attached.
+  All are clipped to [0, 1] and returned in float32.
+* config.input_stride s > 1 runs the network at 1/s resolution: the sources
+  are pixel-unshuffled into s*s times the channels (FFDNet's reversible
+  downsampling) and the head's output is pixel-shuffled back, so the output
+  rule still acts on every full-resolution pixel.
+* Any H, W: inputs are reflect-padded to a multiple of s * 2**(levels - 1)
+  and the output is cropped back. Padded pixels take part in attention (as in
   Restormer's test-time padding).
 
 Logical sharding axes. Every parameter is created with
@@ -62,7 +79,10 @@ from flax import nnx
 from textfusion_jax import color
 from textfusion_jax import layers
 
-OUTPUT_MODES = ("rgb", "ycbcr")
+OUTPUT_MODES = ("fusion", "rgb", "ycbcr")
+_HEAD_CHANNELS = {"fusion": 3, "rgb": 3, "ycbcr": 1}
+# Bounds of the fusion head's log-gains: gains stay in [e^-4, e^1].
+_LOG_GAIN_RANGE = (-4.0, 1.0)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
 
@@ -70,16 +90,18 @@ _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
 def model_config(preset: str) -> ml_collections.ConfigDict:
   """Returns a fresh ConfigDict for 'tiny', 'small' or 'base'.
 
-  tiny:  unit tests (~174 K parameters, fast on CPU).
-  small: the CPU demo (1.23 M parameters with 512-d text, 0.66 M with the
-         demo's 64-d tiny text tower; trains at 64x64, batch 8, on 2 CPU
-         cores).
+  tiny:  unit tests (173,612 parameters with 512-d text).
+  small: the CPU demo and the shipped model (2,750,905 parameters with 512-d
+         text, 2,177,465 with the 64-d tiny text tower; half resolution,
+         trains at 96x96, batch 8, on 2 CPU cores).
   base:  Text-IF's sizes (dim 48, blocks 2/2/2/2, heads 1/2/4/8, FFN x2,
-         its dense-conv FFN): 64.8 M parameters (Text-IF: 63.8 M; 0.5 M of
-         ours are the text-guided visible correction's MLP).
+         its dense-conv FFN): 64,776,402 parameters (Text-IF: 63.8 M; 0.5 M
+         of ours are the text-guided visible correction's MLP).
+  tests/test_model.py pins these counts.
   """
   c = ml_collections.ConfigDict()
-  # Channels at full resolution; level l has dim * 2**l.
+  # Channels of the first level (at 1/input_stride resolution); level l has
+  # dim * 2**l.
   c.dim = 48
   # Transformer blocks per level (encoders, decoder); length = level count.
   c.num_blocks = (2, 2, 2, 2)
@@ -100,18 +122,29 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   c.text_dim = 512
   # Hidden width of each modulation MLP (Text-IF: 2 * text_dim).
   c.text_hidden = 1024
-  # 'rgb': RGB residual on the visible image; 'ycbcr': fused Y + visible CbCr.
-  c.output = "rgb"
+  # 'fusion': gains on both sources' contrast + residual (see module doc);
+  # 'rgb': RGB residual on the visible image; 'ycbcr': Y residual + vis CbCr.
+  c.output = "fusion"
   # Compute dtype, 'float32' or 'bfloat16'; params and output stay float32.
   c.dtype = "float32"
   # dot_product_attention implementation: None (XLA) or 'cudnn' (GPU, bf16).
   c.attention_impl = None
+  # Keys/values of the coarsest level's token attention are average-pooled
+  # to at most this many positions (0: never); a 96x96 crop has 144.
+  c.max_kv_tokens = 256
+  # The network runs at 1/input_stride resolution: the sources enter
+  # pixel-unshuffled (FFDNet's reversible downsampling) and the head's output
+  # is pixel-shuffled back, so every pixel keeps its own output.
+  c.input_stride = 1
   if preset == "base":
     pass
   elif preset == "small":
     # XLA:CPU time grows with the op count and the full-resolution width, so
-    # few, narrow blocks; the wider text MLPs add parameters almost for free.
-    c.dim = 8
+    # few blocks at half resolution (input_stride 2: a 768x576 pair in 0.5 s
+    # on 2 cores, against 1.1 s for dim 8 at full resolution); the wider text
+    # MLPs add parameters almost for free.
+    c.dim = 16
+    c.input_stride = 2
     c.num_blocks = (1, 1, 1, 2)
     c.ffn = "gdfn"
     c.refinement_blocks = 0
@@ -217,22 +250,25 @@ class FusionNet(nnx.Module):
                               rngs=rngs,
                               min_gain=config.get("text_vis_min_gain"))
         if config.get("text_vis_affine", False) else None)
-    self.vis_encoder = Encoder(3, config, rngs=rngs)
-    self.ir_encoder = Encoder(1, config, rngs=rngs)
+    self.stride = config.get("input_stride", 1)
+    self.vis_encoder = Encoder(3 * self.stride**2, config, rngs=rngs)
+    self.ir_encoder = Encoder(self.stride**2, config, rngs=rngs)
 
     # Cross-domain attention and stream merging, finest level first.
     self.cross = nnx.List([
         layers.CrossDomainAttention(
             dims[level], config.heads[level],
             "token" if level == deepest else "channel", dtype=dtype,
-            rngs=rngs, implementation=config.attention_impl)
+            rngs=rngs, implementation=config.attention_impl,
+            max_kv_tokens=config.get("max_kv_tokens"))
         for level in range(self.num_levels)])
     self.merge = nnx.List([
         layers.pointwise(2 * dims[level], dims[level], dtype=dtype, rngs=rngs)
         for level in range(self.num_levels)])
     self.deep_attention = layers.SpatialSelfAttention(
         dims[deepest], config.heads[deepest], dtype=dtype, rngs=rngs,
-        implementation=config.attention_impl)
+        implementation=config.attention_impl,
+        max_kv_tokens=config.get("max_kv_tokens"))
 
     # Decoder, finest level first; the finest works at 2 * dim channels.
     dec_dims = [2 * dims[0]] + dims[1:]
@@ -252,11 +288,12 @@ class FusionNet(nnx.Module):
         for level in range(self.num_levels)])
     self.refinement = _blocks(config.refinement_blocks, dec_dims[0],
                               config.heads[0], config, rngs)
-    out_channels = 3 if config.output == "rgb" else 1
-    # Small output weights: the untrained net returns about the visible image
+    # Small output weights: the untrained net returns its output rule's base
     # (residual std ~0.02 instead of ~1.5) while every weight still gets a
     # gradient from the first step.
-    self.head = layers.conv3x3(dec_dims[0], out_channels, dtype=dtype,
+    self.head = layers.conv3x3(dec_dims[0],
+                               _HEAD_CHANNELS[config.output] * self.stride**2,
+                               dtype=dtype,
                                rngs=rngs, init_scale=_HEAD_INIT_SCALE)
 
   def __call__(self, vis: jax.Array, ir: jax.Array,
@@ -268,9 +305,12 @@ class FusionNet(nnx.Module):
     vis = vis.astype(jnp.float32)
     if self.vis_correction is not None:
       vis = self.vis_correction(vis, text_emb)
-    multiple = 2**(self.num_levels - 1)
+    multiple = self.stride * 2**(self.num_levels - 1)
     vis_pad = _pad_to_multiple(vis, multiple)
     ir_pad = _pad_to_multiple(ir.astype(jnp.float32), multiple)
+    if self.stride > 1:
+      vis_pad = layers.pixel_unshuffle(vis_pad, self.stride)
+      ir_pad = layers.pixel_unshuffle(ir_pad, self.stride)
 
     vis_feats = self.vis_encoder(vis_pad.astype(self.dtype))
     ir_feats = self.ir_encoder(ir_pad.astype(self.dtype))
@@ -289,16 +329,35 @@ class FusionNet(nnx.Module):
       if level:
         x = self.reduce[level - 1](x)
       x = self.decoder[level](x)
-    residual = self.head(self.refinement(x)).astype(jnp.float32)
-    return self._to_rgb(residual[:, :height, :width], vis)
+    head = self.head(self.refinement(x)).astype(jnp.float32)
+    if self.stride > 1:
+      head = layers.pixel_shuffle(head, self.stride)
+    return self._to_rgb(head[:, :height, :width], vis,
+                        ir.astype(jnp.float32))
 
-  def _to_rgb(self, residual: jax.Array, vis: jax.Array) -> jax.Array:
+  def _to_rgb(self, head: jax.Array, vis: jax.Array,
+              ir: jax.Array) -> jax.Array:
     if self.output == "rgb":
-      return jnp.clip(vis + residual, 0.0, 1.0)
+      return jnp.clip(vis + head, 0.0, 1.0)
     ycbcr = color.rgb_to_ycbcr(vis)
-    y = jnp.clip(ycbcr[..., :1] + residual, 0.0, 1.0)
+    if self.output == "ycbcr":
+      y = ycbcr[..., :1] + head
+    else:
+      y = fuse_luma(ycbcr[..., :1], ir, *jnp.split(head, 3, axis=-1))
+    y = jnp.clip(y, 0.0, 1.0)
     rgb = color.ycbcr_to_rgb(jnp.concatenate([y, ycbcr[..., 1:]], axis=-1))
     return jnp.clip(rgb, 0.0, 1.0)
+
+
+def fuse_luma(y_vis: jax.Array, ir: jax.Array, log_gain_ir: jax.Array,
+              log_gain_vis: jax.Array, residual: jax.Array) -> jax.Array:
+  """The 'fusion' output rule (module docstring), (B, H, W, 1) each."""
+  mean_vis = jnp.mean(y_vis, axis=(1, 2), keepdims=True)
+  mean_ir = jnp.mean(ir, axis=(1, 2), keepdims=True)
+  gain_ir = jnp.exp(jnp.clip(log_gain_ir, *_LOG_GAIN_RANGE))
+  gain_vis = jnp.exp(jnp.clip(log_gain_vis, *_LOG_GAIN_RANGE))
+  return (gain_vis * (y_vis - mean_vis) + gain_ir * (ir - mean_ir) +
+          0.5 * (mean_vis + mean_ir) + residual)
 
 
 def fold_text_standardization(params: dict, mean: jax.Array,
@@ -349,6 +408,27 @@ def _pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
       widths[axis] = (0, extra)
       x = jnp.pad(x, widths, mode="reflect" if size > 1 else "edge")
   return x
+
+
+def build(config: ml_collections.ConfigDict, rng: jax.Array) -> FusionNet:
+  """A FusionNet with parameters drawn from `rng`, unsharded.
+
+  Shardings come from the caller's jit out_shardings, not from eager
+  per-variable device puts.
+  """
+  with nnx.use_eager_sharding(False):
+    return FusionNet(config, rngs=nnx.Rngs(params=rng))
+
+
+def abstract_model(config: ml_collections.ConfigDict
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract parameter state) without allocating parameters."""
+  model = nnx.eval_shape(lambda: build(config, jax.random.key(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
+    raise ValueError("FusionNet holds non-parameter state; plain parameter "
+                     "dicts would drop it")
+  return graphdef, params
 
 
 def count_params(model: nnx.Module) -> int:

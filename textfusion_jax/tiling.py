@@ -2,13 +2,19 @@
 
 An image is cut into fixed-size tiles (one compiled shape for every image),
 each tile is fused, and overlaps are blended with separable linear ramps so
-no seams show. Images no larger than one tile run whole, padded to a multiple
-of `pad_multiple` (a few compiled shapes at most).
+no seams show. Images no larger than one tile run whole, padded to a given
+bucket shape (`plan_buckets`: a handful of compiled shapes for any mix of
+sizes) or to a multiple of `pad_multiple`.
+
+The network's channel attention and the fusion rule's image means are global,
+so a tiled result differs from the whole-image one (tests/test_fuse.py states
+the tolerance); tiles only serve images too large to run whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -40,19 +46,72 @@ def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
                 if min(image.shape[:2]) > 1 else "edge")
 
 
+# Bucket planning: an extra compilation is worth this many pixels of padding
+# (a CPU compile of the small model or of the metric suite takes ~10-20 s,
+# running it ~1-2 us per pixel; on an accelerator compiles dominate more).
+COMPILE_COST_PIXELS = {"cpu": 1e7}
+DEFAULT_COMPILE_COST_PIXELS = 1e9
+_SIZE_STEP = 32  # buckets start from sizes rounded up to this
+
+
+def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
+                 compile_cost_pixels: float
+                 ) -> dict[tuple[int, int], list[str]]:
+  """Groups names into padded bucket shapes (H, W) -> names.
+
+  Starts from sizes rounded up to a multiple of 32 and greedily merges the
+  two buckets whose merge saves the most, while a merge's extra padding costs
+  less than one compilation (`compile_cost_pixels`). Batches are padded to
+  `batch_size`, which the cost also counts.
+  """
+  groups: dict[tuple[int, int], list[str]] = {}
+  for name, (h, w) in sorted(sizes.items()):
+    key = (-(-h // _SIZE_STEP) * _SIZE_STEP, -(-w // _SIZE_STEP) * _SIZE_STEP)
+    groups.setdefault(key, []).append(name)
+
+  def cost(shape: tuple[int, int], count: int) -> float:
+    padded = math.ceil(count / batch_size) * batch_size
+    return compile_cost_pixels + padded * shape[0] * shape[1]
+
+  buckets = list(groups.items())
+  while len(buckets) > 1:
+    best = None
+    for i in range(len(buckets)):
+      for j in range(i + 1, len(buckets)):
+        (si, ni), (sj, nj) = buckets[i], buckets[j]
+        merged = (max(si[0], sj[0]), max(si[1], sj[1]))
+        gain = (cost(si, len(ni)) + cost(sj, len(nj)) -
+                cost(merged, len(ni) + len(nj)))
+        if best is None or gain > best[0]:
+          best = (gain, i, j, merged)
+    gain, i, j, merged = best
+    if gain <= 0:
+      break
+    names = buckets[i][1] + buckets[j][1]
+    buckets = [b for k, b in enumerate(buckets) if k not in (i, j)]
+    buckets.append((merged, names))
+  return {shape: sorted(names) for shape, names in buckets}
+
+
 def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
-               tile: int = 512, overlap: int = 32, batch_size: int = 4,
-               pad_multiple: int = 64) -> np.ndarray:
+               tile: int = 1536, overlap: int = 64, batch_size: int = 1,
+               pad_multiple: int = 64,
+               pad_to: tuple[int, int] | None = None) -> np.ndarray:
   """Fuses one (H, W, 3) / (H, W, 1) float pair with bounded memory.
 
   `fuse_batch(vis_tiles, ir_tiles) -> fused_tiles` runs the model on
   (N, t, t, C) arrays; N is always `batch_size` (the last group is padded) so
-  the compiled shape never changes.
+  the compiled shape never changes. An image no larger than a tile runs whole,
+  mirror-padded to `pad_to` (its bucket) or else to multiples of
+  `pad_multiple`.
   """
   height, width = vis.shape[:2]
   if height <= tile and width <= tile:
-    padded_h = -(-height // pad_multiple) * pad_multiple
-    padded_w = -(-width // pad_multiple) * pad_multiple
+    if pad_to is not None and (pad_to[0] < height or pad_to[1] < width):
+      raise ValueError(f"bucket {pad_to} is smaller than the image "
+                       f"{(height, width)}")
+    padded_h, padded_w = pad_to or (-(-height // pad_multiple) * pad_multiple,
+                                    -(-width // pad_multiple) * pad_multiple)
     out = fuse_batch(_pad_to(vis, padded_h, padded_w)[None],
                      _pad_to(ir, padded_h, padded_w)[None])
     return out[0, :height, :width]

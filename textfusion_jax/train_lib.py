@@ -23,6 +23,7 @@ from textfusion_jax import checkpointing
 from textfusion_jax import data_sources
 from textfusion_jax import evaluation
 from textfusion_jax import metric_writer
+from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import training
 
@@ -150,6 +151,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   stop_at = (min(num_steps, start_step + config.train.stop_after_steps)
              if config.train.stop_after_steps else num_steps)
 
+  is_writer = jax.process_index() == 0
+  info = (run_record.start(workdir_path, config, start_step) if is_writer
+          else None)
+  loop_start = time.time()
   with jax.set_mesh(mesh):
     train_step = trainer.jitted_train_step
     pending = None
@@ -191,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if manager.latest_step() != step:
       checkpointing.save(manager, step, state, inputs.train_iter, force=True)
       manager.wait_until_finished()
+    if is_writer:
+      run_record.finish(workdir_path, info, step, time.time() - loop_start)
     if step < num_steps:
       log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
                   num_steps)

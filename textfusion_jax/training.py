@@ -40,6 +40,8 @@ class TrainMetrics(clu_metrics.Collection):
   loss_gradient: clu_metrics.Average.from_output("loss_gradient")
   loss_ssim: clu_metrics.Average.from_output("loss_ssim")
   loss_color: clu_metrics.Average.from_output("loss_color")
+  loss_complementarity: clu_metrics.Average.from_output(
+      "loss_complementarity")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
   param_norm: clu_metrics.LastValue.from_output("param_norm")
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
@@ -64,13 +66,6 @@ def make_optimizer(config: ml_collections.ConfigDict
                   weight_decay=config.optim.weight_decay))
 
 
-def _build_model(model_config: ml_collections.ConfigDict,
-                 rng: jax.Array) -> model_lib.FusionNet:
-  # Shardings come from jit's out_shardings, not from eager per-variable puts.
-  with nnx.use_eager_sharding(False):
-    return model_lib.FusionNet(model_config, rngs=nnx.Rngs(params=rng))
-
-
 class ShardedTrainer:
   """Builds the sharded state and the jitted train/apply functions.
 
@@ -83,13 +78,7 @@ class ShardedTrainer:
     self.config = config
     self.mesh = mesh
     self.optimizer = make_optimizer(config)
-    abstract_model = nnx.eval_shape(
-        lambda: _build_model(config.model, jax.random.key(0)))
-    self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    rest = nnx.state(abstract_model, nnx.Not(nnx.Param))
-    if jax.tree.leaves(rest):
-      raise ValueError("FusionNet holds non-parameter state; TrainState "
-                       "would drop it")
+    self.graphdef, abstract_params = model_lib.abstract_model(config.model)
     rules = sharding_lib.resolve_rules(config.sharding_rules)
     # Optimizer moments keep the params' Variable metadata, so one rule set
     # shards params and optimizer state alike.
@@ -115,7 +104,7 @@ class ShardedTrainer:
     """
 
     def init(rng, text_stats):
-      model = _build_model(self.config.model, rng)
+      model = model_lib.build(self.config.model, rng)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       if text_stats is not None:
         params = model_lib.fold_text_standardization(params, *text_stats)

@@ -132,6 +132,39 @@ class TextEncoder:
     return cls(model, tiny_clip.tiny_tokenizer(), mesh=mesh,
                source=f"tiny_random(seed={seed})")
 
+  def save_pretrained(self, directory: str | os.PathLike) -> None:
+    """Writes a Hugging Face `CLIPTextModelWithProjection` directory.
+
+    config.json, the tokenizer files and model.safetensors (float32, HF
+    names), without torch; `from_pretrained` and transformers both load it,
+    and `from_pretrained` gives back bitwise the same embeddings.
+    """
+    # pylint: disable=g-import-not-at-top
+    import safetensors.numpy
+    import transformers
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    c = self.model.config
+    transformers.CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, projection_dim=c.projection_dim,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
+        bos_token_id=self.tokenizer.bos_token_id,
+        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=c.eos_token_id,
+        architectures=["CLIPTextModelWithProjection"]
+    ).save_pretrained(directory)
+    self.tokenizer.save_pretrained(directory)
+    tensors = {k: np.ascontiguousarray(v) for k, v in
+               weight_map.to_hf_tensors(nnx.merge(self._graphdef,
+                                                  self._state)).items()}
+    # transformers only loads safetensors files whose metadata names a format.
+    safetensors.numpy.save_file(
+        tensors, os.path.join(directory, hf_checkpoint.SAFETENSORS_FILE),
+        metadata={"format": "pt"})
+
   @property
   def embed_dim(self) -> int:
     return self.model.config.projection_dim

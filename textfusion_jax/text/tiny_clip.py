@@ -185,25 +185,18 @@ def save_tiny_random_clip(directory: str | os.PathLike, *, seed: int = 0,
   (and transformers can load it too). Returns the directory.
   """
   # pylint: disable=g-import-not-at-top
-  import safetensors.numpy
-  from textfusion_jax.text import clip_text, weight_map
+  from textfusion_jax.text import clip_text
+  from textfusion_jax.text.encoder import TextEncoder
   directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   hf_config = tiny_text_config(legacy_eos=legacy_eos, hidden_act=hidden_act)
-  hf_config.save_pretrained(directory)
-  tokenizer = tiny_tokenizer()
-  tokenizer.save_pretrained(directory)
+  model = clip_text.random_tower(
+      clip_text.ClipTextConfig.from_hf(hf_config), seed=seed)
+  TextEncoder(model, tiny_tokenizer(), source=f"tiny_random(seed={seed})"
+              ).save_pretrained(directory)
   vocab, merges = tiny_vocab_and_merges()
   (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
   (directory / "merges.txt").write_text(
       "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  model = clip_text.random_tower(
-      clip_text.ClipTextConfig.from_hf(hf_config), seed=seed)
-  tensors = {k: np.ascontiguousarray(v)
-             for k, v in weight_map.to_hf_tensors(model).items()}
-  # transformers only loads safetensors files whose metadata names a format.
-  safetensors.numpy.save_file(tensors, directory / "model.safetensors",
-                              metadata={"format": "pt"})
   return directory
 
 

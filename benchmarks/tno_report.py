@@ -1,0 +1,198 @@
+"""A model against SeAFusion and the trivial fusions on the 20 held-out TNO pairs.
+
+  python benchmarks/tno_report.py --checkpoint pretrained/textfusion-small \
+      [--out runs/tno_report] [--figure docs/tno_fused.png] [--report R.md]
+
+Fuses the TNO pairs of ../shared/data/ivf_samples/tno (never trained on) with
+each pair's own caption (--caption_index) and again with the captions
+shuffled across pairs (a fixed derangement), scores both, SeAFusion's
+released-weights outputs (../shared/data/anchors/tno20/SeAFusion) and the
+four trivial fusions with `textfusion_jax.evaluate`, and prints:
+
+* the table of the model, SeAFusion and the trivial rows with mean ranks
+  (over EN, SD, SF, MI, SCD, VIF, Qabf, SSIM), and the per-source parts;
+* how many of those 8 metrics the model beats SeAFusion on, and the fusion
+  checks (SCD >= 1.80, CC >= 0.50, mean rank above SeAFusion, rule_mean and
+  rule_max);
+* true minus shuffled captions, per metric: mean paired difference, its
+  standard error and on how many pairs the true caption is higher;
+* fuse time per pair after compilation.
+
+--figure writes visible | IR | SeAFusion | fused for TNO 1, 2, 3 and 17,
+whose captions name a person seen only in the thermal image; --report writes
+the printed markdown to a file (e.g. for `export --report`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import evaluate
+from textfusion_jax import fuse
+from textfusion_jax import fusion_baselines
+from textfusion_jax import image_io
+from textfusion_jax import metrics
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TNO = SHARED / "data" / "ivf_samples" / "tno"
+SEAFUSION = SHARED / "data" / "anchors" / "tno20" / "SeAFusion"
+FIGURE_PAIRS = ("1", "2", "3", "17")
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Model bundle or training workdir.")
+_OUT = flags.DEFINE_string("out", "runs/tno_report",
+                           "Folder for the fused images.")
+_FIGURE = flags.DEFINE_string("figure", None, "Write the comparison figure.")
+_REPORT = flags.DEFINE_string("report", None, "Write the markdown here too.")
+_CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
+                                      "Which caption of each pair to use.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.")
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+  """A permutation of range(n) with no fixed point."""
+  rng = np.random.default_rng(seed)
+  while True:
+    order = rng.permutation(n)
+    if n < 2 or not np.any(order == np.arange(n)):
+      return order
+
+
+def fuse_folder(fuser: fuse.Fuser, pairs, prompts, out: Path) -> list[float]:
+  """Fuses every pair into out/; returns the per-pair seconds."""
+  shapes = fuse.bucket_shapes(fuse.check_sizes(pairs), 1536)
+  embeddings = fuser.encoder.encode(prompts)
+  seconds = []
+  for pair, emb in zip(pairs, embeddings):
+    vis, ir = fuse.load_pair(pair)
+    start = time.perf_counter()
+    fused = fuser.fuse(vis, ir, emb, pad_to=shapes[pair.name])
+    seconds.append(time.perf_counter() - start)
+    image_io.write_png_atomic(out / f"{pair.name}.png", fused)
+  return seconds
+
+
+def paired_differences(true_run: dict, shuffled_run: dict) -> str:
+  lines = ["| metric | true | shuffled | true - shuffled (s.e.) | pairs where "
+           "true is higher |", "|---|---|---|---|---|"]
+  stems = sorted(true_run["per_image"])
+  for name in fusion_baselines.RANKED_METRICS + ("CC",):
+    a = np.array([true_run["per_image"][s][name] for s in stems])
+    b = np.array([shuffled_run["per_image"][s][name] for s in stems])
+    diff = a - b
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    lines.append(f"| {name} | {a.mean():.4g} | {b.mean():.4g} | "
+                 f"{diff.mean():+.4f} ({se:.4f}) | "
+                 f"{int(np.sum(diff > 0))}/{len(diff)} |")
+  return "\n".join(lines)
+
+
+def checks(rows: dict) -> str:
+  model, sea = rows["model"]["mean"], rows["SeAFusion"]["mean"]
+  wins = [m for m in fusion_baselines.RANKED_METRICS if model[m] > sea[m]]
+  rank = {m: v["mean_rank"] for m, v in rows.items()}
+  above = all(rank["model"] < rank[m]
+              for m in ("SeAFusion", "rule_mean", "rule_max"))
+  return "\n".join([
+      f"- beats SeAFusion on {len(wins)}/8: {', '.join(wins) or 'none'}",
+      f"- SCD {model['SCD']:.3f} (target >= 1.80: "
+      f"{'met' if model['SCD'] >= 1.80 else 'NOT met'}), CC "
+      f"{model['CC']:.3f} (target >= 0.50: "
+      f"{'met' if model['CC'] >= 0.50 else 'NOT met'})",
+      f"- mean rank {rank['model']:.2f} vs SeAFusion "
+      f"{rank['SeAFusion']:.2f}, rule_mean {rank['rule_mean']:.2f}, rule_max "
+      f"{rank['rule_max']:.2f}: {'above all three' if above else 'NOT above all three'}",
+  ])
+
+
+def write_figure(path: Path, fused_dir: Path) -> None:
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  columns = [("visible", TNO / "vi"), ("infrared", TNO / "ir"),
+             ("SeAFusion", SEAFUSION), ("textfusion-jax", fused_dir)]
+  rows = []
+  for stem in FIGURE_PAIRS:
+    images = [image_io.as_rgb_u8(image_io.read_image(
+        image_io.list_images(d)[stem])) for _, d in columns]
+    rows.append(np.concatenate(
+        [np.pad(im, ((0, 0), (0, 4), (0, 0)), constant_values=255)
+         for im in images], axis=1))
+  width = max(r.shape[1] for r in rows)
+  rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)),
+                 constant_values=255) for r in rows]
+  header = np.full((22, width, 3), 255, np.uint8)
+  canvas = Image.fromarray(np.concatenate([header] + rows, axis=0))
+  draw = ImageDraw.Draw(canvas)
+  x = 0
+  first = image_io.read_image(image_io.list_images(TNO / "vi")["1"])
+  for name, _ in columns:
+    draw.text((x + 4, 4), name, fill=(0, 0, 0))
+    x += first.shape[1] + 4
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image_io.write_png_atomic(path, np.asarray(canvas))
+
+
+def main(argv):
+  del argv
+  if not TNO.is_dir() or not SEAFUSION.is_dir():
+    raise SystemExit(f"needs {TNO} and {SEAFUSION}")
+  out = Path(_OUT.value)
+  fuser = fuse.Fuser.load(_CHECKPOINT.value)
+  pairs = fuse.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
+                             str(out / "model"))
+  names = [p.name for p in pairs]
+  prompts = fuse.read_captions(str(TNO / "captions.jsonl"), names,
+                               _CAPTION_INDEX.value)
+  seconds = fuse_folder(fuser, pairs, prompts, out / "model")
+  shuffled = [prompts[i] for i in derangement(len(prompts), _SEED.value)]
+  shuffled_pairs = fuse.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
+                                      str(out / "shuffled"))
+  fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
+
+  result = evaluate.evaluate_folders(
+      TNO / "ir", TNO / "vi", [out / "model", SEAFUSION, out / "shuffled"],
+      baselines=True)
+  runs = result["methods"]
+  table_rows = {m: runs[m] for m in ("model", "SeAFusion",
+                                     *fusion_baselines.TRIVIAL_RULES)}
+  ranks = fusion_baselines.mean_ranks(
+      {m: v["mean"] for m, v in table_rows.items()})
+  for m, v in table_rows.items():
+    v["mean_rank"] = ranks[m]
+  steady = seconds[1:] or seconds
+  text = "\n\n".join([
+      f"### TNO, {len(pairs)} held-out pairs (checkpoint `{_CHECKPOINT.value}`"
+      f", caption {_CAPTION_INDEX.value} of each pair)",
+      fusion_baselines.markdown_table(
+          {m: v["mean"] for m, v in table_rows.items()},
+          metrics.METRIC_NAMES[:10]),
+      checks(table_rows),
+      "Per-source parts:\n\n" + fusion_baselines.markdown_table(
+          {m: v["mean"] for m, v in table_rows.items()},
+          metrics.SOURCE_PART_NAMES, with_rank=False),
+      "True minus shuffled captions (paired over the pairs; s.e. = standard "
+      "error of the mean difference):\n\n" +
+      paired_differences(runs["model"], runs["shuffled"]),
+      f"Fuse time after compilation: median "
+      f"{1000 * statistics.median(steady):.0f} ms/pair over {len(steady)} "
+      f"pairs (first, with compilation: {1000 * seconds[0]:.0f} ms).",
+  ]) + "\n"
+  print(text)
+  if _REPORT.value:
+    Path(_REPORT.value).write_text(text)
+  if _FIGURE.value:
+    write_figure(Path(_FIGURE.value), out / "model")
+    print(f"wrote {_FIGURE.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("checkpoint")
+  app.run(main)

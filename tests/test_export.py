@@ -1,0 +1,219 @@
+"""Model bundles: export, verification, fusing from them, bad bundles."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from textfusion_jax import bundle
+from textfusion_jax import export
+from textfusion_jax import fuse
+from textfusion_jax import image_io
+from textfusion_jax import run_record
+from textfusion_jax import train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("export_run")
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  config.data.eval_size = 2
+  config.eval.batch_size = 2
+  train_lib.train_and_evaluate(config, str(path))
+  return path
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+  return export.export(str(workdir), str(tmp_path_factory.mktemp("b") / "m"))
+
+
+def _pair(root: Path, name: str = "a", size=(64, 48)) -> tuple[Path, Path]:
+  rng = np.random.default_rng(len(name))
+  w, h = size
+  y, x = np.mgrid[:h, :w]
+  base = 110 + 70 * np.sin(x / 6.0) * np.cos(y / 5.0)
+  for sub in ("ir", "vi"):
+    (root / sub).mkdir(parents=True, exist_ok=True)
+  ir = np.clip(base + rng.normal(0, 25, (h, w)), 0, 255).astype(np.uint8)
+  vis = np.clip(base[..., None] * [1.0, 0.8, 0.6] + rng.normal(0, 10, (h, w, 3)),
+                0, 255).astype(np.uint8)
+  Image.fromarray(ir).save(root / "ir" / f"{name}.png")
+  Image.fromarray(vis).save(root / "vi" / f"{name}.png")
+  return root / "ir" / f"{name}.png", root / "vi" / f"{name}.png"
+
+
+def _fuse_cli(*args):
+  return subprocess.run([sys.executable, "-m", "textfusion_jax.fuse", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                        check=False)
+
+
+def test_bundle_layout_and_model_card(exported, workdir):
+  files = set(json.loads((exported / "manifest.json").read_text())["files"])
+  assert {"params.safetensors", "config.json", "MODEL_CARD.md",
+          "text_encoder/config.json", "text_encoder/model.safetensors"} <= files
+  card = (exported / "MODEL_CARD.md").read_text()
+  info = run_record.load(workdir)
+  for fragment in (info["data"]["sha256"], info["segments"][0]["commit"],
+                   "Seed 0", "2 steps", "| model |", "| copy_vis |",
+                   "mean_rank", "randomly initialised"):
+    assert fragment in card, fragment
+  assert json.loads((exported / "config.json").read_text())["text"][
+      "encoder"] == "text_encoder"
+
+
+def test_fusing_from_bundle_equals_workdir_bitwise(exported, workdir,
+                                                   tmp_path):
+  ir, vis = _pair(tmp_path)
+  outs = []
+  for source in (exported, workdir):
+    out = tmp_path / f"{Path(source).name}.png"
+    proc = _fuse_cli("--checkpoint", str(source), "--ir", str(ir), "--vis",
+                     str(vis), "--text", "a warm person on a road", "--out",
+                     str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outs.append(image_io.read_image(out))
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_bundle_text_encoder_loads_in_transformers(exported):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from textfusion_jax.text.encoder import TextEncoder  # pylint: disable=g-import-not-at-top
+  directory = exported / "text_encoder"
+  model = transformers.CLIPTextModelWithProjection.from_pretrained(directory)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
+  texts = ["a warm person on a dark road", "smoke"]
+  with torch.no_grad():
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    theirs = model(**tokens).text_embeds.numpy()
+  ours = TextEncoder.from_pretrained(directory).encode(texts)
+  np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_exporting_twice_gives_identical_manifests(exported, workdir,
+                                                   tmp_path):
+  again = export.export(str(workdir), str(tmp_path / "again"))
+  assert ((again / "manifest.json").read_bytes() ==
+          (exported / "manifest.json").read_bytes())
+
+
+def _copy(exported: Path, tmp_path: Path) -> Path:
+  target = tmp_path / "bundle"
+  shutil.copytree(exported, target)
+  return target
+
+
+@pytest.mark.parametrize("case", ["tampered", "missing", "extra"])
+def test_altered_bundles_are_refused_before_anything_is_written(
+    exported, tmp_path, case):
+  root = _copy(exported, tmp_path)
+  if case == "tampered":
+    path = root / "params.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    expect = f"{path}: changed since export"
+  elif case == "missing":
+    path = root / "text_encoder" / "model.safetensors"
+    path.unlink()
+    expect = f"{path}: listed in"
+  else:
+    path = root / "text_encoder" / "notes.txt"
+    path.write_text("extra")
+    expect = f"{path}: not listed in"
+  ir, vis = _pair(tmp_path)
+  out = tmp_path / "out.png"
+  proc = _fuse_cli("--checkpoint", str(root), "--ir", str(ir), "--vis",
+                   str(vis), "--text", "x", "--out", str(out))
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and expect in lines[0], proc.stderr[-2000:]
+  assert not out.exists()
+
+
+def test_bundle_whose_config_does_not_fit_its_params(exported, tmp_path):
+  root = _copy(exported, tmp_path)
+  config = json.loads((root / "config.json").read_text())
+  config["model"]["dim"] = 2 * config["model"]["dim"]
+  (root / "config.json").write_text(json.dumps(config))
+  # A consistent manifest: the bundle is intact but self-contradictory.
+  (root / "manifest.json").write_text(json.dumps(bundle.manifest_of(root)))
+  with pytest.raises(bundle.BundleError,
+                     match=r"params.safetensors: parameters do not fit"):
+    fuse.Fuser.load(str(root))
+
+
+def test_export_of_a_non_workdir_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "textfusion_jax.export", "--workdir",
+       str(tmp_path / "nope"), "--out", str(tmp_path / "b")],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+  assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "b").exists()
+
+
+def test_each_pair_is_fused_with_its_own_caption(exported, tmp_path):
+  """--captions gives every pair its own prompt (text that matters)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  root = _copy(exported, tmp_path)
+  # The 2-step model barely listens to text: give its text modulation
+  # weight, then re-seal the bundle.
+  params = safetensors.numpy.load_file(root / "params.safetensors")
+  rng = np.random.default_rng(0)
+  for name in params:
+    if name.startswith("modulation.") and name.endswith("out.kernel"):
+      params[name] = rng.normal(0, 0.3, params[name].shape).astype(np.float32)
+  safetensors.numpy.save_file(params, root / "params.safetensors")
+  (root / "manifest.json").write_text(json.dumps(bundle.manifest_of(root)))
+  data = tmp_path / "data"
+  for name in ("a", "b"):
+    _pair(data, name)
+  captions = {"a": "a dark road at night", "b": "two warm pedestrians"}
+  (data / "captions.jsonl").write_text("\n".join(
+      json.dumps({"name": n, "captions": [t]}) for n, t in captions.items()))
+  proc = _fuse_cli("--checkpoint", str(root), "--ir", str(data / "ir"),
+                   "--vis", str(data / "vi"), "--captions",
+                   str(data / "captions.jsonl"), "--out", str(tmp_path / "o"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  fuser = fuse.Fuser.load(str(root))
+  for name in ("a", "b"):
+    vis, ir = fuse.load_pair(fuse.Pair(name, data / "ir" / f"{name}.png",
+                                       data / "vi" / f"{name}.png", Path()))
+    own, other = fuser.encoder.encode([captions[name],
+                                       captions["b" if name == "a" else "a"]])
+    written = image_io.read_image(tmp_path / "o" / f"{name}.png")
+    np.testing.assert_array_equal(written, fuser.fuse(vis, ir, own))
+    assert np.abs(written.astype(int) -
+                  fuser.fuse(vis, ir, other).astype(int)).max() > 0
+
+
+def test_data_fingerprint_follows_contents_not_location(tmp_path):
+  config = tiny.get_config()
+  config.data.source = "folder"
+  for copy in ("one", "two"):
+    _pair(tmp_path / copy / "set", "a")
+    (tmp_path / copy / "set" / "captions.jsonl").write_text("{}\n")
+  config.data.train_dir = str(tmp_path / "one" / "set")
+  first = run_record.data_fingerprint(config)
+  config.data.train_dir = str(tmp_path / "two" / "set")
+  second = run_record.data_fingerprint(config)
+  assert first["sha256"] == second["sha256"] and first["files"] == 3
+  (tmp_path / "two" / "set" / "captions.jsonl").write_text("{} \n")
+  assert run_record.data_fingerprint(config)["sha256"] != first["sha256"]

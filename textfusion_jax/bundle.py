@@ -1,0 +1,219 @@
+"""Self-contained model bundles: write, verify, read.
+
+A bundle is a directory that needs nothing else to fuse images:
+
+  params.safetensors   FusionNet parameters, float32, flat dotted names
+                       ('vis_encoder.levels.0.layers.0.attn.proj.kernel')
+  config.json          the training config; text.encoder = 'text_encoder'
+  text_encoder/        a Hugging Face CLIP directory (config.json, tokenizer
+                       files, model.safetensors), loadable by transformers
+  MODEL_CARD.md        what it was trained on, how, and how well it fuses
+  manifest.json        sha256 and size of every other file
+
+`verify` checks the manifest before anything is loaded: a changed, missing or
+unlisted file is refused with a one-line error naming it. `export.py` writes
+bundles; `fuse.py` reads them through `load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+MANIFEST = "manifest.json"
+PARAMS = "params.safetensors"
+CONFIG = "config.json"
+TEXT_ENCODER = "text_encoder"
+MODEL_CARD = "MODEL_CARD.md"
+FORMAT = "textfusion-bundle/1"
+
+
+class BundleError(ValueError):
+  """A bundle is incomplete, altered, or does not fit its config."""
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+  return (Path(path) / MANIFEST).is_file()
+
+
+def sha256_file(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for block in iter(lambda: handle.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files_under(root: Path) -> list[str]:
+  """Every file below `root` as a sorted list of '/'-joined relative paths."""
+  return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                if p.is_file() or p.is_symlink())
+
+
+def manifest_of(root: Path, step: int = 0) -> dict[str, Any]:
+  """The manifest of the files under `root`, for parameters of `step`."""
+  files = {name: {"sha256": sha256_file(root / name),
+                  "size": (root / name).stat().st_size}
+           for name in _files_under(root) if name != MANIFEST}
+  return {"format": FORMAT, "step": step, "files": files}
+
+
+def verify(root: str | os.PathLike) -> dict[str, Any]:
+  """Checks every file against manifest.json; returns the manifest.
+
+  Raises BundleError naming the first missing, changed or unlisted file.
+  """
+  root = Path(root)
+  path = root / MANIFEST
+  if not path.is_file():
+    raise BundleError(f"{root}: no {MANIFEST}; not a model bundle")
+  try:
+    manifest = json.loads(path.read_text())
+    listed = manifest["files"]
+    if manifest.get("format") != FORMAT or not isinstance(listed, dict):
+      raise ValueError(f"format {manifest.get('format')!r}")
+  except (ValueError, KeyError, TypeError) as error:
+    raise BundleError(f"{path}: unreadable manifest ({error})") from None
+  present = set(_files_under(root)) - {MANIFEST}
+  for name in sorted(listed):
+    file = root / name
+    if name not in present:
+      raise BundleError(f"{file}: listed in {path} but missing")
+    entry = listed[name]
+    if (file.stat().st_size != entry.get("size") or
+        sha256_file(file) != entry.get("sha256")):
+      raise BundleError(f"{file}: changed since export (sha256 or size "
+                        f"differs from {path})")
+  unlisted = sorted(present - set(listed))
+  if unlisted:
+    raise BundleError(f"{root / unlisted[0]}: not listed in {path} (a bundle "
+                      "holds exactly the files its manifest names)")
+  return manifest
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = ""
+                   ) -> dict[str, np.ndarray]:
+  """Nested parameter dict -> {'a.b.0.kernel': float32 array}."""
+  flat = {}
+  for key, value in params.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_params(value, f"{name}."))
+    else:
+      flat[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray], like: Mapping[str, Any],
+                     source: Path) -> dict[str, Any]:
+  """`flat` shaped as the nested dict `like` (abstract arrays), checked.
+
+  Raises BundleError naming `source` and the first names or shapes that do
+  not match, e.g. when a bundle's config and parameters disagree.
+  """
+  expected = flatten_params_shapes(like)
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  wrong = sorted(n for n in set(expected) & set(flat)
+                 if tuple(flat[n].shape) != expected[n])
+  if missing or unexpected or wrong:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+      parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: "
+                   f"{tuple(flat[wrong[0]].shape)} != {expected[wrong[0]]})")
+    raise BundleError(f"{source}: parameters do not fit the model its config "
+                      f"describes: {'; '.join(parts)}")
+
+  def build(tree, prefix):
+    return {key: (build(value, f"{prefix}{key}.")
+                  if isinstance(value, Mapping) else flat[f"{prefix}{key}"])
+            for key, value in tree.items()}
+
+  return build(like, "")
+
+
+def flatten_params_shapes(tree: Mapping[str, Any], prefix: str = ""
+                          ) -> dict[str, tuple[int, ...]]:
+  shapes = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      shapes.update(flatten_params_shapes(value, f"{name}."))
+    else:
+      shapes[name] = tuple(value.shape)
+  return shapes
+
+
+def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
+          config: ml_collections.ConfigDict, text_encoder_writer: Any,
+          model_card: str) -> Path:
+  """Writes a bundle to `out` atomically (a temporary sibling, then rename).
+
+  `text_encoder_writer(directory)` fills text_encoder/. An existing `out` is
+  replaced only once the new bundle is complete.
+  """
+  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy
+  from textfusion_jax import checkpointing
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    safetensors.numpy.save_file(flatten_params(params), tmp / PARAMS,
+                                metadata={"format": "np"})
+    (tmp / CONFIG).write_text(checkpointing.config_to_json(config) + "\n")
+    text_encoder_writer(tmp / TEXT_ENCODER)
+    (tmp / MODEL_CARD).write_text(model_card)
+    (tmp / MANIFEST).write_text(
+        json.dumps(manifest_of(tmp, step), indent=1, sort_keys=True) + "\n")
+    if out.exists():
+      old = out.with_name(f".{out.name}.old-{os.getpid()}")
+      os.replace(out, old)
+      os.replace(tmp, out)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return out
+
+
+def load(root: str | os.PathLike, like_params: Mapping[str, Any]
+         ) -> dict[str, Any]:
+  """Parameters of a verified bundle, shaped like `like_params`."""
+  # pylint: disable=g-import-not-at-top
+  import safetensors
+  root = Path(root)
+  try:
+    with safetensors.safe_open(root / PARAMS, framework="numpy") as handle:
+      flat = {k: handle.get_tensor(k) for k in handle.keys()}
+  except Exception as error:  # pylint: disable=broad-except
+    # safetensors raises its own error types for corrupt headers.
+    raise BundleError(f"{root / PARAMS}: unreadable ({error})") from None
+  return unflatten_params(flat, like_params, root / PARAMS)
+
+
+def load_config(root: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = Path(root) / CONFIG
+  try:
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, json.JSONDecodeError) as error:
+    raise BundleError(f"{path}: unreadable config ({error})") from None
+  # The bundle's own text tower, wherever the bundle was moved to.
+  config.text.encoder = str(Path(root) / TEXT_ENCODER)
+  config.text.embeddings_dir = ""
+  return config

@@ -1,0 +1,118 @@
+"""What a training run was: command, commit, data fingerprint and wall time.
+
+`<workdir>/run_info.json` is written by process 0 when training starts and
+updated when it stops; a resumed run appends a segment. `export` turns it
+into a model card, so a bundle says exactly what produced it:
+
+  {"data": {"source": ..., "sha256": ..., "files": N, "roots": [...]},
+   "seed": 0, "segments": [{"argv": [...], "commit": "<sha>[+dirty]",
+   "start_step": 0, "end_step": 600, "train_seconds": 312.4}, ...]}
+
+The data fingerprint is the sha256 over the sorted relative paths and the
+sha256 of every file under each training root (images and captions), so two
+copies of the same data give the same fingerprint wherever they live. For
+the synthetic source it is the sha256 of the generator's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+RUN_INFO = "run_info.json"
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+  """HEAD of the checkout this code runs from, '+dirty' if modified."""
+  try:
+    head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown (not a git checkout)"
+  return head + ("+dirty" if dirty else "")
+
+
+def _hash_tree(root: Path, digest: Any) -> int:
+  count = 0
+  for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    file_digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+      for block in iter(lambda: handle.read(1 << 20), b""):
+        file_digest.update(block)
+    digest.update(f"{path.relative_to(root).as_posix()}\0"
+                  f"{file_digest.hexdigest()}\n".encode())
+    count += 1
+  return count
+
+
+def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Fingerprint of the training data a config reads (see module doc)."""
+  data = config.data
+  digest = hashlib.sha256()
+  if data.source == "folder":
+    roots = [r for r in data.train_dir.split(",") if r.strip()]
+    files = 0
+    for root in roots:
+      digest.update(f"root {Path(root).name}\n".encode())
+      files += _hash_tree(Path(root), digest)
+    return {"source": "folder", "roots": roots, "files": files,
+            "sha256": digest.hexdigest()}
+  if data.source == "tfds":
+    root = Path(data.tfds_data_dir).expanduser() / data.tfds_name
+    files = _hash_tree(root, digest) if root.is_dir() else 0
+    return {"source": "tfds", "roots": [str(root)], "files": files,
+            "split": data.train_split, "sha256": digest.hexdigest()}
+  description = json.dumps(data.to_dict(), sort_keys=True, default=str)
+  digest.update(f"{description}\nseed {config.seed}".encode())
+  return {"source": data.source, "roots": [], "files": 0,
+          "sha256": digest.hexdigest()}
+
+
+def _write(workdir: Path, info: dict[str, Any]) -> None:
+  tmp = workdir / f".{RUN_INFO}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+  os.replace(tmp, workdir / RUN_INFO)
+
+
+def load(workdir: str | os.PathLike) -> dict[str, Any]:
+  path = Path(workdir) / RUN_INFO
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def start(workdir: Path, config: ml_collections.ConfigDict,
+          start_step: int) -> dict[str, Any]:
+  """Records a new segment (and the data fingerprint on the first)."""
+  info = load(workdir)
+  if "data" not in info:
+    info["data"] = data_fingerprint(config)
+  info["seed"] = config.seed
+  info.setdefault("segments", []).append(
+      {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": git_commit(),
+       "start_step": start_step, "end_step": start_step,
+       "train_seconds": 0.0})
+  _write(workdir, info)
+  return info
+
+
+def finish(workdir: Path, info: dict[str, Any], end_step: int,
+           train_seconds: float) -> None:
+  info["segments"][-1].update(end_step=end_step,
+                              train_seconds=round(train_seconds, 1))
+  _write(workdir, info)
+
+
+def total_train_seconds(info: dict[str, Any]) -> float:
+  return float(sum(s.get("train_seconds", 0.0)
+                   for s in info.get("segments", [])))

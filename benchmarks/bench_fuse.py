@@ -28,7 +28,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from textfusion_jax import fuse
+from textfusion_jax import inference
 from textfusion_jax import tiling
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ivf_samples"
@@ -64,10 +64,10 @@ def timed(fn, rounds: int) -> tuple[float, list[float]]:
 
 def main(argv):
   del argv
-  fuser = fuse.Fuser.load(_CHECKPOINT.value)
+  fuser = inference.Fuser.load(_CHECKPOINT.value)
   vis, ir = scene(576, 768)
   emb = fuser.encoder.encode(["a warm person beside a road"])[0]
-  shape = fuse.bucket_shapes({"x": (576, 768)}, 1536)["x"]
+  shape = inference.bucket_shapes({"x": (576, 768)}, 1536)["x"]
   paths = {
       f"whole image, bucket {shape[1]}x{shape[0]} (fuse default)":
           lambda: fuser.fuse(vis, ir, emb, pad_to=shape),
@@ -94,7 +94,7 @@ def main(argv):
     for path in sorted(SAMPLES.glob("*/vi/*")):
       with Image.open(path) as image:
         sizes[f"{path.parts[-3]}/{path.stem}"] = (image.height, image.width)
-    shapes = fuse.bucket_shapes(sizes, 1536)
+    shapes = inference.bucket_shapes(sizes, 1536)
     buckets = {s for s in shapes.values() if s is not None}
     pixels = sum(h * w for h, w in sizes.values())
     padded = sum(shapes[n][0] * shapes[n][1] for n in sizes)

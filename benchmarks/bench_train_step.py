@@ -1,6 +1,6 @@
 """Cost of one train step: XLA's FLOP and byte counts, and measured time.
 
-  python benchmarks/bench_train_step.py [--config configs/samples.py]
+  python benchmarks/bench_train_step.py [--config configs/real_pairs.py]
       [--steps 10] [--config.data.crop_size=96 ...]
 
 Compiles the sharded train step of the config's model at its batch size and
@@ -30,7 +30,7 @@ from textfusion_jax import training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" /
-                  "samples.py"), "Training config.")
+                  "real_pairs.py"), "Training config.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 
 

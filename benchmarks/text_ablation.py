@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
 from textfusion_jax import metrics as metrics_lib
+from textfusion_jax import paired_comparison
 from textfusion_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -41,57 +41,21 @@ config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.",
                                 lock_config=True)
 flags.mark_flags_as_required(["workdir"])
 
-# Lower is better for these; higher for every other number compared.
-_LOWER_IS_BETTER = {"target_L1", "color_L1", "MSE"}
 RUNS = ("true", "shuffled")
+_RESTORATION_ORDER = ("target_L1", "clean_PSNR", "color_L1")
 
 
-def latest_eval(workdir: Path) -> dict:
-  evals = workdir / "eval"
-  steps = sorted(int(p.name) for p in evals.iterdir()
-                 if p.name.isdigit() and (p / "metrics.json").exists()
-                 ) if evals.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f"no eval/<step>/metrics.json under {workdir}")
-  return json.loads((workdir / "eval" / str(steps[-1]) /
-                     "metrics.json").read_text())
-
-
-def paired_differences(true: dict, shuffled: dict) -> dict[str, dict]:
-  """Per-image true - shuffled statistics for every shared number."""
-  out = {}
-  for key in ("restoration_per_image", "per_image"):
-    a, b = true.get(key, {}), shuffled.get(key, {})
-    names = sorted(set(a) & set(b))
-    if not names:
-      continue
-    for metric in a[names[0]]:
-      x = np.array([a[n][metric] for n in names])
-      y = np.array([b[n][metric] for n in names])
-      diff = x - y
-      better = diff < 0 if metric in _LOWER_IS_BETTER else diff > 0
-      out[metric] = {
-          "true": float(x.mean()), "shuffled": float(y.mean()),
-          "diff": float(diff.mean()),
-          "stderr": float(diff.std(ddof=1) / np.sqrt(len(names)))
-                    if len(names) > 1 else float("nan"),
-          "true_better": int(better.sum()), "images": len(names),
-          "lower_is_better": metric in _LOWER_IS_BETTER}
-  return out
-
-
-def table(rows: dict[str, dict]) -> str:
-  lines = ["| number | true captions | shuffled | true - shuffled (s.e.) "
-           "| images where true is better |", "|---|---|---|---|---|"]
-  order = [m for m in ("target_L1", "clean_PSNR", "color_L1") if m in rows]
-  order += [m for m in metrics_lib.METRIC_NAMES if m in rows]
-  for m in order:
-    r = rows[m]
-    arrow = "lower" if r["lower_is_better"] else "higher"
-    lines.append(f"| {m} ({arrow} is better) | {r['true']:.4g} | "
-                 f"{r['shuffled']:.4g} | {r['diff']:+.3g} ({r['stderr']:.2g})"
-                 f" | {r['true_better']}/{r['images']} |")
-  return "\n".join(lines)
+def compare(true: dict, shuffled: dict) -> dict[str, dict]:
+  """Restoration errors first, then the fusion metrics, each paired."""
+  rows = paired_comparison.paired_differences(
+      true.get("restoration_per_image", {}),
+      shuffled.get("restoration_per_image", {}))
+  rows = {m: rows[m] for m in _RESTORATION_ORDER if m in rows}
+  metrics = paired_comparison.paired_differences(
+      true.get("per_image", {}), shuffled.get("per_image", {}))
+  rows.update((m, metrics[m]) for m in metrics_lib.METRIC_NAMES
+              if m in metrics)
+  return rows
 
 
 def main(argv):
@@ -106,9 +70,11 @@ def main(argv):
       config.data.shuffle_captions_across_pairs = run == "shuffled"
       print(f"\n== training with {run} captions: {root / run}")
       train_lib.train_and_evaluate(config, str(root / run))
-    rows = paired_differences(*(latest_eval(root / run) for run in RUNS))
+    rows = compare(*(paired_comparison.latest_eval(root / run)
+                     for run in RUNS))
   (root / "text_ablation.json").write_text(json.dumps(rows, indent=2))
-  print("\nText ablation, paired over the eval images:\n" + table(rows))
+  print("\nText ablation, paired over the eval images:\n" +
+        paired_comparison.markdown_table(rows))
 
 
 if __name__ == "__main__":

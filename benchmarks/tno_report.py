@@ -37,10 +37,11 @@ from absl import flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from textfusion_jax import evaluate
-from textfusion_jax import fuse
+from textfusion_jax import inference
 from textfusion_jax import fusion_baselines
 from textfusion_jax import image_io
 from textfusion_jax import metrics
+from textfusion_jax import paired_comparison
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TNO = SHARED / "data" / "ivf_samples" / "tno"
@@ -67,33 +68,18 @@ def derangement(n: int, seed: int) -> np.ndarray:
       return order
 
 
-def fuse_folder(fuser: fuse.Fuser, pairs, prompts, out: Path) -> list[float]:
+def fuse_folder(fuser: inference.Fuser, pairs, prompts, out: Path) -> list[float]:
   """Fuses every pair into out/; returns the per-pair seconds."""
-  shapes = fuse.bucket_shapes(fuse.check_sizes(pairs), 1536)
+  shapes = inference.bucket_shapes(inference.check_sizes(pairs), 1536)
   embeddings = fuser.encoder.encode(prompts)
   seconds = []
   for pair, emb in zip(pairs, embeddings):
-    vis, ir = fuse.load_pair(pair)
+    vis, ir = inference.load_pair(pair)
     start = time.perf_counter()
     fused = fuser.fuse(vis, ir, emb, pad_to=shapes[pair.name])
     seconds.append(time.perf_counter() - start)
     image_io.write_png_atomic(out / f"{pair.name}.png", fused)
   return seconds
-
-
-def paired_differences(true_run: dict, shuffled_run: dict) -> str:
-  lines = ["| metric | true | shuffled | true - shuffled (s.e.) | pairs where "
-           "true is higher |", "|---|---|---|---|---|"]
-  stems = sorted(true_run["per_image"])
-  for name in fusion_baselines.RANKED_METRICS + ("CC",):
-    a = np.array([true_run["per_image"][s][name] for s in stems])
-    b = np.array([shuffled_run["per_image"][s][name] for s in stems])
-    diff = a - b
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-    lines.append(f"| {name} | {a.mean():.4g} | {b.mean():.4g} | "
-                 f"{diff.mean():+.4f} ({se:.4f}) | "
-                 f"{int(np.sum(diff > 0))}/{len(diff)} |")
-  return "\n".join(lines)
 
 
 def checks(rows: dict) -> str:
@@ -114,28 +100,29 @@ def checks(rows: dict) -> str:
   ])
 
 
-def write_figure(path: Path, fused_dir: Path) -> None:
+def write_figure(path: Path, fused_dir: Path, width: int = 360) -> None:
+  """Rows of visible | IR | SeAFusion | fused, each image scaled to `width`."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   columns = [("visible", TNO / "vi"), ("infrared", TNO / "ir"),
              ("SeAFusion", SEAFUSION), ("textfusion-jax", fused_dir)]
+  gap = 4
   rows = []
   for stem in FIGURE_PAIRS:
-    images = [image_io.as_rgb_u8(image_io.read_image(
-        image_io.list_images(d)[stem])) for _, d in columns]
+    images = []
+    for _, directory in columns:
+      image = Image.fromarray(image_io.as_rgb_u8(image_io.read_image(
+          image_io.list_images(directory)[stem])))
+      height = round(image.height * width / image.width)
+      images.append(np.asarray(image.resize((width, height),
+                                            Image.Resampling.LANCZOS)))
     rows.append(np.concatenate(
-        [np.pad(im, ((0, 0), (0, 4), (0, 0)), constant_values=255)
+        [np.pad(im, ((0, gap), (0, gap), (0, 0)), constant_values=255)
          for im in images], axis=1))
-  width = max(r.shape[1] for r in rows)
-  rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)),
-                 constant_values=255) for r in rows]
-  header = np.full((22, width, 3), 255, np.uint8)
+  header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
   canvas = Image.fromarray(np.concatenate([header] + rows, axis=0))
   draw = ImageDraw.Draw(canvas)
-  x = 0
-  first = image_io.read_image(image_io.list_images(TNO / "vi")["1"])
-  for name, _ in columns:
-    draw.text((x + 4, 4), name, fill=(0, 0, 0))
-    x += first.shape[1] + 4
+  for i, (name, _) in enumerate(columns):
+    draw.text((i * (width + gap) + 4, 4), name, fill=(0, 0, 0))
   path.parent.mkdir(parents=True, exist_ok=True)
   image_io.write_png_atomic(path, np.asarray(canvas))
 
@@ -145,15 +132,15 @@ def main(argv):
   if not TNO.is_dir() or not SEAFUSION.is_dir():
     raise SystemExit(f"needs {TNO} and {SEAFUSION}")
   out = Path(_OUT.value)
-  fuser = fuse.Fuser.load(_CHECKPOINT.value)
-  pairs = fuse.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
+  fuser = inference.Fuser.load(_CHECKPOINT.value)
+  pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                              str(out / "model"))
   names = [p.name for p in pairs]
-  prompts = fuse.read_captions(str(TNO / "captions.jsonl"), names,
+  prompts = inference.read_captions(str(TNO / "captions.jsonl"), names,
                                _CAPTION_INDEX.value)
   seconds = fuse_folder(fuser, pairs, prompts, out / "model")
   shuffled = [prompts[i] for i in derangement(len(prompts), _SEED.value)]
-  shuffled_pairs = fuse.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
+  shuffled_pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                                       str(out / "shuffled"))
   fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
 
@@ -180,7 +167,9 @@ def main(argv):
           metrics.SOURCE_PART_NAMES, with_rank=False),
       "True minus shuffled captions (paired over the pairs; s.e. = standard "
       "error of the mean difference):\n\n" +
-      paired_differences(runs["model"], runs["shuffled"]),
+      paired_comparison.markdown_table(paired_comparison.paired_differences(
+          runs["model"]["per_image"], runs["shuffled"]["per_image"],
+          fusion_baselines.RANKED_METRICS + ("CC",))),
       f"Fuse time after compilation: median "
       f"{1000 * statistics.median(steady):.0f} ms/pair over {len(steady)} "
       f"pairs (first, with compilation: {1000 * seconds[0]:.0f} ms).",

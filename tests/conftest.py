@@ -30,3 +30,12 @@ def shared_dir() -> Path:
     pytest.skip(f"needs the shared data at {SHARED} (absent outside this "
                 "workspace)")
   return SHARED
+
+
+def pytest_configure(config):
+  """Under CI (CI=true) the shared data must be there: no silent skips."""
+  del config
+  if os.environ.get("CI", "").lower() == "true" and not SHARED.is_dir():
+    raise pytest.UsageError(
+        f"CI=true but the shared data is missing at {SHARED}; the tests that "
+        "need it would be skipped")

@@ -13,8 +13,8 @@ from PIL import Image
 
 from configs import tiny
 from textfusion_jax import bundle
-from textfusion_jax import export
-from textfusion_jax import fuse
+from textfusion_jax import run_bundle
+from textfusion_jax import inference
 from textfusion_jax import image_io
 from textfusion_jax import run_record
 from textfusion_jax import train_lib
@@ -35,7 +35,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory):
-  return export.export(str(workdir), str(tmp_path_factory.mktemp("b") / "m"))
+  return run_bundle.export_run(str(workdir), str(tmp_path_factory.mktemp("b") / "m"))
 
 
 def _pair(root: Path, name: str = "a", size=(64, 48)) -> tuple[Path, Path]:
@@ -72,6 +72,11 @@ def test_bundle_layout_and_model_card(exported, workdir):
     assert fragment in card, fragment
   assert json.loads((exported / "config.json").read_text())["text"][
       "encoder"] == "text_encoder"
+  # A bundle is for sharing: files get the umask's modes, not a temp file's.
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in files:
+    assert (exported / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_fusing_from_bundle_equals_workdir_bitwise(exported, workdir,
@@ -105,7 +110,7 @@ def test_bundle_text_encoder_loads_in_transformers(exported):
 
 def test_exporting_twice_gives_identical_manifests(exported, workdir,
                                                    tmp_path):
-  again = export.export(str(workdir), str(tmp_path / "again"))
+  again = run_bundle.export_run(str(workdir), str(tmp_path / "again"))
   assert ((again / "manifest.json").read_bytes() ==
           (exported / "manifest.json").read_bytes())
 
@@ -154,7 +159,7 @@ def test_bundle_whose_config_does_not_fit_its_params(exported, tmp_path):
   (root / "manifest.json").write_text(json.dumps(bundle.manifest_of(root)))
   with pytest.raises(bundle.BundleError,
                      match=r"params.safetensors: parameters do not fit"):
-    fuse.Fuser.load(str(root))
+    inference.Fuser.load(str(root))
 
 
 def test_export_of_a_non_workdir_is_one_line(tmp_path):
@@ -192,9 +197,9 @@ def test_each_pair_is_fused_with_its_own_caption(exported, tmp_path):
                    "--vis", str(data / "vi"), "--captions",
                    str(data / "captions.jsonl"), "--out", str(tmp_path / "o"))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  fuser = fuse.Fuser.load(str(root))
+  fuser = inference.Fuser.load(str(root))
   for name in ("a", "b"):
-    vis, ir = fuse.load_pair(fuse.Pair(name, data / "ir" / f"{name}.png",
+    vis, ir = inference.load_pair(inference.Pair(name, data / "ir" / f"{name}.png",
                                        data / "vi" / f"{name}.png", Path()))
     own, other = fuser.encoder.encode([captions[name],
                                        captions["b" if name == "a" else "a"]])

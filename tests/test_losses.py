@@ -34,7 +34,8 @@ def test_ycbcr_round_trip_and_known_values():
 
 def test_loss_is_zero_when_fused_equals_every_target():
   _, vis, _ = _images()
-  ir = color.rgb_to_y(vis)  # IR equal to the visible luma: one target.
+  # IR equal to the visible luma, bit for bit as the loss computes it.
+  ir = color.rgb_to_ycbcr(vis)[..., :1]
   total, parts = losses.fusion_loss(vis, vis, ir, WEIGHTS)
   # Complementarity needs two sources: with one, F - VIS is flat (corr 0).
   assert float(parts.pop("complementarity")) == pytest.approx(2.0)

@@ -103,14 +103,16 @@ def test_kv_pooling_equals_attention_to_a_pooled_context():
   context = jax.random.normal(jax.random.key(2), (1, 9, 10, 8))
   factor = layers.kv_pool_factor(9, 10, 16)
   assert factor == 3 and -(-9 // 3) * -(-10 // 3) <= 16
-  # Pooling the projected keys/values == projecting the pooled context, for
-  # the same queries: compare against explicit pooling of k and v.
-  q, k, v = full.qkv(x, context)
-  k, v = layers.avg_pool(k, factor), layers.avg_pool(v, factor)
+  # The projections are linear: pooling the projected keys/values equals
+  # projecting the pooled context, for the same (unpooled) queries.
+  q = full.qkv.q(x)
+  k, v = jnp.split(full.qkv.kv(layers.avg_pool(context, factor)), 2, axis=-1)
   split = lambda t: t.reshape(1, -1, 2, 4)
   expected = full.proj(jax.nn.dot_product_attention(
       split(q), split(k), split(v)).reshape(1, 9, 10, 8))
   np.testing.assert_allclose(attn(x, context), expected, atol=1e-5)
+  # And it is not full attention: pooling changes the result.
+  assert float(jnp.abs(full(x, context) - expected).max()) > 1e-3
   assert layers.kv_pool_factor(12, 12, 256) == 1  # a 96x96 crop: no pooling
 
 

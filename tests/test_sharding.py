@@ -42,9 +42,11 @@ def test_params_and_optimizer_state_are_sharded(sharded_run):
 
 
 def test_loss_matches_single_device(sharded_run):
+  # Same data, same init: only the reduction order differs (float32).
   np.testing.assert_allclose(sharded_run["losses"],
-                             sharded_run["single_losses"], rtol=2e-5)
-  assert sharded_run["max_param_diff"] < 1e-4
+                             sharded_run["single_losses"], rtol=2e-6)
+  assert sharded_run["max_relative_grad_diff"] < 1e-5
+  assert sharded_run["max_param_diff"] < 1e-5
 
 
 def test_mesh_shape_errors():

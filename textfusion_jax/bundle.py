@@ -86,9 +86,12 @@ def verify(root: str | os.PathLike) -> dict[str, Any]:
   present = set(_files_under(root)) - {MANIFEST}
   for name in sorted(listed):
     file = root / name
-    if name not in present:
+    if name not in present or not file.is_file():
       raise BundleError(f"{file}: listed in {path} but missing")
     entry = listed[name]
+    if not isinstance(entry, dict):
+      raise BundleError(f"{path}: unreadable manifest (entry for {name} is "
+                        "not a {{sha256, size}} object)")
     if (file.stat().st_size != entry.get("size") or
         sha256_file(file) != entry.get("sha256")):
       raise BundleError(f"{file}: changed since export (sha256 or size "
@@ -163,14 +166,23 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
   """Writes a bundle to `out` atomically (a temporary sibling, then rename).
 
   `text_encoder_writer(directory)` fills text_encoder/. An existing `out` is
-  replaced only once the new bundle is complete.
+  replaced only if it is itself a bundle, and only once the new one is
+  complete; anything else already at `out` is refused, never deleted.
   """
   # pylint: disable=g-import-not-at-top
   import safetensors.numpy
   from textfusion_jax import checkpointing
   out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  if out.exists() and not is_bundle(out):
+    raise BundleError(f"{out} exists and is not a model bundle; choose a new "
+                      "--out (an existing bundle would be replaced)")
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  except OSError as error:
+    raise BundleError(f"{out}: cannot write ({error.strerror or error})"
+                      ) from None
+  old = out.with_name(f".{out.name}.old-{os.getpid()}")
   try:
     safetensors.numpy.save_file(flatten_params(params), tmp / PARAMS,
                                 metadata={"format": "np"})
@@ -179,13 +191,25 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
     (tmp / MODEL_CARD).write_text(model_card)
     (tmp / MANIFEST).write_text(
         json.dumps(manifest_of(tmp, step), indent=1, sort_keys=True) + "\n")
+    # mkdtemp (and safetensors' writer) make entries private; a bundle is
+    # for sharing, so give it the modes a plain copy would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+      os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():
-      old = out.with_name(f".{out.name}.old-{os.getpid()}")
       os.replace(out, old)
+    try:
       os.replace(tmp, out)
+    except OSError:
+      if old.exists():
+        os.replace(old, out)  # put the previous bundle back
+      raise
+    if old.exists():
       shutil.rmtree(old)
-    else:
-      os.replace(tmp, out)
+  except OSError as error:
+    raise BundleError(f"{out}: cannot write ({error.strerror or error})"
+                      ) from None
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)

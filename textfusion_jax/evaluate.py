@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -216,9 +215,10 @@ def _score(inputs: _Inputs, batch_size: int, progress: bool,
                              batch_size)
             for name, files in inputs.fused.items()}
         ir_f, vis_f = ir.astype(np.float32), vis.astype(np.float32)
+        # Whole grey levels: uint8 like the folders, so one compilation.
         candidates.update({
-            rule: fusion_baselines.trivial_fusion(rule, ir_f, vis_f)
-            for rule in rules})
+            rule: fusion_baselines.trivial_fusion(rule, ir_f, vis_f).astype(
+                np.uint8) for rule in rules})
         for name, fused in candidates.items():
           values = jax.device_get(
               metrics.batched_all_metrics(fused, ir, vis, sizes))

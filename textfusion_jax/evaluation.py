@@ -75,8 +75,9 @@ class FusionEvaluator:
     self._root = Path(workdir) / "eval"
     self._save_images = save_images
 
-    def prepare(params, vis, ir, text_emb):
-      return metric_inputs(apply_fn(params, vis, ir, text_emb), vis, ir)
+    def prepare(params, vis, ir, text_emb, valid_size):
+      return metric_inputs(apply_fn(params, vis, ir, text_emb, valid_size),
+                           vis, ir)
 
     self._prepare = jax.jit(prepare)
 
@@ -93,11 +94,13 @@ class FusionEvaluator:
           "vis": _pad_images(batch["vis"], self._pad_multiple),
           "ir": _pad_images(batch["ir"], self._pad_multiple),
           "text_emb": batch["text_emb"],
+          "valid_size": np.tile([[height, width]], (len(names), 1)
+                                ).astype(np.int32),
           "sizes": np.tile([[height, width]], (len(METHODS) * len(names), 1)
                            ).astype(np.int32)})
       candidates, ir_grey, vis_grey, fused_u8 = self._prepare(
           params, device_batch["vis"], device_batch["ir"],
-          device_batch["text_emb"])
+          device_batch["text_emb"], device_batch["valid_size"])
       # A second device program: the metric suite compiles with its own
       # XLA options; inputs never leave the device in between.
       stacked = jax.device_get(metrics_lib.batched_all_metrics(

@@ -123,10 +123,17 @@ def read_image(path: str | os.PathLike,
 
 
 def rgb_to_grey_u8(rgb: np.ndarray) -> np.ndarray:
-  """OpenCV BGR2GRAY on an RGB uint8 image, rounded: (H, W, 3) -> (H, W)."""
-  rgb = rgb.astype(np.float64)
-  grey = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-  return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+  """Y = 0.299 R + 0.587 G + 0.114 B of RGB uint8, rounded: (..., 3) -> (...).
+
+  Exact in integers, ties to even: the same levels as the metrics' on-device
+  `metrics.rgb_to_grey`, so a PNG scored from disk and the same image scored
+  in training agree. (The reference evaluator's float32 OpenCV conversion
+  rounds 0.005 % of all RGB triples, exact ties, the other way.)
+  """
+  scaled = rgb.astype(np.int32) @ np.array([299, 587, 114], np.int32)
+  quotient, remainder = np.divmod(scaled, 1000)
+  round_up = (remainder > 500) | ((remainder == 500) & (quotient % 2 == 1))
+  return np.clip(quotient + round_up, 0, 255).astype(np.uint8)
 
 
 def as_grey_u8(image: np.ndarray) -> np.ndarray:

@@ -296,15 +296,33 @@ class FusionNet(nnx.Module):
                                dtype=dtype,
                                rngs=rngs, init_scale=_HEAD_INIT_SCALE)
 
-  def __call__(self, vis: jax.Array, ir: jax.Array,
-               text_emb: jax.Array) -> jax.Array:
+  def __call__(self, vis: jax.Array, ir: jax.Array, text_emb: jax.Array,
+               valid_size: jax.Array | None = None,
+               source_means: jax.Array | None = None) -> jax.Array:
+    """Fused RGB; the optional arguments serve padded images and tiles.
+
+    valid_size: (B, 2) ints, each image's (h, w) at the top left of padded
+      inputs; the fusion rule's means then skip the padding.
+    source_means: (B, 4) mean R, G, B of the visible image and mean IR over
+      the whole image, for a tile of it: the rule then anchors every tile
+      at the image's brightness, not the tile's.
+    """
     if vis.shape[-1] != 3 or ir.shape[-1] != 1 or vis.shape[:3] != ir.shape[:3]:
       raise ValueError(f"expected vis (B, H, W, 3) and ir (B, H, W, 1), got "
                        f"{vis.shape} and {ir.shape}")
     height, width = vis.shape[1:3]
     vis = vis.astype(jnp.float32)
+    means = None
+    if source_means is not None:
+      source_means = jnp.asarray(source_means, jnp.float32)[:, None, None, :]
+      mean_rgb = source_means[..., :3]
     if self.vis_correction is not None:
       vis = self.vis_correction(vis, text_emb)
+      if source_means is not None:
+        # The correction is affine per channel: it maps means to means.
+        mean_rgb = self.vis_correction(mean_rgb, text_emb)
+    if source_means is not None:
+      means = (color.rgb_to_y(mean_rgb), source_means[..., 3:])
     multiple = self.stride * 2**(self.num_levels - 1)
     vis_pad = _pad_to_multiple(vis, multiple)
     ir_pad = _pad_to_multiple(ir.astype(jnp.float32), multiple)
@@ -333,27 +351,50 @@ class FusionNet(nnx.Module):
     if self.stride > 1:
       head = layers.pixel_shuffle(head, self.stride)
     return self._to_rgb(head[:, :height, :width], vis,
-                        ir.astype(jnp.float32))
+                        ir.astype(jnp.float32), valid_size, means)
 
-  def _to_rgb(self, head: jax.Array, vis: jax.Array,
-              ir: jax.Array) -> jax.Array:
+  def _to_rgb(self, head: jax.Array, vis: jax.Array, ir: jax.Array,
+              valid_size: jax.Array | None,
+              means: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     if self.output == "rgb":
       return jnp.clip(vis + head, 0.0, 1.0)
     ycbcr = color.rgb_to_ycbcr(vis)
     if self.output == "ycbcr":
       y = ycbcr[..., :1] + head
     else:
-      y = fuse_luma(ycbcr[..., :1], ir, *jnp.split(head, 3, axis=-1))
+      y = fuse_luma(ycbcr[..., :1], ir, *jnp.split(head, 3, axis=-1),
+                    valid_size=valid_size, means=means)
     y = jnp.clip(y, 0.0, 1.0)
     rgb = color.ycbcr_to_rgb(jnp.concatenate([y, ycbcr[..., 1:]], axis=-1))
     return jnp.clip(rgb, 0.0, 1.0)
 
 
 def fuse_luma(y_vis: jax.Array, ir: jax.Array, log_gain_ir: jax.Array,
-              log_gain_vis: jax.Array, residual: jax.Array) -> jax.Array:
-  """The 'fusion' output rule (module docstring), (B, H, W, 1) each."""
-  mean_vis = jnp.mean(y_vis, axis=(1, 2), keepdims=True)
-  mean_ir = jnp.mean(ir, axis=(1, 2), keepdims=True)
+              log_gain_vis: jax.Array, residual: jax.Array,
+              valid_size: jax.Array | None = None,
+              means: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """The 'fusion' output rule (module docstring), (B, H, W, 1) each.
+
+  `valid_size` (B, 2) ints: each image's own (h, w) at the top left of a
+  padded array; the means are then over those pixels only, so padding an
+  image (into a bucket) does not shift its brightness. `means`, (mean visible
+  luma, mean IR) each (B, 1, 1, 1), overrides both: a tile takes its whole
+  image's.
+  """
+  if means is not None:
+    mean_vis, mean_ir = means
+  elif valid_size is None:
+    mean_vis = jnp.mean(y_vis, axis=(1, 2), keepdims=True)
+    mean_ir = jnp.mean(ir, axis=(1, 2), keepdims=True)
+  else:
+    size = jnp.asarray(valid_size, jnp.int32)[:, None, None, :]
+    rows = jax.lax.broadcasted_iota(jnp.int32, y_vis.shape, 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, y_vis.shape, 2)
+    mask = ((rows < size[..., :1]) & (cols < size[..., 1:])).astype(
+        jnp.float32)
+    count = jnp.sum(mask, axis=(1, 2), keepdims=True)
+    mean_vis = jnp.sum(y_vis * mask, axis=(1, 2), keepdims=True) / count
+    mean_ir = jnp.sum(ir * mask, axis=(1, 2), keepdims=True) / count
   gain_ir = jnp.exp(jnp.clip(log_gain_ir, *_LOG_GAIN_RANGE))
   gain_vis = jnp.exp(jnp.clip(log_gain_vis, *_LOG_GAIN_RANGE))
   return (gain_vis * (y_vis - mean_vis) + gain_ir * (ir - mean_ir) +

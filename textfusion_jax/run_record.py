@@ -11,7 +11,10 @@ into a model card, so a bundle says exactly what produced it:
 The data fingerprint is the sha256 over the sorted relative paths and the
 sha256 of every file under each training root (images and captions), so two
 copies of the same data give the same fingerprint wherever they live. For
-the synthetic source it is the sha256 of the generator's config.
+built TFDS records it covers file names and sizes only (they can be huge);
+for the synthetic source it is the sha256 of the generator's config. A run
+that stops early (preempted, interrupted, non-finite loss) still records the
+steps and time it did.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   data = config.data
   digest = hashlib.sha256()
   if data.source == "folder":
-    roots = [r for r in data.train_dir.split(",") if r.strip()]
+    roots = [r.strip() for r in data.train_dir.split(",") if r.strip()]
     files = 0
     for root in roots:
       digest.update(f"root {Path(root).name}\n".encode())
@@ -70,10 +73,16 @@ def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"source": "folder", "roots": roots, "files": files,
             "sha256": digest.hexdigest()}
   if data.source == "tfds":
+    # Built records can be terabytes: hash their names and sizes (a rebuild
+    # of other data changes both), not their contents.
     root = Path(data.tfds_data_dir).expanduser() / data.tfds_name
-    files = _hash_tree(root, digest) if root.is_dir() else 0
-    return {"source": "tfds", "roots": [str(root)], "files": files,
-            "split": data.train_split, "sha256": digest.hexdigest()}
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in paths:
+      digest.update(f"{path.relative_to(root).as_posix()}\0"
+                    f"{path.stat().st_size}\n".encode())
+    return {"source": "tfds", "roots": [str(root)], "files": len(paths),
+            "split": data.train_split, "hashes": "names and sizes",
+            "sha256": digest.hexdigest()}
   description = json.dumps(data.to_dict(), sort_keys=True, default=str)
   digest.update(f"{description}\nseed {config.seed}".encode())
   return {"source": data.source, "roots": [], "files": 0,

@@ -6,9 +6,11 @@ no seams show. Images no larger than one tile run whole, padded to a given
 bucket shape (`plan_buckets`: a handful of compiled shapes for any mix of
 sizes) or to a multiple of `pad_multiple`.
 
-The network's channel attention and the fusion rule's image means are global,
-so a tiled result differs from the whole-image one (tests/test_fuse.py states
-the tolerance); tiles only serve images too large to run whole.
+Every tile is anchored at the whole image's mean brightness (the fusion
+rule's means are passed in), but the network's channel attention sees only
+its tile, so a tiled result differs a little from the whole-image one
+(tests/test_fuse.py states the tolerance); tiles only serve images too large
+to run whole.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# fuse_batch(vis (N, t, t, 3), ir (N, t, t, 1), valid (N, 2) ints,
+#            means (N, 4)) -> fused: `valid` is each tile's (h, w) of real
+# image at its top left, `means` the whole image's mean R, G, B and IR.
+FuseFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                  np.ndarray]
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -99,13 +105,16 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
                pad_to: tuple[int, int] | None = None) -> np.ndarray:
   """Fuses one (H, W, 3) / (H, W, 1) float pair with bounded memory.
 
-  `fuse_batch(vis_tiles, ir_tiles) -> fused_tiles` runs the model on
-  (N, t, t, C) arrays; N is always `batch_size` (the last group is padded) so
+  `fuse_batch(vis_tiles, ir_tiles, valid_sizes) -> fused_tiles` runs the
+  model on (N, t, t, C) arrays (see FuseFn); N is always `batch_size` (the last group is padded) so
   the compiled shape never changes. An image no larger than a tile runs whole,
   mirror-padded to `pad_to` (its bucket) or else to multiples of
   `pad_multiple`.
   """
   height, width = vis.shape[:2]
+  means = np.concatenate([vis.reshape(-1, 3).mean(0, dtype=np.float64),
+                          ir.reshape(-1, 1).mean(0, dtype=np.float64)]
+                         ).astype(np.float32)[None]
   if height <= tile and width <= tile:
     if pad_to is not None and (pad_to[0] < height or pad_to[1] < width):
       raise ValueError(f"bucket {pad_to} is smaller than the image "
@@ -113,7 +122,8 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
     padded_h, padded_w = pad_to or (-(-height // pad_multiple) * pad_multiple,
                                     -(-width // pad_multiple) * pad_multiple)
     out = fuse_batch(_pad_to(vis, padded_h, padded_w)[None],
-                     _pad_to(ir, padded_h, padded_w)[None])
+                     _pad_to(ir, padded_h, padded_w)[None],
+                     np.array([[height, width]], np.int32), means)
     return out[0, :height, :width]
 
   # Pad so every tile fits inside the image.
@@ -130,7 +140,10 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
     padded = group + [group[-1]] * (batch_size - len(group))
     vis_tiles = np.stack([vis_p[y:y + tile, x:x + tile] for y, x in padded])
     ir_tiles = np.stack([ir_p[y:y + tile, x:x + tile] for y, x in padded])
-    fused = fuse_batch(vis_tiles, ir_tiles)
+    valid = np.array([[min(tile, height - y), min(tile, width - x)]
+                      for y, x in padded], np.int32)
+    fused = fuse_batch(vis_tiles, ir_tiles, valid,
+                       np.repeat(means, batch_size, axis=0))
     for (y, x), fused_tile in zip(group, fused):
       accumulated[y:y + tile, x:x + tile] += fused_tile * weight_tile[..., None]
       total_weight[y:y + tile, x:x + tile, 0] += weight_tile

@@ -193,11 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     finally:
       progress.close()
       manager.wait_until_finished()
+      if is_writer:
+        run_record.finish(workdir_path, info, step, time.time() - loop_start)
     if manager.latest_step() != step:
       checkpointing.save(manager, step, state, inputs.train_iter, force=True)
       manager.wait_until_finished()
-    if is_writer:
-      run_record.finish(workdir_path, info, step, time.time() - loop_start)
     if step < num_steps:
       log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
                   num_steps)

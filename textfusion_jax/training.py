@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from textfusion_jax import losses
 from textfusion_jax import model as model_lib
@@ -123,8 +123,9 @@ class ShardedTrainer:
   # -- functions --------------------------------------------------------------
 
   def apply(self, params: PyTree, vis: jax.Array, ir: jax.Array,
-            text_emb: jax.Array) -> jax.Array:
-    return nnx.merge(self.graphdef, params)(vis, ir, text_emb)
+            text_emb: jax.Array, valid_size: jax.Array | None = None
+            ) -> jax.Array:
+    return nnx.merge(self.graphdef, params)(vis, ir, text_emb, valid_size)
 
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
                  rng: jax.Array) -> tuple[TrainState, TrainMetrics]:
@@ -166,14 +167,6 @@ class ShardedTrainer:
         in_shardings=(self.state_shardings, self.batch_sharding, replicated),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
-
-  @functools.cached_property
-  def jitted_apply(self) -> Callable[..., jax.Array]:
-    return jax.jit(
-        self.apply,
-        in_shardings=(self.state_shardings.params, self.batch_sharding,
-                      self.batch_sharding, self.batch_sharding),
-        out_shardings=self.batch_sharding)
 
 
 def step_rng(base_rng: jax.Array, step: int | jax.Array) -> jax.Array:

@@ -20,8 +20,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"

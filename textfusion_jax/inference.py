@@ -1,0 +1,231 @@
+"""Fusing pairs with a trained model: pairing files, buckets, the `Fuser`.
+
+The library behind `python -m textfusion_jax.fuse` (and benchmarks): no
+command-line flags here.
+
+* `collect_pairs`, `check_sizes`, `read_captions`, `load_pair`: files to
+  checked float pairs, with one-line errors naming the files.
+* `bucket_shapes`: the padded shape each pair runs at, a handful of shapes
+  for any mix of sizes (one compilation each); larger images run in tiles.
+* `Fuser`: a model from a bundle (verified against its manifest first) or a
+  training workdir; `fuse` returns the uint8 colour image.
+
+The fusion rule's image means are taken over each image's own pixels, not
+its padding; channel attention does see the mirror padding, so one pair fused
+in a larger bucket can differ by a level or two (tests/test_fuse.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from textfusion_jax import bundle
+from textfusion_jax import checkpointing
+from textfusion_jax import errors
+from textfusion_jax import image_io
+from textfusion_jax import model as model_lib
+from textfusion_jax import sharding as sharding_lib
+from textfusion_jax import text_setup
+from textfusion_jax import tiling
+from textfusion_jax import training
+from textfusion_jax.text import caption_files
+
+# Images up to this many pixels a side run whole; larger ones in tiles.
+DEFAULT_TILE = 1536
+DEFAULT_OVERLAP = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  name: str
+  ir: Path
+  vis: Path
+  out: Path
+
+
+def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
+  """Single files, or two directories matched by stem (all problems listed)."""
+  ir_path, vis_path, out_path = Path(ir), Path(vis), Path(out)
+  if ir_path.is_dir() != vis_path.is_dir():
+    raise errors.UserError(f"--ir {ir} and --vis {vis} must both be files or "
+                           "both directories")
+  if not ir_path.is_dir():
+    for path in (ir_path, vis_path):
+      if not path.exists():
+        raise errors.UserError(f"{path}: file not found")
+    if out_path.suffix.lower() != ".png":
+      raise errors.UserError(f"--out {out} must end in .png for a single pair")
+    return [Pair(vis_path.stem, ir_path, vis_path, out_path)]
+  ir_files, vis_files = image_io.list_images(ir_path), image_io.list_images(
+      vis_path)
+  problems = [f"{ir_path / s}.* has no visible partner in {vis_path}"
+              for s in sorted(set(ir_files) - set(vis_files))]
+  problems += [f"{vis_path / s}.* has no infrared partner in {ir_path}"
+               for s in sorted(set(vis_files) - set(ir_files))]
+  if not ir_files and not vis_files:
+    problems.append(f"no images in {ir_path} or {vis_path}")
+  if problems:
+    raise errors.UserError("; ".join(problems))
+  return [Pair(s, ir_files[s], vis_files[s], out_path / f"{s}.png")
+          for s in sorted(ir_files, key=_natural_key)]
+
+
+def _natural_key(stem: str) -> tuple:
+  return tuple(int(t) if t.isdigit() else t for t in
+               re.split(r"(\d+)", stem))
+
+
+def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
+  """The `index`-th caption of each pair from a captions.jsonl."""
+  by_name = {r.name: r.captions
+             for r in caption_files.read_caption_file(path, dataset="")}
+  problems = [n for n in names if len(by_name.get(n, ())) <= index]
+  if problems:
+    raise errors.UserError(
+        f"{path}: no caption {index} for pair(s) {', '.join(problems)}")
+  return [by_name[n][index] for n in names]
+
+
+def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
+  """Pair name -> (H, W) from headers; one error listing every mismatch."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  problems = []
+  sizes = {}
+  for pair in pairs:
+    try:
+      with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
+        if ir.size != vis.size:
+          problems.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
+                          f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
+        sizes[pair.name] = (vis.size[1], vis.size[0])
+    except OSError as error:
+      problems.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
+  if problems:
+    raise errors.UserError("; ".join(problems) + " (pairs must be registered "
+                           "and equal in size)")
+  return sizes
+
+
+def bucket_shapes(sizes: dict[str, tuple[int, int]], tile: int
+                  ) -> dict[str, tuple[int, int] | None]:
+  """Name -> padded shape to run whole (None: tiled), few shapes in all."""
+  whole = {n: s for n, s in sizes.items() if max(s) <= tile}
+  cost = tiling.COMPILE_COST_PIXELS.get(jax.default_backend(),
+                                        tiling.DEFAULT_COMPILE_COST_PIXELS)
+  shapes: dict[str, tuple[int, int] | None] = {n: None for n in sizes}
+  for shape, names in tiling.plan_buckets(whole, 1, cost).items():
+    shapes.update({n: shape for n in names})
+  return shapes
+
+
+def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+  """(vis RGB float (H, W, 3), ir float (H, W, 1)) in [0, 1]."""
+  vis = image_io.as_rgb_u8(image_io.read_image(pair.vis))
+  ir = image_io.as_grey_u8(image_io.read_image(pair.ir, "minmax"))
+  if vis.shape[:2] != ir.shape[:2]:
+    raise errors.UserError(
+        f"{pair.ir} is {ir.shape[1]}x{ir.shape[0]} but {pair.vis} is "
+        f"{vis.shape[1]}x{vis.shape[0]}; pairs must be registered and equal"
+        " in size")
+  return (vis.astype(np.float32) / 255.0,
+          ir[..., None].astype(np.float32) / 255.0)
+
+
+class Fuser:
+  """A trained model, from a bundle or a training workdir, ready to fuse."""
+
+  def __init__(self, config: Any, params: Any, encoder: Any, *, step: int,
+               source: str):
+    self.config = config
+    self.step = step
+    self.source = source
+    self.encoder = encoder
+    if encoder is not None and encoder.embed_dim != config.model.text_dim:
+      raise checkpointing.CheckpointError(
+          f"checkpoint {source} expects {config.model.text_dim}-d text "
+          f"embeddings but encoder {config.text.encoder!r} gives "
+          f"{encoder.embed_dim}")
+    self.mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+    replicated = sharding_lib.replicated(self.mesh)
+    self.params = jax.device_put(params, replicated)
+    graphdef = model_lib.abstract_model(config.model)[0]
+    self._graphdef = graphdef
+
+    def apply(params, vis, ir, text_emb, valid_size, source_means):
+      return nnx.merge(graphdef, params)(vis, ir, text_emb, valid_size,
+                                         source_means)
+
+    self._apply = jax.jit(apply, out_shardings=replicated)
+
+  @property
+  def model(self) -> model_lib.FusionNet:
+    """The network itself (an nnx module holding the parameters)."""
+    return nnx.merge(self._graphdef, self.params)
+
+  @classmethod
+  def load(cls, path: str, step: int | None = None) -> Fuser:
+    """A bundle (verified first) or a training workdir."""
+    if (Path(path) / bundle.PARAMS).exists() and not bundle.is_bundle(path):
+      raise bundle.BundleError(f"{path}: has {bundle.PARAMS} but no "
+                               f"{bundle.MANIFEST}; not a complete bundle")
+    if bundle.is_bundle(path):
+      if step is not None:
+        raise errors.UserError(f"--step is for training workdirs; {path} is "
+                               "a bundle of one step")
+      return cls.from_bundle(path)
+    return cls.from_workdir(path, step)
+
+  @classmethod
+  def from_bundle(cls, root: str) -> Fuser:
+    manifest = bundle.verify(root)
+    config = bundle.load_config(root)
+    _, like = model_lib.abstract_model(config.model)
+    params = bundle.load(root, nnx.to_pure_dict(like))
+    return cls(config, params, text_setup.build_text_encoder(config.text),
+               step=int(manifest.get("step", 0)), source=str(root))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None, *,
+                   with_text_encoder: bool = True) -> Fuser:
+    config = checkpointing.load_saved_config(workdir)
+    mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+    trainer = training.ShardedTrainer(config, mesh)
+    manager = checkpointing.make_manager(
+        workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
+    state, step = checkpointing.restore(manager, trainer.abstract_state(),
+                                        step=step)
+    encoder = (text_setup.build_text_encoder(config.text)
+               if with_text_encoder else None)
+    return cls(config, state.params, encoder, step=step, source=str(workdir))
+
+  def fuse(self, vis: np.ndarray, ir: np.ndarray, text_emb: np.ndarray, *,
+           tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+           pad_to: tuple[int, int] | None = None) -> np.ndarray:
+    """Fused RGB uint8 (H, W, 3) for one pair (float inputs in [0, 1]).
+
+    An image no larger than `tile` runs whole, padded to `pad_to` (its
+    bucket from `bucket_shapes`; by default the bucket it gets on its own,
+    as when the fuse command is given that one pair); larger ones run in
+    overlapping tiles.
+    """
+    if pad_to is None and max(vis.shape[:2]) <= tile:
+      pad_to = bucket_shapes({"pair": vis.shape[:2]}, tile)["pair"]
+
+    def fuse_batch(vis_tiles, ir_tiles, valid_sizes, means):
+      emb = np.repeat(text_emb[None], vis_tiles.shape[0], axis=0)
+      return np.asarray(self._apply(self.params, vis_tiles, ir_tiles, emb,
+                                    valid_sizes, means))
+
+    fused = tiling.fuse_tiled(fuse_batch, vis, ir, tile=tile, overlap=overlap,
+                              batch_size=1, pad_to=pad_to)
+    return np.clip(np.rint(fused * 255.0), 0, 255).astype(np.uint8)
+
+

@@ -1,0 +1,136 @@
+"""A training run -> a model bundle: parameters, text tower and model card.
+
+The library behind `python -m textfusion_jax.export` (see `bundle` for the
+format). Exporting the same run twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from textfusion_jax import bundle
+from textfusion_jax import errors
+from textfusion_jax import evaluation
+from textfusion_jax import fusion_baselines
+from textfusion_jax import metrics
+from textfusion_jax import run_record
+from textfusion_jax import text_setup
+
+TINY_TEXT_LIMIT = """\
+- The text tower is a small, randomly initialised CLIP (64-d, 2 layers)
+  trained on nothing: real CLIP weights could not be downloaded where this
+  model was trained. The fusion network's text MLPs learned what they could
+  from that tower's embeddings of the training captions; paraphrases and
+  unseen words carry little meaning for it. Retrain with
+  `--config.text.encoder=DIR` (a local Hugging Face CLIP directory) for real
+  language understanding.
+"""
+LIMITS = """\
+- Trained for the steps and on the data above; check the evaluation before
+  relying on it for other kinds of scenes.
+- Infrared and visible images must be registered and equal in size.
+"""
+
+
+def _params_at(workdir: str, step: int | None) -> tuple[Any, int, Any]:
+  from textfusion_jax import inference  # pylint: disable=g-import-not-at-top
+  fuser = inference.Fuser.from_workdir(workdir, step, with_text_encoder=False)
+  return jax.device_get(fuser.params), fuser.step, fuser.config
+
+
+def _eval_table(workdir: Path, step: int) -> str:
+  path = workdir / "eval" / str(step) / "metrics.json"
+  if not path.is_file():
+    return "_No evaluation was run at this step._\n"
+  result = json.loads(path.read_text())
+  rows = {m: result[m] for m in evaluation.METHODS if m in result}
+  return (f"{result.get('num_images', '?')} held-out images, scored with the "
+          "reference evaluator's conventions (`textfusion_jax.metrics`); "
+          "trivial rows computed from the sources "
+          "(`textfusion_jax.fusion_baselines`); mean_rank over EN, SD, SF, "
+          "MI, SCD, VIF, Qabf, SSIM:\n\n" +
+          fusion_baselines.markdown_table(rows, metrics.METRIC_NAMES) + "\n")
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
+               step: int, eval_table: str, report: str = "") -> str:
+  """MODEL_CARD.md text: deterministic for a given run and step."""
+  data = info.get("data", {})
+  segments = info.get("segments", [])
+  commands = "\n".join(
+      f"    python {' '.join(s['argv'])}   # steps {s['start_step']}-"
+      f"{s['end_step']}, commit {s['commit']}" for s in segments) or (
+          "    (not recorded: run_info.json missing)")
+  roots = "".join(f"  - `{r}`\n" for r in data.get("roots", []))
+  eval_dirs = config.data.get("eval_dir", "") or config.data.get(
+      "eval_split", "")
+  m = config.model
+  return f"""# textfusion-jax fusion model, step {step}
+
+Text-guided infrared-visible image fusion (JAX/Flax NNX): FusionNet with dim
+{m.dim}, blocks {tuple(m.num_blocks)}, input stride {m.get('input_stride', 1)}, output rule
+`{m.output}` (see `textfusion_jax/model.py`). Fuse a pair:
+
+    python -m textfusion_jax.fuse --checkpoint THIS_DIR --ir IR.png --vis VIS.png \\
+        --text "a short description of the scene" --out fused.png
+
+The bundle is checked against manifest.json before anything is loaded.
+
+## Training
+
+- Data: source `{data.get('source', config.data.source)}`, {data.get('files', 0)} files, sha256 of the
+  file list and contents `{data.get('sha256', 'unknown')}`
+{roots}- Held out for evaluation: `{eval_dirs}`
+- Command(s), run from the repository root:
+
+{commands}
+
+- Seed {info.get('seed', config.seed)}, {step} steps, batch {config.train.batch_size}, {config.data.crop_size}x{config.data.crop_size} crops,
+  training loop wall time {_hms(run_record.total_train_seconds(info))} (see the run's
+  metrics.jsonl for steps/s)
+- Text encoder: `{config.text.encoder}` (saved in `text_encoder/`), text_dim {config.model.text_dim}
+
+## Evaluation at step {step}
+
+{eval_table}
+{report}
+## Limits
+
+{TINY_TEXT_LIMIT if config.text.encoder == text_setup.TINY_RANDOM else ""}{LIMITS}"""
+
+
+def export_run(workdir: str, out: str, step: int | None = None,
+           report_path: str | None = None) -> Path:
+  """Writes the bundle; returns its path."""
+  report = ""
+  if report_path:
+    try:
+      report = Path(report_path).read_text()
+    except OSError as error:
+      raise errors.UserError(f"--report {report_path}: {error.strerror}"
+                             ) from None
+  params, step, config = _params_at(workdir, step)
+  info = run_record.load(workdir)
+  card = model_card(config, info, step, _eval_table(Path(workdir), step),
+                    report)
+  encoder = text_setup.build_text_encoder(config.text)
+  if encoder.embed_dim != config.model.text_dim:
+    raise errors.UserError(
+        f"{workdir}: model expects {config.model.text_dim}-d text embeddings "
+        f"but encoder {config.text.encoder!r} gives {encoder.embed_dim}")
+  bundle_config = ml_collections.ConfigDict(config.to_dict())
+  bundle_config.text.encoder = bundle.TEXT_ENCODER
+  bundle_config.text.embeddings_dir = ""
+  return bundle.write(out, params=params, step=step, config=bundle_config,
+                      text_encoder_writer=encoder.save_pretrained,
+                      model_card=card)

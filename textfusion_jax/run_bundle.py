@@ -68,8 +68,10 @@ def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
   data = info.get("data", {})
   segments = info.get("segments", [])
   commands = "\n".join(
-      f"    python {' '.join(s['argv'])}   # steps {s['start_step']}-"
-      f"{s['end_step']}, commit {s['commit']}" for s in segments) or (
+      f"    python {' '.join(s['argv'])}   # " +
+      (f"steps {s['start_step']}-{s['end_step']}"
+       if s["end_step"] != s["start_step"] else "evaluation only") +
+      f", commit {s['commit']}" for s in segments) or (
           "    (not recorded: run_info.json missing)")
   roots = "".join(f"  - `{r}`\n" for r in data.get("roots", []))
   eval_dirs = config.data.get("eval_dir", "") or config.data.get(

@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from configs import tiny
+
 _CACHE = Path(os.environ.get(
     "TEXTFUSION_TEST_JIT_CACHE",
     Path(tempfile.gettempdir()) / "textfusion_jax_test_jit_cache"))
@@ -39,3 +41,16 @@ def pytest_configure(config):
     raise pytest.UsageError(
         f"CI=true but the shared data is missing at {SHARED}; the tests that "
         "need it would be skipped")
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+  """A 2-step tiny training run (with its evaluation); tests only read it."""
+  from textfusion_jax import train_lib  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("tiny_run")
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  config.data.eval_size = 2
+  config.eval.batch_size = 2
+  train_lib.train_and_evaluate(config, str(path))
+  return path

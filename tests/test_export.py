@@ -17,20 +17,13 @@ from textfusion_jax import run_bundle
 from textfusion_jax import inference
 from textfusion_jax import image_io
 from textfusion_jax import run_record
-from textfusion_jax import train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("export_run")
-  config = tiny.get_config()
-  config.train.num_steps = 2
-  config.data.eval_size = 2
-  config.eval.batch_size = 2
-  train_lib.train_and_evaluate(config, str(path))
-  return path
+def workdir(tiny_workdir):
+  return tiny_workdir
 
 
 @pytest.fixture(scope="module")

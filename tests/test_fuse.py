@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
 from textfusion_jax import image_io
 from textfusion_jax import tiling
-from textfusion_jax import train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +54,8 @@ def test_tiling_small_image_runs_whole_and_crops_back():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("fuse_workdir")
-  config = tiny.get_config()
-  config.train.num_steps = 2
-  config.data.eval_size = 2
-  config.eval.batch_size = 2
-  train_lib.train_and_evaluate(config, str(path))
-  return path
+def workdir(tiny_workdir):
+  return tiny_workdir
 
 
 def _fuse(*args):

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +103,20 @@ def verify(root: str | os.PathLike) -> dict[str, Any]:
   return manifest
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = ""
-                   ) -> dict[str, np.ndarray]:
-  """Nested parameter dict -> {'a.b.0.kernel': float32 array}."""
-  flat = {}
-  for key, value in params.items():
+def _dotted_leaves(tree: Mapping[str, Any], prefix: str = ""
+                   ) -> Iterator[tuple[str, Any]]:
+  for key, value in tree.items():
     name = f"{prefix}{key}"
     if isinstance(value, Mapping):
-      flat.update(flatten_params(value, f"{name}."))
+      yield from _dotted_leaves(value, f"{name}.")
     else:
-      flat[name] = np.ascontiguousarray(np.asarray(value, np.float32))
-  return flat
+      yield name, value
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Nested parameter dict -> {'a.b.0.kernel': float32 array}."""
+  return {name: np.ascontiguousarray(np.asarray(value, np.float32))
+          for name, value in _dotted_leaves(params)}
 
 
 def unflatten_params(flat: Mapping[str, np.ndarray], like: Mapping[str, Any],
@@ -148,16 +151,10 @@ def unflatten_params(flat: Mapping[str, np.ndarray], like: Mapping[str, Any],
   return build(like, "")
 
 
-def flatten_params_shapes(tree: Mapping[str, Any], prefix: str = ""
+def flatten_params_shapes(tree: Mapping[str, Any]
                           ) -> dict[str, tuple[int, ...]]:
-  shapes = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      shapes.update(flatten_params_shapes(value, f"{name}."))
-    else:
-      shapes[name] = tuple(value.shape)
-  return shapes
+  """{'a.b.0.kernel': shape} of a nested dict of arrays or ShapeDtypeStructs."""
+  return {name: tuple(value.shape) for name, value in _dotted_leaves(tree)}
 
 
 def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,

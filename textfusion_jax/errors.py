@@ -65,3 +65,13 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 def run_absl_app(main: Callable[[list[str]], None],
                  argv: Sequence[str]) -> None:
   app.run(main, argv=list(argv), flags_parser=_parse_flags)
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+  """Runs an absl `main` on sys.argv with one-line user errors."""
+
+  def guarded(argv: list[str]) -> None:
+    with one_line_errors():
+      main(argv)
+
+  run_absl_app(guarded, sys.argv)

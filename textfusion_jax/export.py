@@ -17,7 +17,6 @@ same run twice gives byte-identical files.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -49,10 +48,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  def guarded(argv):
-    with errors.one_line_errors():
-      main(argv)
-  errors.run_absl_app(guarded, sys.argv)
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":

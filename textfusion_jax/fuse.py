@@ -18,7 +18,6 @@ the visible input, each written atomically.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 
@@ -81,10 +80,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  def guarded(argv):
-    with errors.one_line_errors():
-      main(argv)
-  errors.run_absl_app(guarded, sys.argv)
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """All 12 fusion metrics per 640x480 triple: JAX (jitted) vs the numpy oracle.
 
-  python benchmarks/bench_metrics.py [--batch-size 8] [--rounds 5]
-      [--gpu-batch-sizes 32,64]
+  python benchmarks/bench_metrics.py [--batch_size 8] [--rounds 5]
+      [--gpu_batch_sizes 32,64]
 
 Times `metrics.all_metrics` under jax.jit on one (480, 640) triple and
 `metrics.batched_all_metrics` on a batch, against the float64 numpy/scipy
@@ -11,25 +11,27 @@ fixtures when present, otherwise synthetic images. Compilation is reported
 separately. Runners are timed in interleaved rounds and each one's best round
 counts (median also shown), so background load on a shared machine hits them
 alike. On a GPU it also reports batched throughput (triples/s) at the
---gpu-batch-sizes.
+--gpu_batch_sizes.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import app
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
 
@@ -64,12 +66,19 @@ def first_call(fn) -> float:
   return total - timed(fn)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--gpu-batch-sizes", default="32,64")
-  args = parser.parse_args()
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Triples per batched "
+                                   "call.", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (best is kept).")
+_GPU_BATCH_SIZES = flags.DEFINE_list(
+    "gpu_batch_sizes", ["32", "64"], "Extra batch sizes timed on an "
+    "accelerator.")
+
+
+def main(argv) -> None:
+  del argv
+  args = types.SimpleNamespace(batch_size=_BATCH_SIZE.value,
+                               rounds=_ROUNDS.value,
+                               gpu_batch_sizes=_GPU_BATCH_SIZES.value)
 
   (fused, ir, vis), source = load_triple()
   backend = jax.default_backend()
@@ -111,7 +120,7 @@ def main() -> None:
   print(f"load average at end {os.getloadavg()[0]:.1f}")
 
   if backend == "gpu":
-    for size in (int(s) for s in args.gpu_batch_sizes.split(",")):
+    for size in (int(s) for s in args.gpu_batch_sizes):
       data = [jax.device_put(np.broadcast_to(x, (size,) + x.shape))
               for x in (fused, ir, vis)]
       run = lambda d=data: jax.block_until_ready(
@@ -124,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,9 +1,9 @@
 """Grain training pipeline throughput on LLVIP-size JPGs vs a plain PIL loop.
 
-  python benchmarks/bench_pipeline.py [--data DIR | --generate [--pairs 32] [--ir-rgb]]
-      [--batch-size 16] [--crop 256] [--batches 10] [--warmup N]
-      [--workers 0,1,2] [--read-threads 2] [--rounds 2] [--tfds-rounds 1]
-      [--no-tfds] [--no-breakdown]
+  python benchmarks/bench_pipeline.py [--data DIR | --generate [--pairs 32] [--ir_rgb]]
+      [--batch_size 16] [--crop 256] [--batches 10] [--warmup N]
+      [--workers 0,1,2] [--read_threads 2] [--rounds 2] [--tfds_rounds 1]
+      [--no_tfds] [--no_breakdown]
 
 Reports training examples/s of `input_pipeline.pipeline.make_train_dataset`
 (random 256x256 crop + flip + caption embedding per example, float32 batches)
@@ -46,7 +46,6 @@ follows the table.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -55,11 +54,14 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import app
+from absl import flags
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,7 +70,7 @@ from input_pipeline import datasets
 from input_pipeline import layouts
 from input_pipeline import pipeline
 from input_pipeline.captions import CaptionTable
-from textfusion_jax import image_io
+from input_pipeline import image_io
 
 SHARED_LLVIP = (Path(__file__).resolve().parents[2] / "shared" / "data" /
                 "ivf_samples" / "llvip")
@@ -302,52 +304,49 @@ def breakdown(pairs, folder_source, tfds_source, crop: int,
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", type=Path, default=None,
-                      help="ir/ + vi/ (+ captions.jsonl) folder; default the "
-                      "shared LLVIP samples when present")
-  parser.add_argument("--generate", action="store_true",
-                      help="use generated LLVIP-like pairs even when the "
-                      "shared samples exist")
-  parser.add_argument("--pairs", type=int, default=32,
-                      help="pairs to generate")
-  parser.add_argument("--ir-rgb", action="store_true",
-                      help="store generated infrared JPGs as RGB (grey "
-                      "content), as the LLVIP release does")
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--crop", type=int, default=256)
-  parser.add_argument("--batches", type=int, default=10,
-                      help="timed batches per variant and round")
-  parser.add_argument("--warmup", type=int, default=None,
-                      help="untimed batches before timing (>= 1; the first "
-                      "is start-up). Default: enough to drain every buffer "
-                      "grain may have filled during start-up (see "
-                      "auto_warmup); the PIL loop always uses 1")
-  parser.add_argument("--workers", default="0,1,2",
-                      help="grain worker_count values")
-  parser.add_argument("--read-threads", type=int, default=2,
-                      help="grain read threads per process (the default)")
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--tfds-rounds", type=int, default=1,
-                      help="rounds (of the first --rounds) that also run the "
-                      "TFDS variants, which are ~7x slower")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no-tfds", action="store_true",
-                      help="skip the TFDS array_record variant")
-  parser.add_argument("--tfds-dir", type=Path, default=None,
-                      help="where to build (and reuse) the TFDS dataset; "
-                      "default a temporary folder")
-  parser.add_argument("--no-breakdown", action="store_true")
-  args = parser.parse_args(argv)
-  if args.warmup is not None and args.warmup < 1:
-    parser.error("--warmup must be >= 1")
-  args.worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+flags.DEFINE_string(
+    "data", None, "ir/ + vi/ (+ captions.jsonl) folder; default the shared "
+    "LLVIP samples when present.")
+flags.DEFINE_bool("generate", False, "Use generated LLVIP-like pairs even "
+                  "when the shared samples exist.")
+flags.DEFINE_integer("pairs", 32, "Pairs to generate.")
+flags.DEFINE_bool("ir_rgb", False, "Store generated infrared JPGs as RGB "
+                  "(grey content), as the LLVIP release does.")
+flags.DEFINE_integer("batch_size", 16, "Examples per batch.", lower_bound=1)
+flags.DEFINE_integer("crop", 256, "Crop size.")
+flags.DEFINE_integer("batches", 10, "Timed batches per variant and round.")
+flags.DEFINE_integer(
+    "warmup", None, "Untimed batches before timing (>= 1; the first is "
+    "start-up). Default: enough to drain every buffer grain may have filled "
+    "during start-up (see auto_warmup); the PIL loop always uses 1.",
+    lower_bound=1)
+flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker_count values.")
+flags.DEFINE_integer("read_threads", 2, "grain read threads per process.")
+flags.DEFINE_integer("rounds", 2, "Interleaved rounds.")
+flags.DEFINE_integer("tfds_rounds", 1, "Rounds (of the first --rounds) that "
+                     "also run the TFDS variants, which are ~7x slower.")
+flags.DEFINE_integer("seed", 0, "Seed of generated pairs and crops.")
+flags.DEFINE_bool("no_tfds", False, "Skip the TFDS array_record variant.")
+flags.DEFINE_string(
+    "tfds_dir", None, "Where to build (and reuse) the TFDS dataset; default "
+    "a temporary folder.")
+flags.DEFINE_bool("no_breakdown", False, "Skip the per-stage breakdown.")
+
+
+def parse_args() -> types.SimpleNamespace:
+  """This script's flags as attributes (`args.batch_size`, ...)."""
+  names = [f.name for f in flags.FLAGS.get_key_flags_for_module(
+      sys.modules[__name__])]
+  args = types.SimpleNamespace(**{n: flags.FLAGS[n].value for n in names})
+  args.data = Path(args.data) if args.data else None
+  args.tfds_dir = Path(args.tfds_dir) if args.tfds_dir else None
+  args.worker_counts = [int(w) for w in args.workers if w.strip()]
   return args
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
+def main(argv) -> None:
+  del argv
+  args = parse_args()
   total_start = time.perf_counter()
   tmp = tempfile.TemporaryDirectory(prefix="bench_pipeline_")
   tmp_root = Path(tmp.name)
@@ -393,7 +392,7 @@ def main(argv=None) -> None:
         f"{args.batch_size * args.crop ** 2 * 4 * 4 / 2**20:.1f} MB of "
         f"float32 pixels (what grain workers ship to the main process)\n")
   if len(pairs) < args.batch_size:
-    raise SystemExit(f"need at least --batch-size={args.batch_size} pairs")
+    raise SystemExit(f"need at least --batch_size={args.batch_size} pairs")
 
   # Sources and tables (their set-up time is part of start-up, reported
   # apart from the per-variant iterator start-up).
@@ -487,4 +486,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Caption embedding throughput: JAX `TextEncoder` vs PyTorch CLIP (HF).
 
-  python benchmarks/bench_text.py [--num-captions 512] [--batch-size 64]
+  python benchmarks/bench_text.py [--num_captions 512] [--batch_size 64]
       [--dtype float32|bfloat16] [--repeats 3] [--torch-attention sdpa|eager]
       [--checkpoint DIR] [--no-torch]
 
@@ -24,20 +24,23 @@ background load on a shared machine hits them alike; the JAX first call
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import app
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from textfusion_jax.text import caption_files, clip_text, tiny_clip, weight_map
+from input_pipeline import caption_files
+from textfusion_jax.text import clip_text, tiny_clip, weight_map
 from textfusion_jax.text.encoder import TextEncoder
 
 SHARED_SAMPLES = (Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -124,20 +127,23 @@ def torch_runner(directory, captions, args, sort: bool):
   return run
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--num-captions", type=int, default=512)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--dtype", default="float32",
-                      choices=("float32", "bfloat16"))
-  parser.add_argument("--torch-attention", default="sdpa",
-                      choices=("sdpa", "eager"),
-                      help="transformers attn_implementation (sdpa: default)")
-  parser.add_argument("--checkpoint", help="a real CLIP checkpoint directory "
-                      "instead of random ViT-B/32 text weights")
-  parser.add_argument("--no-torch", action="store_true")
-  args = parser.parse_args()
+flags.DEFINE_integer("num_captions", 512, "Captions embedded per round.")
+flags.DEFINE_integer("batch_size", 64, "Captions per call.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Interleaved rounds (best is kept).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype.")
+flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "eager"],
+                  "transformers attn_implementation.")
+flags.DEFINE_string("checkpoint", None, "A real CLIP checkpoint directory "
+                    "instead of random ViT-B/32 text weights.")
+flags.DEFINE_bool("no_torch", False, "Skip the PyTorch baseline.")
+
+
+def main(argv) -> None:
+  del argv
+  args = types.SimpleNamespace(**{
+      f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(
+          sys.modules[__name__])})
 
   captions = load_captions(args.num_captions)
   tokenizer = tiny_clip.tiny_tokenizer()
@@ -188,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from textfusion_jax import sharding as sharding_lib
-from textfusion_jax import training
+from textfusion_jax import train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" /
@@ -57,7 +57,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  trainer = training.ShardedTrainer(config, mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)
   with jax.set_mesh(mesh):
     state = trainer.init_state(jax.random.key(0))
     batch = sharding_lib.global_batch(

@@ -13,7 +13,7 @@ ablation continues; `--compare_only` skips training.
 Prints, per image of the shared eval set, paired differences true - shuffled:
 the mean, its standard error and how many images the true captions win, for
 the restoration errors against the clean synthetic scene (what the captions
-describe: `evaluation._restoration_errors`) and for the 12 fusion metrics.
+describe: `evaluators._restoration_errors`) and for the 12 fusion metrics.
 Writes the same to WORKDIR/text_ablation.json.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
 from textfusion_jax import metrics as metrics_lib
 from textfusion_jax import paired_comparison
-from textfusion_jax import train_lib
+from textfusion_jax import train_loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root for the 'true' and 'shuffled' runs.")
@@ -69,7 +69,7 @@ def main(argv):
       config = FLAGS.config.copy_and_resolve_references()
       config.data.shuffle_captions_across_pairs = run == "shuffled"
       print(f"\n== training with {run} captions: {root / run}")
-      train_lib.train_and_evaluate(config, str(root / run))
+      train_loop.train_and_evaluate(config, str(root / run))
     rows = compare(*(paired_comparison.latest_eval(root / run)
                      for run in RUNS))
   (root / "text_ablation.json").write_text(json.dumps(rows, indent=2))

@@ -7,7 +7,7 @@ Fuses the TNO pairs of ../shared/data/ivf_samples/tno (never trained on) with
 each pair's own caption (--caption_index) and again with the captions
 shuffled across pairs (a fixed derangement), scores both, SeAFusion's
 released-weights outputs (../shared/data/anchors/tno20/SeAFusion) and the
-four trivial fusions with `textfusion_jax.evaluate`, and prints:
+four trivial fusions with `textfusion_jax.score_folders`, and prints:
 
 * the table of the model, SeAFusion and the trivial rows with mean ranks
   (over EN, SD, SF, MI, SCD, VIF, Qabf, SSIM), and the per-source parts;
@@ -36,10 +36,10 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from textfusion_jax import evaluate
+from textfusion_jax import score_folders
 from textfusion_jax import inference
 from textfusion_jax import fusion_baselines
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import paired_comparison
 
@@ -144,7 +144,7 @@ def main(argv):
                                       str(out / "shuffled"))
   fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
 
-  result = evaluate.evaluate_folders(
+  result = score_folders.evaluate_folders(
       TNO / "ir", TNO / "vi", [out / "model", SEAFUSION, out / "shuffled"],
       baselines=True)
   runs = result["methods"]

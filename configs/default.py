@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_width = 160  # Synthetic: scene width in pixels.
   config.data.train_dir = ""  # Folder source: root with ir/, vi/ and captions.jsonl (',' joins several).
   config.data.eval_dir = ""  # Folder source: held-out root with the same layout.
-  config.data.tfds_name = ""  # TFDS source: builder name, e.g. 'paired_folder/llvip'.
+  config.data.tfds_name = ""  # TFDS source: builder name, e.g. 'ivf_pairs/llvip'.
   config.data.tfds_data_dir = ""  # TFDS source: data_dir the dataset was built into.
   config.data.train_split = "train"  # TFDS source: training split.
   config.data.eval_split = "test"  # TFDS source: eval split.

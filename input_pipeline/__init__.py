@@ -1,0 +1,77 @@
+"""Data for textfusion-jax: sources, caption embeddings and grain pipelines.
+
+`create_datasets(config, make_encoder)` is the one entry point for training.
+This package never imports `textfusion_jax` (tests/test_layout.py checks it);
+the model code imports it.
+
+  sources         config -> record sources (synthetic, folders, TFDS)
+  pipeline        grain train iterator and eval batches
+  captions        per-pair caption choice and the caption embedding table
+  caption_files   reading captions.jsonl files
+  caption_store   precomputed caption embeddings on disk
+  image_io        image reading and atomic PNG writing
+  files           atomic file writes
+  layouts         folder layouts of the public datasets
+  datasets        paired-folder and TFDS record sources, the TFDS builder
+  build_dataset   the CLI that builds TFDS datasets
+  synthetic       the embedded synthetic scene generator
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+from input_pipeline.errors import UserError
+
+
+class TextDimError(UserError):
+  """The caption embeddings do not have the width the model expects."""
+
+
+@dataclasses.dataclass
+class Datasets:
+  train_iter: Any  # checkpointable grain iterator of per-process batches
+  eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
+  text_dim: int
+  text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
+
+
+def create_datasets(config: ml_collections.ConfigDict,
+                    make_encoder: Callable[[], Any]) -> Datasets:
+  """Train iterator, eval batches and caption statistics for `config`.
+
+  make_encoder: builds the text encoder (`.encode(texts, batch_size)`,
+  `.embed_dim`); called only when captions are not precomputed.
+  """
+  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline
+  from input_pipeline import sources
+  train_source, eval_source = sources.make_sources(config)
+  table_train, table_eval, text_dim = sources.make_caption_tables(
+      config, make_encoder, train_source, eval_source)
+  if text_dim != config.model.text_dim:
+    raise TextDimError(
+        f"config.model.text_dim={config.model.text_dim} but the text encoder "
+        f"{config.text.encoder!r} gives {text_dim}-d embeddings")
+  shuffle_captions = config.data.shuffle_captions_across_pairs
+  train_dataset = pipeline.make_train_dataset(
+      train_source, global_batch_size=config.train.batch_size,
+      crop_size=config.data.crop_size, seed=config.seed,
+      caption_table=table_train,
+      shuffle_captions_across_pairs=shuffle_captions,
+      worker_count=config.data.worker_count,
+      worker_buffer_size=config.data.prefetch_buffer_size)
+
+  def eval_batches() -> Iterator[dict[str, Any]]:
+    return pipeline.make_eval_batches(
+        eval_source, batch_size=config.eval.batch_size,
+        caption_table=table_eval,
+        shuffle_captions_across_pairs=shuffle_captions,
+        max_records=config.eval.max_images or None)
+
+  return Datasets(train_iter=iter(train_dataset), eval_batches=eval_batches,
+                  text_dim=text_dim, text_stats=table_train.statistics())

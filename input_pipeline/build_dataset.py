@@ -26,7 +26,7 @@ from absl import flags
 
 from input_pipeline import datasets
 from input_pipeline import layouts
-from textfusion_jax import image_io
+from input_pipeline.errors import UserError
 
 _DATASET = flags.DEFINE_string(
     "dataset", None, "Config to build: 'ivf_pairs/<config>' or '<config>'.")
@@ -74,8 +74,7 @@ def main(argv: Sequence[str]) -> None:
         on_bad_data=_ON_BAD_DATA.value, captions=_CAPTIONS.value,
         split_file=_SPLIT_FILE.value, text_emb=_TEXT_EMB.value,
         text_emb_dataset=_TEXT_EMB_DATASET.value, overwrite=_OVERWRITE.value)
-  except (layouts.LayoutError, layouts.BadDataError, image_io.ImageReadError,
-          ValueError) as error:
+  except (UserError, FileNotFoundError) as error:  # bad layout, data, files
     # Multi-line on purpose: a bad-data error lists one file per line.
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from input_pipeline.errors import UserError
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 
@@ -118,7 +119,7 @@ class CaptionTable:
     rows = []
     for record in captions:
       if not record:
-        raise ValueError(f"record {len(rows)} has no captions")
+        raise UserError(f"record {len(rows)} has no captions")
       rows.append(np.array([index.setdefault(c, len(index)) for c in record],
                            np.int32))
     texts = list(index)

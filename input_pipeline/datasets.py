@@ -52,6 +52,7 @@ from etils import epath
 from PIL import Image
 
 from input_pipeline import layouts
+from input_pipeline.errors import UserError
 
 NAME = "ivf_pairs"
 REPORT_FILE = "bad_data_report.json"
@@ -186,7 +187,7 @@ def _config_name(name_or_config: str) -> str:
   """'llvip' or 'ivf_pairs/llvip' -> 'llvip', checked against the configs."""
   name, _, config = name_or_config.rpartition("/")
   if name not in ("", NAME) or config not in layouts.LAYOUTS:
-    raise ValueError(
+    raise UserError(
         f"unknown dataset {name_or_config!r}; use one of "
         f"{', '.join(f'{NAME}/{c}' for c in layouts.LAYOUTS)} (or the config "
         "name alone)")
@@ -298,7 +299,7 @@ class PairedFolderSource(Sequence):
                          text_emb=text_emb, text_emb_dataset=text_emb_dataset,
                          decode=check_images)
     if split not in found.splits:
-      raise ValueError(f"{root}: no split {split!r}; splits: "
+      raise UserError(f"{root}: no split {split!r}; splits: "
                        f"{', '.join(sorted(found.splits))}")
     layouts.resolve(found, on_bad_data)
     self.pairs = found.splits[split]

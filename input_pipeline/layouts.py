@@ -50,9 +50,10 @@ from typing import Literal, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from textfusion_jax import image_io
-from textfusion_jax.text import caption_files
-from textfusion_jax.text import caption_store
+from input_pipeline import image_io
+from input_pipeline import caption_files
+from input_pipeline import caption_store
+from input_pipeline.errors import UserError
 
 OnBadData = Literal["error", "skip"]
 CAPTIONS_FILE = "captions.jsonl"
@@ -67,11 +68,11 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(UserError, FileNotFoundError):
   """The root folder does not have a layout's folders (or a named file)."""
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError):
   """The folder has bad data and on_bad_data is 'error'."""
 
   def __init__(self, message: str, problems: list[Problem]):
@@ -346,7 +347,7 @@ def _read_split_file(path: Path, stems: Iterable[str]
     if not isinstance(listing, dict) or not all(
         isinstance(v, list) and all(isinstance(s, str) for s in v)
         for v in listing.values()):
-      raise ValueError("expected a JSON object {split: [stem, ...]}")
+      raise UserError("expected a JSON object {split: [stem, ...]}")
   except ValueError as error:
     raise LayoutError(f"{path}: malformed split file ({error})") from None
   bad_names = [n for n in listing if not _SPLIT_NAME.match(n)]
@@ -396,7 +397,7 @@ def _read_captions(path: Path, pairs: set[tuple[str, str]], stems: set[str]
         problems.append(Problem("malformed_caption", (where,),
                                 f"not JSON ({error})"))
         continue
-      # The same rules as textfusion_jax.text.caption_files, which raises at
+      # The same rules as input_pipeline.caption_files, which raises at
       # the first bad line; a build must list them all.
       if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
               and entry["name"] and isinstance(entry.get("captions"), list)
@@ -533,7 +534,7 @@ def scan(root: str | os.PathLike, layout: Layout, *,
 def resolve(found: Scan, on_bad_data: OnBadData) -> None:
   """Raises one BadDataError listing every problem, or logs them as skipped."""
   if on_bad_data not in ("error", "skip"):
-    raise ValueError(f"on_bad_data must be 'error' or 'skip', not "
+    raise UserError(f"on_bad_data must be 'error' or 'skip', not "
                      f"{on_bad_data!r}")
   if not found.problems:
     return

@@ -44,6 +44,7 @@ from absl import flags
 
 from input_pipeline import captions as captions_lib
 from input_pipeline.captions import CaptionTable
+from input_pipeline.errors import UserError
 
 _IMAGE_KEYS = ("vis", "ir", "vis_clean")
 # Streams of the per-(seed, epoch, record) random draws, kept apart so that
@@ -195,13 +196,13 @@ def make_train_dataset(
   """
   num_records = len(source)
   if num_records == 0:
-    raise ValueError("empty source")
+    raise UserError("empty source")
   if shard_options is None:
     shard_options = (grain.sharding.ShardByJaxProcess() if shard_by_process
                      else grain.sharding.NoSharding())
   shards = shard_options.shard_count
   if global_batch_size % shards:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+    raise UserError(f"global batch {global_batch_size} is not divisible by "
                      f"{shards} shards")
   table = _select_table(caption_table, num_records,
                         shuffle_captions_across_pairs, derangement_seed)

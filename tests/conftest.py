@@ -46,11 +46,11 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
   """A 2-step tiny training run (with its evaluation); tests only read it."""
-  from textfusion_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import train_loop  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp("tiny_run")
   config = tiny.get_config()
   config.train.num_steps = 2
   config.data.eval_size = 2
   config.eval.batch_size = 2
-  train_lib.train_and_evaluate(config, str(path))
+  train_loop.train_and_evaluate(config, str(path))
   return path

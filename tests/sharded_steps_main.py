@@ -13,7 +13,7 @@ import numpy as np
 from configs import tiny
 from textfusion_jax import losses
 from textfusion_jax import sharding as sharding_lib
-from textfusion_jax import training
+from textfusion_jax import train_step
 
 
 def _batches(config, count):
@@ -39,16 +39,16 @@ def _gradients(trainer, params, batch):
 
 
 def run(config, mesh, steps):
-  trainer = training.ShardedTrainer(config, mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)
   with jax.set_mesh(mesh):
     state = trainer.init_state(jax.random.key(0))
     losses_seen, grads = [], None
-    for step, batch in enumerate(_batches(config, steps)):
+    for batch in _batches(config, steps):
       batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
       if grads is None:
         grads = _gradients(trainer, state.params, batch)
       state, metrics = trainer.jitted_train_step(
-          state, batch, training.step_rng(jax.random.key(1), step))
+          state, batch, jax.random.key(1))
       losses_seen.append(float(metrics.loss.compute()))
   return state, losses_seen, grads
 

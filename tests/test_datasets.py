@@ -20,8 +20,8 @@ from PIL import Image
 
 from input_pipeline import datasets
 from input_pipeline import layouts
-from textfusion_jax import image_io
-from textfusion_jax.text import caption_store
+from input_pipeline import image_io
+from input_pipeline import caption_store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

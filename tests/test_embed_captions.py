@@ -1,13 +1,17 @@
 """Caption embedding at scale: the embed_captions CLI and the caption store."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from textfusion_jax.text import caption_files, embed_captions, tiny_clip
-from textfusion_jax.text.caption_store import (CaptionEmbeddings,
+from input_pipeline import caption_files
+from textfusion_jax.text import caption_embedding, tiny_clip
+from input_pipeline.caption_store import (CaptionEmbeddings,
                                                CaptionStoreError)
 from textfusion_jax.text.encoder import TextEncoder
 
@@ -47,8 +51,8 @@ def _write_jsonl(path: Path, records) -> Path:
 
 
 def _run(encoder, files, out, **kwargs):
-  """embed_captions.run on (dataset, path) pairs, read afresh, quietly."""
-  return embed_captions.run(encoder, caption_files.read_caption_files(files),
+  """caption_embedding.run on (dataset, path) pairs, read afresh, quietly."""
+  return caption_embedding.run(encoder, caption_files.read_caption_files(files),
                             out, progress=False, **kwargs)
 
 
@@ -66,16 +70,25 @@ def _assert_matches_direct_encode(store, encoder, files):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  """`python -m textfusion_jax.text.embed_captions ARGS` in a subprocess."""
+  root = Path(__file__).resolve().parents[1]
+  return subprocess.run(
+      [sys.executable, "-m", "textfusion_jax.text.embed_captions", *args],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(root)})
+
+
 def test_cli_on_shared_samples(tiny_dir, encoder, tmp_path, capsys):
   files = sorted(SHARED_SAMPLES.glob("*/captions.jsonl"))
   if not files:
     pytest.skip(f"no shared sample captions under {SHARED_SAMPLES}")
   out = tmp_path / "store"
-  rc = embed_captions.main(["--encoder", str(tiny_dir), "--out", str(out),
-                            "--captions", *map(str, files),
-                            "--batch-size", "16", "--shard-size", "64"])
-  assert rc == 0
-  assert "embed captions" in capsys.readouterr().err  # the progress bar
+  proc = _cli("--encoder", str(tiny_dir), "--out", str(out),
+              *(f"--captions={f}" for f in files), "--batch_size", "16",
+              "--shard_size", "64")
+  assert proc.returncode == 0, proc.stderr
+  assert "embed captions" in proc.stderr  # the progress bar
   store = CaptionEmbeddings.load(out)
   assert store.datasets() == sorted(p.parent.name for p in files)
   assert store.encoder == str(tiny_dir) and store.dim == encoder.embed_dim
@@ -181,9 +194,9 @@ def test_bad_caption_lines_name_file_and_line(tiny_dir, tmp_path, capsys,
   with pytest.raises(caption_files.CaptionFileError,
                      match=f"{path}:3: {message}"):
     caption_files.read_caption_file(path)
-  rc = embed_captions.main(["--encoder", str(tiny_dir), "--captions", str(path),
-                            "--out", str(tmp_path / "out")])
-  err = capsys.readouterr().err.strip().splitlines()
+  proc = _cli("--encoder", str(tiny_dir), "--captions", str(path),
+              "--out", str(tmp_path / "out"))
+  rc, err = proc.returncode, proc.stderr.strip().splitlines()
   assert rc == 2 and err[-1].startswith(f"error: {path}:3: ")
 
 
@@ -194,9 +207,9 @@ def test_cli_rejects_encoder_without_tokenizer(tiny_dir, tmp_path, capsys):
     (directory / name).write_bytes((tiny_dir / name).read_bytes())
   path = _write_jsonl(tmp_path / "set" / "captions.jsonl",
                       [{"name": "a", "captions": ["fine"]}])
-  rc = embed_captions.main(["--encoder", str(directory), "--captions",
-                            str(path), "--out", str(tmp_path / "out")])
-  err = capsys.readouterr().err.strip().splitlines()
+  proc = _cli("--encoder", str(directory), "--captions", str(path),
+              "--out", str(tmp_path / "out"))
+  rc, err = proc.returncode, proc.stderr.strip().splitlines()
   assert rc == 2 and "no tokenizer" in err[-1] and str(directory) in err[-1]
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textfusion_jax import evaluate
-from textfusion_jax import image_io
+from textfusion_jax import errors
+from textfusion_jax import score_folders
+from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
 from textfusion_jax import tiling
@@ -27,7 +28,7 @@ SETS = ("fused_mean", "fused_max", "fused_color")
 @pytest.mark.skipif(not (FIXTURES / "reference_fused_mean.json").is_file(),
                     reason=f"metric fixtures not found at {FIXTURES}")
 def test_parity_with_reference_evaluator_on_fixtures():
-  result = evaluate.evaluate_folders(FIXTURES / "ir", FIXTURES / "vi",
+  result = score_folders.evaluate_folders(FIXTURES / "ir", FIXTURES / "vi",
                                      [FIXTURES / s for s in SETS])
   report = []
   for fused_set in SETS:
@@ -88,6 +89,26 @@ def folders(tmp_path):
   return tmp_path
 
 
+def cli(argv: list[str]) -> None:
+  """In-process stand-in for `python -m textfusion_jax.evaluate ARGV`: the
+  same library call and one-line error handling, without a subprocess (the
+  real CLI runs in test_all_problems_in_one_message_without_traceback)."""
+  values = {"--fused": []}
+  args = iter(argv)
+  for flag in args:
+    if flag == "--baselines":
+      values[flag] = True
+    elif flag == "--fused":
+      values[flag].append(Path(next(args)))
+    else:
+      values[flag] = Path(next(args))
+  with errors.one_line_errors():
+    score_folders.score_and_report(
+        values["--ir"], values["--vis"], values["--fused"],
+        values.get("--baselines", False), values.get("--json"),
+        values.get("--csv"), batch_size=8)
+
+
 def args_for(root: Path, *extra: str, fused=("fused",)) -> list[str]:
   out = ["--ir", str(root / "ir"), "--vis", str(root / "vis")]
   for name in fused:
@@ -111,7 +132,7 @@ def test_cli_writes_table_json_csv(folders, capsys):
   Image.fromarray(deep).save(folders / "ir" / "c.png")
   (folders / "ir" / "a.png").rename(folders / "ir" / "a.bmp")
 
-  evaluate.main(args_for(folders, "--json", str(folders / "out.json"),
+  cli(args_for(folders, "--json", str(folders / "out.json"),
                          "--csv", str(folders / "out.csv"),
                          fused=("fused", "fused2")))
   stdout = capsys.readouterr().out
@@ -124,7 +145,7 @@ def test_cli_writes_table_json_csv(folders, capsys):
                       " |")
 
   result = json.loads((folders / "out.json").read_text())
-  assert result == evaluate.evaluate_folders(
+  assert result == score_folders.evaluate_folders(
       folders / "ir", folders / "vis", [folders / "fused", folders / "fused2"])
   assert set(result) == {"methods"}
   for method in ("fused", "fused2"):
@@ -153,7 +174,7 @@ def test_cli_writes_table_json_csv(folders, capsys):
 def run_bad(root: Path, capsys, *extra: str, fused=("fused",)) -> str:
   """Runs the CLI expecting bad input; returns the error line."""
   with pytest.raises(SystemExit) as exit_info:
-    evaluate.main(args_for(root, "--json", str(root / "out.json"), *extra,
+    cli(args_for(root, "--json", str(root / "out.json"), *extra,
                            fused=fused))
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -254,9 +275,9 @@ def test_baselines_rows_equal_scoring_the_trivial_images(folders, capsys):
       image = fusion_baselines.trivial_fusion(rule, grey("ir", stem),
                                               grey("vis", stem))
       save(folders / "explicit" / rule / f"{stem}.png", image.astype(np.uint8))
-  result = evaluate.evaluate_folders(folders / "ir", folders / "vis",
+  result = score_folders.evaluate_folders(folders / "ir", folders / "vis",
                                      [folders / "fused"], baselines=True)
-  explicit = evaluate.evaluate_folders(
+  explicit = score_folders.evaluate_folders(
       folders / "ir", folders / "vis",
       [folders / "explicit" / r for r in fusion_baselines.TRIVIAL_RULES])
   assert list(result["methods"]) == ["fused", *fusion_baselines.TRIVIAL_RULES]
@@ -271,7 +292,7 @@ def test_baselines_rows_equal_scoring_the_trivial_images(folders, capsys):
       {m: v["mean"] for m, v in result["methods"].items()})
   assert {m: v["mean_rank"] for m, v in result["methods"].items()} == ranks
   # Without --fused, only the trivial rows.
-  evaluate.main(["--ir", str(folders / "ir"), "--vis", str(folders / "vis"),
+  cli(["--ir", str(folders / "ir"), "--vis", str(folders / "vis"),
                  "--baselines"])
   rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
           if line.startswith("| ") and "method" not in line]

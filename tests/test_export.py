@@ -15,7 +15,7 @@ from configs import tiny
 from textfusion_jax import bundle
 from textfusion_jax import run_bundle
 from textfusion_jax import inference
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import run_record
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import tiling
 
 ROOT = Path(__file__).resolve().parents[1]

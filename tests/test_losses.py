@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from textfusion_jax import color
+from configs import default
 from textfusion_jax import losses
 
-WEIGHTS = losses.default_loss_weights()
+WEIGHTS = default.get_config().loss
 
 
 def _images(seed=0, shape=(2, 20, 24)):
@@ -67,7 +68,7 @@ def test_parts_are_positive_and_weighted_into_the_total():
   expected = sum(WEIGHTS[name] * float(parts[name]) for name in parts)
   np.testing.assert_allclose(float(total), expected, rtol=1e-5)
   # Weights are read from the mapping, not fixed.
-  heavier = losses.default_loss_weights()
+  heavier = default.get_config().loss
   heavier.ssim = 100.0
   total_heavy, _ = losses.fusion_loss(fused, vis, ir, heavier)
   np.testing.assert_allclose(float(total_heavy - total),

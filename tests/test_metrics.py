@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from textfusion_jax import color
 from textfusion_jax import layers
+from configs import default
 from textfusion_jax import losses
 from textfusion_jax import model as model_lib
 
@@ -181,7 +182,7 @@ def test_modulation_shares_one_text_embedding_across_the_batch():
 def test_gradients_reach_every_parameter_under_jax_jit():
   model = model_lib.FusionNet(_config(), rngs=nnx.Rngs(0))
   vis, ir, text = _inputs(height=24, width=20)
-  weights = losses.default_loss_weights()
+  weights = default.get_config().loss
   # The functional split/merge path that a training step uses.
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

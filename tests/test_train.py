@@ -12,10 +12,10 @@ import pytest
 
 from configs import tiny
 from textfusion_jax import checkpointing
-from textfusion_jax import evaluation
+from textfusion_jax import evaluators
 from textfusion_jax import metrics as metrics_lib
-from textfusion_jax import train_lib
-from textfusion_jax import training
+from textfusion_jax import train_loop
+from textfusion_jax import train_step
 from textfusion_jax import sharding as sharding_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _params(workdir: Path, config) -> dict:
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
-  trainer = training.ShardedTrainer(config, mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)
   manager = checkpointing.make_manager(workdir, save_interval_steps=1,
                                        max_to_keep=None, async_save=False)
   state, step = checkpointing.restore(manager, trainer.abstract_state())
@@ -33,7 +33,7 @@ def _params(workdir: Path, config) -> dict:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  result = train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
+  result = train_loop.train_and_evaluate(tiny.get_config(), str(workdir))
   return workdir, result
 
 
@@ -43,10 +43,10 @@ def test_outputs_written(full_run):
   steps = config.train.num_steps
   metrics_json = json.loads(
       (workdir / "eval" / str(steps) / "metrics.json").read_text())
-  for method in evaluation.METHODS:
+  for method in evaluators.METHODS:
     assert set(metrics_json[method]) == set(metrics_lib.ALL_METRIC_NAMES)
     assert all(np.isfinite(v) for v in metrics_json[method].values())
-  assert set(metrics_json["mean_rank"]) == set(evaluation.METHODS)
+  assert set(metrics_json["mean_rank"]) == set(evaluators.METHODS)
   pngs = list((workdir / "eval" / str(steps)).glob("*.png"))
   assert len(pngs) == config.data.eval_size
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -68,17 +68,17 @@ def test_restoration_errors_against_the_clean_scene():
   clean = rng.uniform(0.2, 0.8, (6, 7, 3))
   clean_u8 = np.rint(clean * 255).astype(np.uint8)
   ir = np.zeros((6, 7, 1))
-  exact = evaluation._restoration_errors(clean_u8, ir, clean)
+  exact = evaluators._restoration_errors(clean_u8, ir, clean)
   assert exact["color_L1"] == 0 and exact["clean_PSNR"] > 90
   # A grey shift of 10 levels moves Y by 10 and leaves CbCr unchanged.
-  shifted = evaluation._restoration_errors(clean_u8 + 10, ir, clean)
+  shifted = evaluators._restoration_errors(clean_u8 + 10, ir, clean)
   assert abs(shifted["color_L1"]) < 1e-9
   np.testing.assert_allclose(shifted["target_L1"], 10, atol=0.6)
   # Adding 20 to blue only: Cb moves by 0.5 * 20, Cr by -0.081312 * 20.
   bluer = clean_u8.copy()
   bluer[..., 2] += 20
   np.testing.assert_allclose(
-      evaluation._restoration_errors(bluer, ir, clean)["color_L1"],
+      evaluators._restoration_errors(bluer, ir, clean)["color_L1"],
       (10 + 0.081312 * 20) / 2, rtol=1e-9)
 
 
@@ -113,7 +113,7 @@ def _write_folder_dataset(root: Path, names, seed: int) -> Path:
 
 def test_in_training_metrics_equal_the_evaluate_cli(tmp_path):
   """metrics.json rows == `evaluate --baselines` on the PNGs it wrote."""
-  from textfusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import score_folders  # pylint: disable=g-import-not-at-top
   train_dir = _write_folder_dataset(tmp_path / "train", "abcdef", 0)
   eval_dir = _write_folder_dataset(tmp_path / "held", ["p", "q", "r"], 1)
   config = tiny.get_config()
@@ -124,17 +124,17 @@ def test_in_training_metrics_equal_the_evaluate_cli(tmp_path):
   config.eval.batch_size = 1
   config.eval.pad_multiple = 32
   workdir = tmp_path / "run"
-  train_lib.train_and_evaluate(config, str(workdir))
+  train_loop.train_and_evaluate(config, str(workdir))
   saved = json.loads((workdir / "eval" / "2" / "metrics.json").read_text())
   fused_dir = tmp_path / "model"
   fused_dir.mkdir()
   # In-training names are '<dataset>/<stem>': eval/2/held/p.png.
   for png in (workdir / "eval" / "2").rglob("*.png"):
     (fused_dir / png.name).write_bytes(png.read_bytes())
-  cli = evaluate.evaluate_folders(eval_dir / "ir", eval_dir / "vi",
+  cli = score_folders.evaluate_folders(eval_dir / "ir", eval_dir / "vi",
                                   [fused_dir], baselines=True)["methods"]
   assert sorted(cli["model"]["per_image"]) == ["p", "q", "r"]
-  for method in evaluation.METHODS:
+  for method in evaluators.METHODS:
     for name in metrics_lib.ALL_METRIC_NAMES:
       assert saved[method][name] == pytest.approx(
           cli[method]["mean"][name], rel=2e-5, abs=1e-5), (method, name)
@@ -145,10 +145,10 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   workdir_full, _ = full_run
   config = tiny.get_config()
   config.train.stop_after_steps = 3
-  out = train_lib.train_and_evaluate(config, str(tmp_path))
+  out = train_loop.train_and_evaluate(config, str(tmp_path))
   assert out == {"stopped_at": 3}
   config.train.stop_after_steps = 0
-  train_lib.train_and_evaluate(config, str(tmp_path))
+  train_loop.train_and_evaluate(config, str(tmp_path))
   step_a, params_a = _params(workdir_full, config)
   step_b, params_b = _params(tmp_path, config)
   assert step_a == step_b == config.train.num_steps
@@ -195,13 +195,13 @@ def test_incompatible_checkpoint_is_one_line(full_run):
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
   config = tiny.get_config()
   config.train.stop_after_steps = 3
-  train_lib.train_and_evaluate(config, str(tmp_path))
+  train_loop.train_and_evaluate(config, str(tmp_path))
   config.train.stop_after_steps = 0
   config.optim.learning_rate = 1e30  # Diverges at once.
   config.optim.grad_clip_norm = 1e30
   config.optim.warmup_steps = 0
-  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss"):
-    train_lib.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(train_loop.NonFiniteLossError, match="non-finite loss"):
+    train_loop.train_and_evaluate(config, str(tmp_path))
   step, params = _params(tmp_path, tiny.get_config())
   assert step == 3
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from input_pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
@@ -37,7 +38,7 @@ MODEL_CARD = "MODEL_CARD.md"
 FORMAT = "textfusion-bundle/1"
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
   """A bundle is incomplete, altered, or does not fit its config."""
 
 

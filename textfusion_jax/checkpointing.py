@@ -18,13 +18,15 @@ from typing import Any
 
 import ml_collections
 import orbax.checkpoint as ocp
+from input_pipeline import files
+from textfusion_jax import errors
 
 CONFIG_FILE = "config.json"
 # Config sections whose change makes old parameters unusable.
 ARCHITECTURE_KEYS = ("model",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint is missing, unreadable or from an incompatible config."""
 
 
@@ -88,9 +90,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Writes config.json atomically (a crash never leaves half a file)."""
-  tmp = workdir / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-  tmp.write_text(config_to_json(config))
-  os.replace(tmp, workdir / CONFIG_FILE)
+  files.write_text_atomic(workdir / CONFIG_FILE, config_to_json(config))
 
 
 def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,

@@ -1,8 +1,10 @@
 """One-line errors for command-line entry points.
 
-User mistakes (bad flags, config keys, paths, data, checkpoints) end with
-`error: <message>` on stderr and exit status 2, not a traceback. Set TEXTFUSION_DEBUG=1 to see the
-full traceback instead.
+User mistakes (bad flags, config keys, paths, data, checkpoints) raise
+`UserError` (or a subclass) and end with `error: <message>` on stderr and exit
+status 2; a missing file (FileNotFoundError) too. Anything else, a ValueError
+from a library included, is a bug and keeps its traceback. Set
+TEXTFUSION_DEBUG=1 to see the traceback of user errors as well.
 """
 
 from __future__ import annotations
@@ -16,18 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from absl import app
 from absl import flags
 
+from input_pipeline.errors import UserError
 
-class UserError(ValueError):
-  """A problem with the user's input, reported as one line."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-  # Imported lazily so this module stays importable on its own.
-  from textfusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from textfusion_jax import image_io  # pylint: disable=g-import-not-at-top
-  from textfusion_jax import train_lib  # pylint: disable=g-import-not-at-top
-  return (UserError, checkpointing.CheckpointError, image_io.ImageReadError,
-          train_lib.NonFiniteLossError, FileNotFoundError, ValueError)
+__all__ = ["UserError", "fail", "one_line_errors", "run_absl_app", "run_cli"]
 
 
 def fail(message: str, status: int = 2) -> None:
@@ -40,7 +33,7 @@ def one_line_errors() -> Iterator[None]:
   """Turns user-facing exceptions into `error: ...` and exit status 2."""
   try:
     yield
-  except _user_error_types() as error:  # pylint: disable=catching-non-exception
+  except (UserError, FileNotFoundError) as error:
     if os.environ.get("TEXTFUSION_DEBUG"):
       raise
     fail(str(error) or type(error).__name__)
@@ -68,7 +61,17 @@ def run_absl_app(main: Callable[[list[str]], None],
 
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
-  """Runs an absl `main` on sys.argv with one-line user errors."""
+  """Runs an absl `main` on sys.argv with one-line user errors.
+
+  --help (-h) prints the CLI module's docstring and its own flags, and exits
+  0, however it was started (`python -m ...` or an installed console script,
+  where absl's own help would list the flags of the script wrapper).
+  """
+  if any(a in ("--help", "-h", "--helpshort") for a in sys.argv[1:]):
+    module = sys.modules[main.__module__]
+    print((module.__doc__ or "").strip() + "\n\nflags:\n" +
+          flags.FLAGS.module_help(module.__name__))
+    sys.exit(0)
 
   def guarded(argv: list[str]) -> None:
     with one_line_errors():

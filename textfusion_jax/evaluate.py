@@ -1,356 +1,55 @@
-"""Scores folders of fused images against their IR/VIS sources.
+"""Scores folders of fused images with the 12 fusion metrics.
 
   python -m textfusion_jax.evaluate --ir DIR --vis DIR --fused DIR \
-      [--fused DIR2 ...] [--baselines] [--json OUT] [--csv OUT] [--batch-size 8]
+      [--fused DIR2 ...] [--baselines] [--json OUT] [--csv OUT] [--batch_size 8]
+  textfusion-evaluate ...   (the same, once the package is installed)
 
-Images are matched by file stem across the folders (PNG, JPG, BMP, TIFF;
-grey or colour, colour turned to grey by OpenCV's rule; 16-bit scaled to 8
-bits by the "full" rule, and the files this happened to are listed). The 12
-metrics of `textfusion_jax.metrics` are computed on device by one jitted,
-batched function. Images keep their size (no resizing): they are zero-padded
-into a few bucket shapes and the metrics ignore the padding, so a folder of
-many sizes costs a few compilations, not one per size.
-
---baselines adds the four trivial fusions of `textfusion_jax.fusion_baselines`
-(copy_vis, copy_ir, rule_mean, rule_max), computed from the IR and VIS
-folders, as rows of the same table (then --fused is optional). Copying one
-source outranks most published methods on MI, VIF, Qabf and SSIM; that
-module's docstring gives the numbers.
-
-Prints a markdown table of per-method means with a mean_rank column (over
-EN, SD, SF, MI, SCD, VIF, Qabf, SSIM, across the table's rows), then the
-per-source parts (MI_ir, MI_vis, ...; see `textfusion_jax.metrics`); --json
-writes {"methods": {name: {"mean": {...}, "mean_rank": r, "per_image":
-{stem: {...}}}}} and --csv one row per (method, image) plus one "mean" row
-per method. Bad input (missing
-stems, size mismatches, unreadable files, empty folders, ...) ends with one
-`error:` line listing every problem and exit status 2.
+Images are matched by file stem; --baselines adds the trivial fusions
+(copy_vis, copy_ir, rule_mean, rule_max) as rows. Prints a markdown table
+with mean ranks and the per-source parts; --json / --csv write everything.
+See `textfusion_jax.score_folders` for the conventions. Bad input ends with
+one `error:` line listing every problem and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import dataclasses
-import io
-import json
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import numpy as np
-from tqdm import tqdm
+from absl import flags
 
 from textfusion_jax import errors
-from textfusion_jax import fusion_baselines
-from textfusion_jax import image_io
-from textfusion_jax import metrics
-from textfusion_jax import tiling
+from textfusion_jax import score_folders
 
-# Bucket planning (tiling.plan_buckets): an extra compilation is worth this
-# many pixel-evaluations of padding (a CPU compile of the metric suite takes
-# ~5-10 s, scoring ~0.2 us per pixel; accelerators favour fewer compiles).
-_COMPILE_COST_PIXELS = {"cpu": 4e7}
-_DEFAULT_COMPILE_COST_PIXELS = 1e9
-# Decoded grey images kept from the checking pass for scoring, up to this
-# many bytes (beyond it they are decoded again when scored).
-_CACHE_BYTES = 1 << 30
-
-
-class EvaluationInputError(errors.UserError):
-  """The folders cannot be evaluated; `problems` lists every reason."""
-
-  def __init__(self, problems: Sequence[str]):
-    self.problems = list(problems)
-    super().__init__(f"cannot evaluate ({len(self.problems)} problem"
-                     f"{'s' if len(self.problems) != 1 else ''}): " +
-                     "; ".join(self.problems))
+_IR = flags.DEFINE_string("ir", None, "Folder of infrared images.")
+_VIS = flags.DEFINE_string("vis", None, "Folder of visible images.")
+_FUSED = flags.DEFINE_multi_string(
+    "fused", [], "Folder of fused images (repeat for more methods).")
+_BASELINES = flags.DEFINE_bool(
+    "baselines", False, "Add rows for copy_vis, copy_ir, rule_mean and "
+    "rule_max, computed from --ir and --vis.")
+_JSON = flags.DEFINE_string("json", None, "Write results as JSON here.")
+_CSV = flags.DEFINE_string("csv", None, "Write results as CSV here.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per device call.",
+                                   lower_bound=1)
 
 
-@dataclasses.dataclass
-class _Inputs:
-  """Validated inputs: which stems, their sizes, the files per folder."""
-  stems: list[str]
-  sizes: dict[str, tuple[int, int]]
-  ir: dict[str, Path]
-  vis: dict[str, Path]
-  fused: dict[str, dict[str, Path]]  # method name -> stem -> path
-  sixteen_bit: list[str]
-  cache: dict[Path, np.ndarray]
-
-  def grey(self, path: Path) -> np.ndarray:
-    """The decoded grey image, from the cache (once) or decoded again."""
-    cached = self.cache.pop(path, None)
-    return cached if cached is not None else _read_grey(path)[0]
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name, value in (("--ir", _IR.value), ("--vis", _VIS.value)):
+    if not value:
+      raise errors.UserError(f"{name} is required")
+  optional = lambda value: Path(value) if value else None
+  score_folders.score_and_report(
+      Path(_IR.value), Path(_VIS.value), [Path(f) for f in _FUSED.value],
+      _BASELINES.value, optional(_JSON.value), optional(_CSV.value),
+      _BATCH_SIZE.value)
 
 
-def _method_names(fused_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
-  names = [d.name or str(d) for d in fused_dirs]
-  problems = [
-      f"--fused folders {', '.join(str(d) for d in fused_dirs if d.name == n)}"
-      f" share the name {n!r}; rename one" for n in sorted(set(names))
-      if names.count(n) > 1
-  ]
-  return names, problems
-
-
-def _read_grey(path: Path) -> tuple[np.ndarray, bool]:
-  image, info = image_io.read_image_with_info(path, "full")
-  return image_io.as_grey_u8(image), info.was_16bit
-
-
-def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
-              progress: bool, problems: list[str]) -> _Inputs:
-  """Reads every file once and collects all problems before any scoring.
-
-  `problems` holds any found by the caller; all are raised together.
-  """
-  names, name_problems = _method_names(fused_dirs)
-  problems += name_problems
-  folders: dict[str, tuple[Path, dict[str, Path]]] = {}
-  for label, directory in [("IR", ir_dir), ("VIS", vis_dir)] + [
-      (f"fused {n!r}", d) for n, d in zip(names, fused_dirs)
-  ]:
-    try:
-      files = image_io.list_images(directory)
-    except image_io.ImageReadError as error:
-      problems.append(str(error))
-      continue
-    if not files:
-      problems.append(f"{directory}: no images (png, jpg, bmp, tif) in the "
-                      f"{label} folder")
-      continue
-    folders[label] = (directory, files)
-
-  all_stems = sorted(set().union(*(f for _, f in folders.values())))
-  for label, (directory, files) in folders.items():
-    missing = [s for s in all_stems if s not in files]
-    if missing:
-      shown = ", ".join(missing[:20]) + (
-          f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-      problems.append(f"{directory}: {len(missing)} image(s) present in other "
-                      f"folders are missing here: {shown}")
-
-  sizes: dict[str, tuple[int, int]] = {}
-  sixteen_bit: list[str] = []
-  cache: dict[Path, np.ndarray] = {}
-  cached_bytes = 0
-  for stem in tqdm(all_stems, desc="checking", unit="image", leave=False,
-                   disable=not progress):
-    shapes = {}
-    for label, (_, files) in folders.items():
-      if stem not in files:
-        continue
-      try:
-        grey, was_16bit = _read_grey(files[stem])
-      except image_io.ImageReadError as error:
-        problems.append(str(error))
-        continue
-      shapes[files[stem]] = grey.shape
-      if cached_bytes + grey.nbytes <= _CACHE_BYTES:
-        cache[files[stem]] = grey
-        cached_bytes += grey.nbytes
-      if was_16bit:
-        sixteen_bit.append(str(files[stem]))
-    if len(set(shapes.values())) > 1:
-      problems.append(f"image {stem!r} differs in size between folders: " +
-                      ", ".join(f"{p} is {s[1]}x{s[0]}"
-                                for p, s in shapes.items()))
-    elif shapes:
-      (h, w), = set(shapes.values())
-      if min(h, w) < metrics.MIN_SIZE:
-        problems.append(f"image {stem!r} is {w}x{h}: the metrics need at "
-                        f"least {metrics.MIN_SIZE}x{metrics.MIN_SIZE} pixels")
-      sizes[stem] = (h, w)
-  if problems:
-    raise EvaluationInputError(problems)
-  return _Inputs(
-      stems=all_stems, sizes=sizes, ir=folders["IR"][1],
-      vis=folders["VIS"][1], sixteen_bit=sixteen_bit, cache=cache,
-      fused={n: folders[f"fused {n!r}"][1] for n in names})
-
-
-def _pad_batch(images: Sequence[np.ndarray], shape: tuple[int, int],
-               batch_size: int) -> np.ndarray:
-  """Zero-pads grey uint8 images into a (batch_size, H, W) array."""
-  batch = np.zeros((batch_size,) + shape, np.uint8)
-  for i, image in enumerate(images):
-    batch[i, :image.shape[0], :image.shape[1]] = image
-  return batch
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-  for start in range(0, len(items), size):
-    yield items[start:start + size]
-
-
-def _score(inputs: _Inputs, batch_size: int, progress: bool,
-           baselines: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-  """method -> stem -> metric -> value, scored bucket by bucket on device.
-
-  With `baselines`, the trivial fusions of the sources are scored too.
-  """
-  rules = fusion_baselines.TRIVIAL_RULES if baselines else ()
-  cost = _COMPILE_COST_PIXELS.get(jax.default_backend(),
-                                  _DEFAULT_COMPILE_COST_PIXELS)
-  buckets = tiling.plan_buckets(inputs.sizes, batch_size, cost)
-  per_image: dict[str, dict[str, dict[str, float]]] = {
-      name: {} for name in (*inputs.fused, *rules)}
-  with tqdm(total=len(inputs.stems) * len(per_image), desc="scoring",
-            unit="triple", disable=not progress) as bar:
-    for shape, stems in buckets.items():
-      for chunk in _chunks(stems, batch_size):
-        sizes = np.zeros((batch_size, 2), np.int32)
-        # Padding slots get a full-size valid region of zeros: finite values
-        # that are dropped below.
-        sizes[:] = shape
-        sizes[:len(chunk)] = [inputs.sizes[s] for s in chunk]
-        ir = _pad_batch([inputs.grey(inputs.ir[s]) for s in chunk], shape,
-                        batch_size)
-        vis = _pad_batch([inputs.grey(inputs.vis[s]) for s in chunk], shape,
-                         batch_size)
-        candidates = {
-            name: _pad_batch([inputs.grey(files[s]) for s in chunk], shape,
-                             batch_size)
-            for name, files in inputs.fused.items()}
-        ir_f, vis_f = ir.astype(np.float32), vis.astype(np.float32)
-        # Whole grey levels: uint8 like the folders, so one compilation.
-        candidates.update({
-            rule: fusion_baselines.trivial_fusion(rule, ir_f, vis_f).astype(
-                np.uint8) for rule in rules})
-        for name, fused in candidates.items():
-          values = jax.device_get(
-              metrics.batched_all_metrics(fused, ir, vis, sizes))
-          for i, stem in enumerate(chunk):
-            per_image[name][stem] = {
-                m: float(values[m][i]) for m in metrics.ALL_METRIC_NAMES}
-          bar.update(len(chunk))
-  return per_image
-
-
-def _summarise(per_image: Mapping[str, Mapping[str, Mapping[str, float]]]
-              ) -> dict[str, dict]:
-  result = {}
-  for name, images in per_image.items():
-    mean = {m: float(np.mean([v[m] for v in images.values()]))
-            for m in metrics.ALL_METRIC_NAMES}
-    result[name] = {"mean": mean,
-                    "per_image": {s: dict(images[s]) for s in sorted(images)}}
-  ranks = fusion_baselines.mean_ranks(
-      {name: values["mean"] for name, values in result.items()})
-  for name, rank in ranks.items():
-    result[name][fusion_baselines.MEAN_RANK] = rank
-  return {"methods": result}
-
-
-def _evaluate(ir_dir, vis_dir, fused_dirs, batch_size: int, progress: bool,
-              problems: Sequence[str] = (), baselines: bool = False
-              ) -> tuple[dict, list[str]]:
-  problems = list(problems)
-  if batch_size < 1:
-    problems.append(f"batch size must be >= 1, got {batch_size}")
-  if not fused_dirs and not baselines:
-    problems.append("no fused folders given (and no --baselines)")
-  clashes = sorted({Path(d).name for d in fused_dirs} &
-                   set(fusion_baselines.TRIVIAL_RULES)) if baselines else []
-  problems += [f"--fused folder name {n!r} clashes with a --baselines row; "
-               "rename the folder" for n in clashes]
-  inputs = _validate(Path(ir_dir), Path(vis_dir), [Path(d) for d in fused_dirs],
-                     progress, problems)
-  result = _summarise(_score(inputs, batch_size, progress, baselines))
-  return result, inputs.sixteen_bit
-
-
-def evaluate_folders(ir_dir: str | os.PathLike, vis_dir: str | os.PathLike,
-                     fused_dirs: Sequence[str | os.PathLike], *,
-                     batch_size: int = 8, progress: bool = False,
-                     baselines: bool = False) -> dict:
-  """Scores each fused folder against the sources; the --json structure.
-
-  Returns {"methods": {<fused folder name or trivial rule>: {"mean": {metric:
-  value}, "mean_rank": rank, "per_image": {stem: {metric: value}}}}}, metrics
-  keyed by `metrics.ALL_METRIC_NAMES`. Raises EvaluationInputError (listing
-  every problem) for bad input.
-  """
-  return _evaluate(ir_dir, vis_dir, fused_dirs, batch_size, progress,
-                   baselines=baselines)[0]
-
-
-def markdown_table(result: Mapping, names: Sequence[str] = metrics.METRIC_NAMES
-                   ) -> str:
-  """One row per method with the mean of each of `names` (and mean_rank)."""
-  return fusion_baselines.markdown_table(
-      {method: values["mean"] for method, values in result["methods"].items()},
-      names, with_rank=tuple(names) == metrics.METRIC_NAMES)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  """Writes via a temporary file and os.replace: never a half-written file."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
-def _csv_text(result: Mapping) -> str:
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["method", "image", *metrics.ALL_METRIC_NAMES])
-  for method, values in result["methods"].items():
-    for stem, row in values["per_image"].items():
-      writer.writerow([method, stem, *(repr(row[m])
-                                       for m in metrics.ALL_METRIC_NAMES)])
-    writer.writerow([method, "mean", *(repr(values["mean"][m])
-                                       for m in metrics.ALL_METRIC_NAMES)])
-  return out.getvalue()
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m textfusion_jax.evaluate",
-      description="Score fused images with the 12 standard fusion metrics.")
-  parser.add_argument("--ir", required=True, help="folder of infrared images")
-  parser.add_argument("--vis", required=True, help="folder of visible images")
-  parser.add_argument("--fused", action="append", default=[],
-                      help="folder of fused images (repeat for more methods)")
-  parser.add_argument("--baselines", action="store_true",
-                      help="add rows for copy_vis, copy_ir, rule_mean and "
-                      "rule_max, computed from --ir and --vis")
-  parser.add_argument("--json", type=Path, help="write results as JSON here")
-  parser.add_argument("--csv", type=Path, help="write results as CSV here")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="images per device call (default 8)")
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  args = _parse_args(argv)
-  out_problems = [f"--{flag} {path}: folder {path.parent} does not exist"
-                  for flag, path in (("json", args.json), ("csv", args.csv))
-                  if path is not None and not path.parent.is_dir()]
-  try:
-    result, sixteen_bit = _evaluate(args.ir, args.vis, args.fused,
-                                    args.batch_size, True, out_problems,
-                                    baselines=args.baselines)
-  except (EvaluationInputError, image_io.ImageReadError) as error:
-    # ImageReadError: a file that changed after it was checked.
-    errors.fail(str(error))
-  if sixteen_bit:
-    print(f"note: {len(sixteen_bit)} 16-bit image(s) scaled to 8 bits "
-          "(v8 = round(v16 * 255 / 65535)): " + ", ".join(sixteen_bit))
-  print(markdown_table(result))
-  print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
-        "their mean):")
-  print(markdown_table(result, metrics.SOURCE_PART_NAMES))
-  if args.json:
-    _write_atomic(args.json, json.dumps(result, indent=1) + "\n")
-  if args.csv:
-    _write_atomic(args.csv, _csv_text(result))
+def run() -> None:
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":
-  main()
+  run()

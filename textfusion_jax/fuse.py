@@ -27,7 +27,7 @@ from absl import logging
 from tqdm import tqdm
 
 from textfusion_jax import errors
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import inference
 
 _CHECKPOINT = flags.DEFINE_string(

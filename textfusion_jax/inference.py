@@ -30,13 +30,13 @@ from flax import nnx
 from textfusion_jax import bundle
 from textfusion_jax import checkpointing
 from textfusion_jax import errors
-from textfusion_jax import image_io
+from input_pipeline import image_io
 from textfusion_jax import model as model_lib
 from textfusion_jax import sharding as sharding_lib
-from textfusion_jax import text_setup
+from textfusion_jax.text import encoder as text_encoder
 from textfusion_jax import tiling
-from textfusion_jax import training
-from textfusion_jax.text import caption_files
+from textfusion_jax import train_step
+from input_pipeline import caption_files
 
 # Images up to this many pixels a side run whole; larger ones in tiles.
 DEFAULT_TILE = 1536
@@ -189,7 +189,7 @@ class Fuser:
     config = bundle.load_config(root)
     _, like = model_lib.abstract_model(config.model)
     params = bundle.load(root, nnx.to_pure_dict(like))
-    return cls(config, params, text_setup.build_text_encoder(config.text),
+    return cls(config, params, text_encoder.from_config(config.text),
                step=int(manifest.get("step", 0)), source=str(root))
 
   @classmethod
@@ -197,12 +197,12 @@ class Fuser:
                    with_text_encoder: bool = True) -> Fuser:
     config = checkpointing.load_saved_config(workdir)
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
-    trainer = training.ShardedTrainer(config, mesh)
+    trainer = train_step.ShardedTrainer(config, mesh)
     manager = checkpointing.make_manager(
         workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
     state, step = checkpointing.restore(manager, trainer.abstract_state(),
                                         step=step)
-    encoder = (text_setup.build_text_encoder(config.text)
+    encoder = (text_encoder.from_config(config.text)
                if with_text_encoder else None)
     return cls(config, state.params, encoder, step=step, source=str(workdir))
 

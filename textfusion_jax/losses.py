@@ -38,27 +38,16 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from textfusion_jax import color
+from textfusion_jax.errors import UserError
 
 LOSS_TERMS = ("intensity", "gradient", "ssim", "color", "complementarity")
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_C1 = 0.01**2
 _SSIM_C2 = 0.03**2
-
-
-def default_loss_weights() -> ml_collections.ConfigDict:
-  """Weights of the loss terms (Text-IF's defaults where it has one)."""
-  w = ml_collections.ConfigDict()
-  w.intensity = 1.0  # L1 of fused Y to max(IR, visible Y).
-  w.gradient = 10.0  # L1 of Sobel magnitudes to the sources' maximum.
-  w.ssim = 1.0  # 1 - SSIM, averaged over IR and visible Y.
-  w.color = 12.0  # CbCr L1 to the visible image (Text-IF: 12).
-  w.complementarity = 2.0  # 2 - SCD of the crop: keeps both sources in.
-  return w
 
 
 def sobel_magnitude(y: jax.Array) -> jax.Array:
@@ -135,7 +124,7 @@ def complementarity(fused_y: jax.Array, ir: jax.Array,
 def _check_weights(weights: Mapping[str, float]) -> None:
   names = set(weights.keys())
   if names != set(LOSS_TERMS):
-    raise ValueError(f"loss weights must name exactly {LOSS_TERMS}; missing "
+    raise UserError(f"loss weights must name exactly {LOSS_TERMS}; missing "
                      f"{sorted(set(LOSS_TERMS) - names)}, unknown "
                      f"{sorted(names - set(LOSS_TERMS))}")
 
@@ -150,7 +139,7 @@ def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
     fused_rgb: (B, H, W, 3) fused image in [0, 1].
     vis: (B, H, W, 3) visible input in [0, 1].
     ir: (B, H, W, 1) infrared input in [0, 1].
-    weights: a weight for each of LOSS_TERMS (e.g. `default_loss_weights()`).
+    weights: a weight for each of LOSS_TERMS (`config.loss`, configs/default.py).
     vis_target: optional clean (B, H, W, 3) visible image that replaces `vis`
       in every target (the scene the caption describes, before degradation).
 

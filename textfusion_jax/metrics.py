@@ -80,7 +80,7 @@ Padded batches. `all_metrics` and `batched_all_metrics` take an optional valid
 size (h, w) per image: the image then occupies the top-left h x w of the
 array, the rest is ignored, and the results equal those of the cropped image.
 The sizes may be traced values, so images of different sizes can share one
-compiled bucket shape (see `textfusion_jax.evaluate`).
+compiled bucket shape (see `textfusion_jax.score_folders`).
 
 Precision. Everything runs in float32 and is tested against a float64 oracle
 (`textfusion_jax.metrics_reference`) and the reference evaluator's values to
@@ -106,6 +106,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from input_pipeline.errors import UserError
 
 METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM",
                 "CC", "PSNR", "MSE")
@@ -210,13 +211,13 @@ def _check_images(*images: Array, min_size: int = 1) -> tuple[Array, ...]:
   arrays = tuple(jnp.asarray(x, jnp.float32) for x in images)
   shape = arrays[0].shape
   if len(shape) != 2:
-    raise ValueError(f"expected grey (H, W) images, got shape {shape}; use "
+    raise UserError(f"expected grey (H, W) images, got shape {shape}; use "
                      "jax.vmap or batched_all_metrics for batches")
   if any(x.shape != shape for x in arrays):
-    raise ValueError("F, IR and VIS differ in shape: "
+    raise UserError("F, IR and VIS differ in shape: "
                      f"{[tuple(x.shape) for x in arrays]}")
   if min(shape) < min_size:
-    raise ValueError(f"images of {shape[0]}x{shape[1]} are too small: these "
+    raise UserError(f"images of {shape[0]}x{shape[1]} are too small: these "
                      f"metrics need at least {min_size}x{min_size} pixels")
   return arrays
 

@@ -1,6 +1,6 @@
 """FusionNet: text-guided infrared-visible image fusion, and its presets.
 
-Architecture (after Text-IF, CVPR 2024; see docs and shared/ANCHORS.md):
+Architecture (after Text-IF, CVPR 2024; see ../shared/ANCHORS.md beside the checkout):
 
 * Text-guided input correction (config.text_vis_affine): a text MLP gives a
   per-channel gain and shift of the visible image, vis <- g vis + beta, before
@@ -78,6 +78,7 @@ from flax import nnx
 
 from textfusion_jax import color
 from textfusion_jax import layers
+from textfusion_jax.errors import UserError
 
 OUTPUT_MODES = ("fusion", "rgb", "ycbcr")
 _HEAD_CHANNELS = {"fusion": 3, "rgb": 3, "ycbcr": 1}
@@ -158,7 +159,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     c.refinement_blocks = 1
     c.text_hidden = 32
   else:
-    raise ValueError(f"unknown preset {preset!r}; use 'tiny', 'small' or "
+    raise UserError(f"unknown preset {preset!r}; use 'tiny', 'small' or "
                      "'base'")
   return c
 
@@ -170,25 +171,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first inconsistent field of `config`."""
   levels = len(config.num_blocks)
   if levels < 2:
-    raise ValueError("num_blocks needs at least 2 levels")
+    raise UserError("num_blocks needs at least 2 levels")
   if config.dim % 2:
-    raise ValueError("dim must be even (downsampling halves, then "
+    raise UserError("dim must be even (downsampling halves, then "
                      "pixel-unshuffles the channels)")
   if len(config.heads) != levels:
-    raise ValueError(f"heads has {len(config.heads)} entries, num_blocks "
+    raise UserError(f"heads has {len(config.heads)} entries, num_blocks "
                      f"{levels}")
   for level, heads in enumerate(config.heads):
     channels = config.dim * 2**level
     if channels % heads:
-      raise ValueError(f"level {level}: {channels} channels do not split "
+      raise UserError(f"level {level}: {channels} channels do not split "
                        f"into {heads} heads")
   if 2 * config.dim % config.heads[0]:
-    raise ValueError("2 * dim must split into heads[0] heads")
+    raise UserError("2 * dim must split into heads[0] heads")
   if config.output not in OUTPUT_MODES:
-    raise ValueError(f"output must be one of {OUTPUT_MODES}, got "
+    raise UserError(f"output must be one of {OUTPUT_MODES}, got "
                      f"{config.output!r}")
   if config.dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got "
+    raise UserError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got "
                      f"{config.dtype!r}")
 
 

@@ -15,11 +15,11 @@ import ml_collections
 
 from textfusion_jax import bundle
 from textfusion_jax import errors
-from textfusion_jax import evaluation
+from textfusion_jax import evaluators
 from textfusion_jax import fusion_baselines
 from textfusion_jax import metrics
 from textfusion_jax import run_record
-from textfusion_jax import text_setup
+from textfusion_jax.text import encoder as text_encoder
 
 TINY_TEXT_LIMIT = """\
 - The text tower is a small, randomly initialised CLIP (64-d, 2 layers)
@@ -48,7 +48,7 @@ def _eval_table(workdir: Path, step: int) -> str:
   if not path.is_file():
     return "_No evaluation was run at this step._\n"
   result = json.loads(path.read_text())
-  rows = {m: result[m] for m in evaluation.METHODS if m in result}
+  rows = {m: result[m] for m in evaluators.METHODS if m in result}
   return (f"{result.get('num_images', '?')} held-out images, scored with the "
           "reference evaluator's conventions (`textfusion_jax.metrics`); "
           "trivial rows computed from the sources "
@@ -108,7 +108,7 @@ The bundle is checked against manifest.json before anything is loaded.
 {report}
 ## Limits
 
-{TINY_TEXT_LIMIT if config.text.encoder == text_setup.TINY_RANDOM else ""}{LIMITS}"""
+{TINY_TEXT_LIMIT if config.text.encoder == text_encoder.TINY_RANDOM else ""}{LIMITS}"""
 
 
 def export_run(workdir: str, out: str, step: int | None = None,
@@ -125,7 +125,7 @@ def export_run(workdir: str, out: str, step: int | None = None,
   info = run_record.load(workdir)
   card = model_card(config, info, step, _eval_table(Path(workdir), step),
                     report)
-  encoder = text_setup.build_text_encoder(config.text)
+  encoder = text_encoder.from_config(config.text)
   if encoder.embed_dim != config.model.text_dim:
     raise errors.UserError(
         f"{workdir}: model expects {config.model.text_dim}-d text embeddings "

@@ -29,6 +29,8 @@ from typing import Any
 
 import ml_collections
 
+from input_pipeline import files
+
 RUN_INFO = "run_info.json"
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -90,9 +92,8 @@ def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _write(workdir: Path, info: dict[str, Any]) -> None:
-  tmp = workdir / f".{RUN_INFO}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, workdir / RUN_INFO)
+  files.write_text_atomic(workdir / RUN_INFO,
+                          json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
 def load(workdir: str | os.PathLike) -> dict[str, Any]:

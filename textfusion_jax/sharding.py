@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from textfusion_jax.errors import UserError
 
 MeshShape = Mapping[str, int]
 
@@ -30,15 +31,15 @@ def make_mesh(mesh_shape: MeshShape,
   names = tuple(mesh_shape.keys())
   sizes = [int(s) for s in mesh_shape.values()]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(mesh_shape)}")
+    raise UserError(f"mesh: at most one axis may be -1, got {dict(mesh_shape)}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices cannot fill "
+      raise UserError(f"mesh: {len(devices)} devices cannot fill "
                        f"{dict(mesh_shape)}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh: shape {dict(zip(names, sizes))} needs "
+    raise UserError(f"mesh: shape {dict(zip(names, sizes))} needs "
                      f"{int(np.prod(sizes))} devices, have {len(devices)}")
   return jax.make_mesh(tuple(sizes), names, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(names))

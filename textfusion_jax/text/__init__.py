@@ -1,22 +1,20 @@
-"""CLIP text encoding: the NNX text tower, checkpoint loading, caption stores.
+"""CLIP text encoding: the NNX text tower, checkpoint loading, embedding.
 
-Modules (imported lazily, so `caption_store` stays cheap for input pipelines):
+Modules (imported lazily: importing the package loads no model code):
 
   clip_text       the Flax NNX CLIP text tower with projection
   weight_map      Hugging Face weight names <-> tower parameters
   hf_checkpoint   reading HF checkpoint directories / hub ids
   encoder         `TextEncoder`: captions -> embeddings (jit, buckets, mesh)
   tiny_clip       a tiny random tower and tokenizer; `save_tiny_random_clip`
-  caption_files   reading captions.jsonl files
-  caption_store   `CaptionEmbeddings`: precomputed embeddings on disk
-  embed_captions  the CLI that writes caption stores
+  caption_embedding  caption files -> a caption store (sharded, resumable)
+  embed_captions  the CLI of caption_embedding
 """
 
 import importlib
 
 _EXPORTS = {
     "TextEncoder": "encoder",
-    "CaptionEmbeddings": "caption_store",
     "save_tiny_random_clip": "tiny_clip",
 }
 

@@ -1,239 +1,82 @@
 r"""Precomputes CLIP text embeddings of caption files into a caption store.
 
   python -m textfusion_jax.text.embed_captions --encoder PATH_OR_HUB_ID \
-      --captions data/llvip/captions.jsonl data/msrs/captions.jsonl \
-      --out DIR [--batch-size 64] [--shard-size 4096]
+      --captions data/llvip/captions.jsonl --captions data/msrs/captions.jsonl \
+      --out DIR [--batch_size 64] [--shard_size 4096]
+  textfusion-embed-captions ...   (the same, once the package is installed)
 
-Distinct captions are embedded once, in shards of `--shard-size` captions
-written atomically to DIR/shards/. A rerun skips every shard already present
-and valid (same captions, same encoder, right shape), so an interrupted job
-resumes where it stopped. In a multi-host job every process runs the same
-command; process p embeds shards p, p + P, p + 2P, ... on its own devices and,
-once all processes are done, process 0 writes the store that
-`caption_store.CaptionEmbeddings.load(DIR)` reads.
+Distinct captions are embedded once, in shards written atomically; a rerun
+resumes. In a multi-host job (--distributed) every process runs the same
+command. See `textfusion_jax.text.caption_embedding`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
 import logging
-import os
-import sys
-import zipfile
-from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
-import tqdm
+from absl import flags
 
-from textfusion_jax.text import caption_files, caption_store
+from input_pipeline import caption_files
+from textfusion_jax import errors
+from textfusion_jax.text import caption_embedding
 
-logger = logging.getLogger(__name__)
+_ENCODER = flags.DEFINE_string(
+    "encoder", None, "CLIP checkpoint directory or Hugging Face hub id.")
+_CAPTIONS = flags.DEFINE_multi_string(
+    "captions", [], "A captions.jsonl file (repeat for more).")
+_DATASET = flags.DEFINE_multi_string(
+    "dataset", [], "Dataset key per --captions file, in order (default: the "
+    "file's parent directory name).")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Captions per device "
+                                   "call.", lower_bound=1)
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Captions per shard.",
+                                   lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype.")
+_MAX_SHARDS = flags.DEFINE_integer(
+    "max_shards", None, "Stop after embedding this many shards.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (a "
+    "multi-host job: run the same command on every host).")
 
-SHARD_DIR = "shards"
-
-
-def plan(records: Sequence[caption_files.CaptionRecord]
-         ) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
-  """Distinct captions in first-seen order, and (dataset, name) -> rows."""
-  row_of: dict[str, int] = {}
-  index: dict[str, dict[str, list[int]]] = {}
-  seen: dict[tuple[str, str], str] = {}
-  for record in records:
-    key = (record.dataset, record.name)
-    if key in seen:
-      raise caption_files.CaptionFileError(
-          f"{record.file}:{record.line}: {record.dataset}/{record.name} "
-          f"already came from {seen[key]}")
-    seen[key] = f"{record.file}:{record.line}"
-    index.setdefault(record.dataset, {})[record.name] = [
-        row_of.setdefault(text, len(row_of)) for text in record.captions]
-  return list(row_of), index
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shard:
-  number: int
-  start: int  # first row in the table
-  texts: list[str]
-  key: str  # what it holds: see _shard_key
+logger = logging.getLogger(caption_embedding.__name__)
 
 
-def _shard_key(encoder_id: str, texts: Sequence[str]) -> str:
-  digest = hashlib.sha256(encoder_id.encode())
-  for text in texts:
-    digest.update(b"\0" + text.encode())
-  return digest.hexdigest()
-
-
-def _shard_path(out: Path, shard: _Shard) -> Path:
-  return out / SHARD_DIR / f"{shard.number:06d}.npz"
-
-
-def _read_shard(out: Path, shard: _Shard,
-                dim: int) -> tuple[np.ndarray, int] | None:
-  """(embeddings, number truncated) of a finished shard; None if unusable."""
-  try:
-    with np.load(_shard_path(out, shard)) as f:
-      embeddings = f["embeddings"]
-      if (str(f["key"]) != shard.key or
-          embeddings.shape != (len(shard.texts), dim) or
-          embeddings.dtype != np.float32 or
-          not np.isfinite(embeddings).all()):
-        return None
-      return embeddings, int(f["num_truncated"])
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    return None  # absent or damaged
-    return None
-
-
-def _write_shard(out: Path, shard: _Shard, embeddings: np.ndarray,
-                 num_truncated: int) -> None:
-  with caption_store.atomic_path(_shard_path(out, shard)) as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(f, embeddings=embeddings, key=np.array(shard.key),
-               num_truncated=np.array(num_truncated))
-
-
-def _sync_all_processes() -> None:
-  multihost_utils.sync_global_devices("textfusion_jax.embed_captions")
-
-
-def run(encoder, records: Sequence[caption_files.CaptionRecord],
-        out: str | os.PathLike, *, batch_size: int = 64,
-        shard_size: int = 4096, max_shards: int | None = None,
-        process_index: int | None = None, process_count: int | None = None,
-        barrier: Callable[[], None] | None = None,
-        progress: bool = True) -> caption_store.CaptionEmbeddings | None:
-  """Embeds the captions of `records` with a TextEncoder into store `out`.
-
-  Returns the store on process 0 and None elsewhere. `max_shards` stops after
-  embedding that many shards (None if it stopped early), for time-limited
-  jobs and for testing resumption. `process_index`/`process_count`/`barrier`
-  default to this JAX process, the JAX process count and a global device sync.
-  """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  out = Path(out)
-  texts, index = plan(records)
-  # Shards made by another encoder, or in another dtype, are not reused.
-  encoder_id = f"{encoder.source} {encoder.dtype.name}"
-  (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-  shards = [_Shard(i, start, texts[start:start + shard_size],
-                   _shard_key(encoder_id, texts[start:start + shard_size]))
-            for i, start in enumerate(range(0, len(texts), shard_size))]
-  dim = encoder.embed_dim
-
-  mine = shards[process_index::process_count]
-  todo = [s for s in mine if _read_shard(out, s, dim) is None]
-  total = sum(len(s.texts) for s in mine)
-  bar = tqdm.tqdm(total=total, initial=total - sum(len(s.texts) for s in todo),
-                  unit="caption", desc=f"embed captions [{process_index}]",
-                  disable=not progress)
-  with bar:
-    for done, shard in enumerate(todo):
-      if max_shards is not None and done >= max_shards:
-        logger.warning("stopped after %d shard(s) as asked; rerun to resume",
-                       done)
-        return None
-      ids, num_truncated = encoder.tokenize(shard.texts)
-      embeddings = encoder.encode_ids(ids, batch_size)
-      _write_shard(out, shard, embeddings, num_truncated)
-      bar.update(len(shard.texts))
-
-  if process_count > 1:
-    (barrier or _sync_all_processes)()
-  if process_index != 0:
-    return None
-  return _assemble(encoder, records, out, texts, index, shards)
-
-
-def _assemble(encoder, records, out: Path, texts: list[str],
-              index: dict[str, dict[str, list[int]]],
-              shards: list[_Shard]) -> caption_store.CaptionEmbeddings:
-  table = np.zeros((len(texts), encoder.embed_dim), np.float32)
-  num_truncated, missing = 0, []
-  for shard in shards:
-    found = _read_shard(out, shard, encoder.embed_dim)
-    if found is None:
-      missing.append(str(_shard_path(out, shard)))
-      continue
-    table[shard.start:shard.start + len(shard.texts)] = found[0]
-    num_truncated += found[1]
-  if missing:
-    raise RuntimeError(f"{len(missing)} shard(s) missing or invalid after all "
-                       f"processes finished: {', '.join(missing[:5])}")
-  if num_truncated:
-    logger.warning("%d of %d distinct captions exceed %d tokens and were "
-                   "truncated", num_truncated, len(texts), encoder.max_length)
-  caption_store.write_store(out, table, index, texts, {
-      "encoder": encoder.source,
-      "compute_dtype": encoder.dtype.name,
-      "max_length": encoder.max_length,
-      "num_captions": sum(len(rows) for names in index.values()
-                          for rows in names.values()),
-      "num_truncated": num_truncated,
-      "sources": [{"dataset": d, "file": str(Path(f).resolve())}
-                  for d, f in dict.fromkeys((r.dataset, r.file)
-                                            for r in records)],
-  })
-  return caption_store.CaptionEmbeddings.load(out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m textfusion_jax.text.embed_captions",
-      description=__doc__.split("\n\n")[0].strip())
-  parser.add_argument("--encoder", required=True,
-                      help="CLIP checkpoint directory or Hugging Face hub id")
-  parser.add_argument("--captions", nargs="+", required=True, metavar="FILE",
-                      help="captions.jsonl files")
-  parser.add_argument("--dataset", nargs="+", metavar="NAME",
-                      help="dataset key per caption file (default: the "
-                      "file's parent directory name)")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--shard-size", type=int, default=4096)
-  parser.add_argument("--dtype", default="float32",
-                      choices=("float32", "bfloat16"), help="compute dtype")
-  parser.add_argument("--max-shards", type=int, default=None,
-                      help="stop after embedding this many shards")
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (a "
-                      "multi-host job: run the same command on every host)")
-  args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name, value in (("--encoder", _ENCODER.value),
+                      ("--captions", _CAPTIONS.value), ("--out", _OUT.value)):
+    if not value:
+      raise errors.UserError(f"{name} is required")
+  if _DATASET.value and len(_DATASET.value) != len(_CAPTIONS.value):
+    raise errors.UserError("--dataset needs one name per --captions file")
   logging.basicConfig(format="%(levelname)s %(message)s")
   logger.setLevel(logging.INFO)  # our progress notes, not every library's
-  if args.dataset and len(args.dataset) != len(args.captions):
-    parser.error("--dataset needs one name per --captions file")
-  datasets = args.dataset or [None] * len(args.captions)
-  if args.distributed:
+  datasets = _DATASET.value or [None] * len(_CAPTIONS.value)
+  if _DISTRIBUTED.value:
     jax.distributed.initialize()
-
   # pylint: disable=g-import-not-at-top
   from textfusion_jax.text import encoder as encoder_lib
-  try:
-    # Caption files first: a bad line should not wait for a large encoder.
-    records = caption_files.read_caption_files(
-        list(zip(datasets, args.captions)))
-    encoder = encoder_lib.TextEncoder.from_pretrained(
-        args.encoder, dtype=args.dtype, mesh=encoder_lib.data_mesh())
-    store = run(encoder, records, args.out, batch_size=args.batch_size,
-                shard_size=args.shard_size, max_shards=args.max_shards)
-  except ValueError as e:  # bad input: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  # Caption files first: a bad line should not wait for a large encoder.
+  records = caption_files.read_caption_files(
+      list(zip(datasets, _CAPTIONS.value)))
+  encoder = encoder_lib.TextEncoder.from_pretrained(
+      _ENCODER.value, dtype=_DTYPE.value, mesh=encoder_lib.data_mesh())
+  store = caption_embedding.run(
+      encoder, records, _OUT.value, batch_size=_BATCH_SIZE.value,
+      shard_size=_SHARD_SIZE.value, max_shards=_MAX_SHARDS.value)
   if store is not None:
     logger.info("wrote %d distinct caption embeddings (dim %d) to %s",
-                store.table.shape[0], store.dim, args.out)
-  return 0
+                store.table.shape[0], store.dim, _OUT.value)
+
+
+def run() -> None:
+  errors.run_cli(main)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

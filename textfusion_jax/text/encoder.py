@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from textfusion_jax.text import clip_text, hf_checkpoint, weight_map
+from input_pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,13 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 def check_texts(texts: Sequence[Any]) -> list[str]:
   """`texts` as a list, or ValueError naming the first empty/non-str entry."""
   if isinstance(texts, str):
-    raise ValueError("encode() takes a list of captions, not one string")
+    raise UserError("encode() takes a list of captions, not one string")
   texts = list(texts)
   for i, text in enumerate(texts):
     if not isinstance(text, str):
-      raise ValueError(f"caption {i} is not a string: {text!r}")
+      raise UserError(f"caption {i} is not a string: {text!r}")
     if not text.strip():
-      raise ValueError(f"caption {i} is empty: {text!r}")
+      raise UserError(f"caption {i} is empty: {text!r}")
   return texts
 
 
@@ -139,31 +140,8 @@ class TextEncoder:
     names), without torch; `from_pretrained` and transformers both load it,
     and `from_pretrained` gives back bitwise the same embeddings.
     """
-    # pylint: disable=g-import-not-at-top
-    import safetensors.numpy
-    import transformers
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    c = self.model.config
-    transformers.CLIPTextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, projection_dim=c.projection_dim,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
-        bos_token_id=self.tokenizer.bos_token_id,
-        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=c.eos_token_id,
-        architectures=["CLIPTextModelWithProjection"]
-    ).save_pretrained(directory)
-    self.tokenizer.save_pretrained(directory)
-    tensors = {k: np.ascontiguousarray(v) for k, v in
-               weight_map.to_hf_tensors(nnx.merge(self._graphdef,
-                                                  self._state)).items()}
-    # transformers only loads safetensors files whose metadata names a format.
-    safetensors.numpy.save_file(
-        tensors, os.path.join(directory, hf_checkpoint.SAFETENSORS_FILE),
-        metadata={"format": "pt"})
+    hf_checkpoint.save(nnx.merge(self._graphdef, self._state),
+                       self.tokenizer, directory)
 
   @property
   def embed_dim(self) -> int:
@@ -211,7 +189,7 @@ class TextEncoder:
                  batch_size: int = 64) -> np.ndarray:
     """`encode` for token ids that are already at most max_length long."""
     if batch_size < 1:
-      raise ValueError(f"batch_size must be positive, got {batch_size}")
+      raise UserError(f"batch_size must be positive, got {batch_size}")
     out = np.zeros((len(ids), self.embed_dim), np.float32)
     if not ids:
       return out
@@ -221,7 +199,7 @@ class TextEncoder:
     lengths = np.array([len(row) for row in ids])
     if lengths.max() > self.max_length or lengths.min() < 1:
       i = int(np.argmax((lengths > self.max_length) | (lengths < 1)))
-      raise ValueError(f"token sequence {i} has {lengths[i]} ids; the model "
+      raise UserError(f"token sequence {i} has {lengths[i]} ids; the model "
                        f"takes 1 to {self.max_length}")
     # Sorting by length makes each batch's padded length close to its rows'.
     order = np.argsort(lengths, kind="stable")
@@ -240,3 +218,17 @@ class TextEncoder:
     for rows, result in pending:
       out[rows] = np.asarray(result)[:len(rows)]
     return out
+
+
+TINY_RANDOM = "tiny-random"
+# Fixed, so training, evaluation and the fuse command embed identically.
+TINY_RANDOM_SEED = 0
+
+
+def from_config(text_config: Any) -> TextEncoder:
+  """The encoder `config.text` names: 'tiny-random' (no download), a local
+  Hugging Face CLIP directory, or a hub id."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[text_config.dtype]
+  if text_config.encoder == TINY_RANDOM:
+    return TextEncoder.tiny_random(TINY_RANDOM_SEED, dtype=dtype)
+  return TextEncoder.from_pretrained(text_config.encoder, dtype=dtype)

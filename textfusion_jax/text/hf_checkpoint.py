@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from textfusion_jax.text import clip_text, weight_map
+from input_pipeline.errors import UserError
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -23,7 +24,7 @@ TORCH_FILE = "pytorch_model.bin"
 _HUB_PATTERNS = ["*.json", "*.txt"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint directory or hub id cannot be used as a CLIP text encoder."""
 
 
@@ -138,3 +139,36 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
   state = torch.load(file, map_location="cpu", weights_only=True)
   return {k: state[k].float().numpy()
           for k in weight_map.text_keys(state.keys())}
+
+
+def save(model: clip_text.ClipTextTower, tokenizer: Any,
+         directory: str | os.PathLike) -> None:
+  """Writes a Hugging Face `CLIPTextModelWithProjection` directory.
+
+  config.json, the tokenizer files and model.safetensors (float32, HF
+  names), without torch; `load_*` here and transformers both read it back.
+  """
+  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy
+  import transformers
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  c = model.config
+  transformers.CLIPTextConfig(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size, projection_dim=c.projection_dim,
+      num_hidden_layers=c.num_hidden_layers,
+      num_attention_heads=c.num_attention_heads,
+      max_position_embeddings=c.max_position_embeddings,
+      hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
+      bos_token_id=tokenizer.bos_token_id,
+      pad_token_id=tokenizer.pad_token_id, eos_token_id=c.eos_token_id,
+      architectures=["CLIPTextModelWithProjection"]
+  ).save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+  tensors = {k: np.ascontiguousarray(v) for k, v in
+             weight_map.to_hf_tensors(model).items()}
+  # transformers only loads safetensors files whose metadata names a format.
+  safetensors.numpy.save_file(
+      tensors, os.path.join(directory, SAFETENSORS_FILE),
+      metadata={"format": "pt"})

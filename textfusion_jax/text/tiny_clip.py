@@ -20,6 +20,10 @@ import json
 import os
 from pathlib import Path
 
+from absl import flags
+
+from textfusion_jax import errors
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -184,13 +188,12 @@ def save_tiny_random_clip(directory: str | os.PathLike, *, seed: int = 0,
   """
   # pylint: disable=g-import-not-at-top
   from textfusion_jax.text import clip_text
-  from textfusion_jax.text.encoder import TextEncoder
+  from textfusion_jax.text import hf_checkpoint
   directory = Path(directory)
   hf_config = tiny_text_config(legacy_eos=legacy_eos, hidden_act=hidden_act)
   model = clip_text.random_tower(
       clip_text.ClipTextConfig.from_hf(hf_config), seed=seed)
-  TextEncoder(model, tiny_tokenizer(), source=f"tiny_random(seed={seed})"
-              ).save_pretrained(directory)
+  hf_checkpoint.save(model, tiny_tokenizer(), directory)
   vocab, merges = tiny_vocab_and_merges()
   (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
   (directory / "merges.txt").write_text(
@@ -198,16 +201,16 @@ def save_tiny_random_clip(directory: str | os.PathLike, *, seed: int = 0,
   return directory
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
   """`python -m textfusion_jax.text.tiny_clip OUT_DIR [--seed N]`."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      description="Write a tiny random CLIP text model in Hugging Face format.")
-  parser.add_argument("out", help="directory to write")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  print(save_tiny_random_clip(args.out, seed=args.seed))
+  if len(argv) != 2:
+    raise errors.UserError("usage: python -m textfusion_jax.text.tiny_clip "
+                           "OUT_DIR [--seed N]")
+  print(save_tiny_random_clip(argv[1], seed=flags.FLAGS.seed))
 
 
 if __name__ == "__main__":
-  main()
+  # Defined only when run: library users (tests, the encoder) import this
+  # module beside CLIs that have a --seed of their own.
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
+  errors.run_cli(main)

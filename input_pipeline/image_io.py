@@ -26,12 +26,14 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from input_pipeline import files
+from input_pipeline.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SixteenBitRule = Literal["full", "minmax"]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
   """An image file is missing, empty, truncated or not an image."""
 
 
@@ -163,10 +165,5 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
+  with files.atomic_path(path) as tmp:
     Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()

@@ -12,7 +12,6 @@ PNGs and the sources (tests/test_train.py checks this).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import numpy as np
 
 from textfusion_jax import color
 from textfusion_jax import fusion_baselines
-from textfusion_jax import image_io
+from input_pipeline import files
+from input_pipeline import image_io
 from textfusion_jax import metrics as metrics_lib
 
 METHODS = ("model",) + fusion_baselines.TRIVIAL_RULES
@@ -132,7 +132,8 @@ class FusionEvaluator:
       result["restoration"] = _mean_over_images(restoration)
       result["restoration_per_image"] = restoration
     if jax.process_index() == 0:
-      _write_json_atomic(out_dir / "metrics.json", result)
+      files.write_text_atomic(out_dir / "metrics.json",
+                              json.dumps(result, indent=2, sort_keys=True))
     result["samples"] = samples
     return result
 
@@ -163,7 +164,8 @@ def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,
 
 
 def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:
-  """(B, H, W, C) reflect-padded at the bottom/right to multiples."""
+  """(B, H, W, C) symmetric-padded (edge pixel repeated) at the bottom/right
+  to multiples."""
   height, width = images.shape[1:3]
   pad_h, pad_w = -height % multiple, -width % multiple
   if not pad_h and not pad_w:
@@ -178,13 +180,6 @@ def _mean_over_images(per_image: Mapping[str, Mapping[str, float]]
     return {}
   names = next(iter(per_image.values())).keys()
   return {k: float(np.mean([v[k] for v in per_image.values()])) for k in names}
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def comparison_table(result: Mapping[str, Any]) -> str:

@@ -14,14 +14,15 @@ directory name unless given, e.g. 'llvip'.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+from input_pipeline import files
+from input_pipeline.errors import UserError
 
 FORMAT = "textfusion-caption-embeddings"
 VERSION = 1
@@ -31,28 +32,12 @@ INDEX_FILE = "index.json"
 TEXTS_FILE = "texts.json"
 
 
-class CaptionStoreError(ValueError):
+class CaptionStoreError(UserError):
   """A caption store is missing, incomplete, inconsistent or lacks a key."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-  """Yields a temporary sibling of `path` that replaces it on success.
-
-  Readers never see a half-written file, and an interrupted write leaves
-  only a stray temporary file (which the next write replaces).
-  """
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-  with atomic_path(path) as tmp:
+  with files.atomic_path(path) as tmp:
     tmp.write_text(json.dumps(obj, ensure_ascii=False))
 
 
@@ -63,7 +48,7 @@ def write_store(directory: str | os.PathLike, table: np.ndarray,
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until done
-  with atomic_path(directory / TABLE_FILE) as tmp:
+  with files.atomic_path(directory / TABLE_FILE) as tmp:
     with open(tmp, "wb") as f:
       np.save(f, np.asarray(table, np.float32))
   _write_json(directory / INDEX_FILE, index)

@@ -1,16 +1,15 @@
 """Training and evaluation loop, split into plainly named phases.
 
-  setup_workdir -> make_mesh -> build_inputs -> build_trainer -> restore_or_init
+  setup_workdir -> make_mesh -> create_datasets -> build_trainer -> restore_or_init
   -> train loop (log, checkpoint, evaluate) -> final evaluation
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,21 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+import input_pipeline
 from textfusion_jax import checkpointing
-from textfusion_jax import data_sources
-from textfusion_jax import evaluation
+from textfusion_jax import evaluators
 from textfusion_jax import metric_writer
 from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
-from textfusion_jax import training
+from textfusion_jax import train_step
+from textfusion_jax.text import encoder as text_encoder
+from textfusion_jax import errors
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError):
   """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class Inputs:
-  train_iter: Any  # checkpointable grain iterator of per-process batches
-  eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
-  text_dim: int
-  text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
 
 
 # -- phases -------------------------------------------------------------------
@@ -56,24 +49,15 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   return path
 
 
-def build_inputs(config: ml_collections.ConfigDict) -> Inputs:
-  train_source, eval_source = data_sources.make_sources(config)
-  table_train, table_eval, text_dim = data_sources.make_caption_tables(
-      config, train_source, eval_source)
-  if text_dim != config.model.text_dim:
-    raise ValueError(
-        f"config.model.text_dim={config.model.text_dim} but the text encoder "
-        f"{config.text.encoder!r} gives {text_dim}-d embeddings")
-  train_iter = data_sources.make_train_iterator(config, train_source,
-                                                table_train)
-  eval_batches = data_sources.make_eval_batches_fn(config, eval_source,
-                                                   table_eval)
-  return Inputs(train_iter, eval_batches, text_dim, table_train.statistics())
+def create_datasets(config: ml_collections.ConfigDict
+                    ) -> input_pipeline.Datasets:
+  return input_pipeline.create_datasets(
+      config, lambda: text_encoder.from_config(config.text))
 
 
-def restore_or_init(trainer: training.ShardedTrainer, manager: Any,
-                    inputs: Inputs, config: ml_collections.ConfigDict
-                    ) -> tuple[training.TrainState, int]:
+def restore_or_init(trainer: train_step.ShardedTrainer, manager: Any,
+                    inputs: input_pipeline.Datasets, config: ml_collections.ConfigDict
+                    ) -> tuple[train_step.TrainState, int]:
   if manager.latest_step() is not None:
     state, step = checkpointing.restore(manager, trainer.abstract_state(),
                                         inputs.train_iter)
@@ -97,18 +81,18 @@ def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
 
 
 def _log_scalars(writer: metric_writer.MetricWriter, step: int,
-                 metrics: training.TrainMetrics, steps_per_sec: float) -> dict:
+                 metrics: train_step.TrainMetrics, steps_per_sec: float) -> dict:
   scalars = {f"train/{k}": float(v) for k, v in metrics.compute().items()}
   scalars["train/steps_per_sec"] = steps_per_sec
   writer.write_scalars(step, scalars)
   return scalars
 
 
-def _eval_and_log(evaluator: evaluation.FusionEvaluator,
+def _eval_and_log(evaluator: evaluators.FusionEvaluator,
                   writer: metric_writer.MetricWriter,
                   params: Any, step: int) -> dict:
   result = evaluator.evaluate(params, step)
-  scalars = {f"eval/{method}/{k}": v for method in evaluation.METHODS
+  scalars = {f"eval/{method}/{k}": v for method in evaluators.METHODS
              for k, v in result[method].items()}
   scalars.update({f"eval/restoration/{k}": v
                   for k, v in result.get("restoration", {}).items()})
@@ -134,14 +118,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
-  inputs = build_inputs(config)
-  trainer = training.ShardedTrainer(config, mesh)
+  inputs = create_datasets(config)
+  trainer = train_step.ShardedTrainer(config, mesh)
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step = restore_or_init(trainer, manager, inputs, config)
   writer = metric_writer.MetricWriter(workdir_path)
-  evaluator = evaluation.FusionEvaluator(
+  evaluator = evaluators.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
       save_images=config.eval.save_images,
       pad_multiple=config.eval.pad_multiple)
@@ -156,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           else None)
   loop_start = time.time()
   with jax.set_mesh(mesh):
-    train_step = trainer.jitted_train_step
+    step_fn = trainer.jitted_train_step
     pending = None
     last_log_time, last_log_step = time.time(), start_step
     progress = tqdm(total=num_steps, initial=start_step, unit="step",
@@ -167,8 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       while step < stop_at:
         batch = sharding_lib.global_batch(next(inputs.train_iter),
                                           trainer.batch_sharding)
-        state, step_metrics = train_step(state, batch,
-                                         training.step_rng(base_rng, step))
+        state, step_metrics = step_fn(state, batch, base_rng)
         step += 1
         # Checking the previous step's loss keeps one step in flight.
         if previous_loss is not None:
@@ -210,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     print(f"\nEvaluation at step {step} on {result['num_images']} images "
           f"(workdir {workdir_path}/eval/{step}):")
-    print(evaluation.comparison_table(result))
+    print(evaluators.comparison_table(result))
     if "restoration" in result:
       print("restoration (synthetic ground truth): " + ", ".join(
           f"{k} {v:.4g}" for k, v in result["restoration"].items()))

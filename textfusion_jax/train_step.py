@@ -1,4 +1,4 @@
-"""Train state, optimizer and the pure, sharded train step.
+"""Train state, optimizer and the pure train step, jitted with shardings.
 
 (No `from __future__ import annotations`: clu reads the metric annotations.)
 """
@@ -125,53 +125,64 @@ class ShardedTrainer:
   def apply(self, params: PyTree, vis: jax.Array, ir: jax.Array,
             text_emb: jax.Array, valid_size: jax.Array | None = None
             ) -> jax.Array:
-    return nnx.merge(self.graphdef, params)(vis, ir, text_emb, valid_size)
-
-  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
-                 rng: jax.Array) -> tuple[TrainState, TrainMetrics]:
-    """One AdamW step. A non-finite loss leaves the state unchanged."""
-    # The model is deterministic today; the per-step key keeps the signature
-    # stable for stochastic layers (drop-path, noise augmentation).
-    del rng
-
-    def loss_fn(params):
-      fused = self.apply(params, batch["vis"], batch["ir"], batch["text_emb"])
-      total, parts = losses.fusion_loss(
-          fused, batch["vis"], batch["ir"], self.loss_weights,
-          vis_target=batch.get("vis_clean"))
-      return total, parts
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state,
-                                               state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        TrainState(step=state.step + 1, params=params, opt_state=opt_state),
-        state)
-    metrics = TrainMetrics.single_from_model_output(
-        loss=loss,
-        **{f"loss_{name}": value for name, value in parts.items()},
-        grad_norm=optax.tree.norm(grads),
-        param_norm=optax.tree.norm(state.params),
-        learning_rate=learning_rate_schedule(self.config)(state.step))
-    return new_state, metrics
+    return apply(self.graphdef, params, vis, ir, text_emb, valid_size)
 
   @functools.cached_property
   def jitted_train_step(self) -> Callable[..., tuple[TrainState, TrainMetrics]]:
+    """`train_step` bound to this model, jitted with shardings and donation."""
     replicated = sharding_lib.replicated(self.mesh)
     return jax.jit(
-        self.train_step,
+        functools.partial(train_step, graphdef=self.graphdef,
+                          optimizer=self.optimizer,
+                          schedule=learning_rate_schedule(self.config),
+                          loss_weights=self.loss_weights),
         in_shardings=(self.state_shardings, self.batch_sharding, replicated),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
 
 
-def step_rng(base_rng: jax.Array, step: int | jax.Array) -> jax.Array:
-  """Per-step key: independent of restarts, since it depends on step alone."""
-  return jax.random.fold_in(base_rng, step)
+def apply(graphdef: nnx.GraphDef, params: PyTree, vis: jax.Array,
+          ir: jax.Array, text_emb: jax.Array,
+          valid_size: jax.Array | None = None) -> jax.Array:
+  """The fused RGB image of the model `graphdef` with `params`."""
+  return nnx.merge(graphdef, params)(vis, ir, text_emb, valid_size)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               rng: jax.Array, *, graphdef: nnx.GraphDef,
+               optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, loss_weights: Mapping[str, float]
+               ) -> tuple[TrainState, TrainMetrics]:
+  """One AdamW step. A non-finite loss leaves the state unchanged.
+
+  rng is the run's base key; the step's own key is fold_in(rng, step), so it
+  does not depend on restarts. The model is deterministic today; the key is
+  there for stochastic layers (drop-path, noise augmentation).
+  """
+  del rng  # jax.random.fold_in(rng, state.step) once a layer needs it
+
+  def loss_fn(params):
+    fused = apply(graphdef, params, batch["vis"], batch["ir"],
+                  batch["text_emb"])
+    return losses.fusion_loss(fused, batch["vis"], batch["ir"], loss_weights,
+                              vis_target=batch.get("vis_clean"))
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss)
+  new_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      TrainState(step=state.step + 1, params=params, opt_state=opt_state),
+      state)
+  metrics = TrainMetrics.single_from_model_output(
+      loss=loss,
+      **{f"loss_{name}": value for name, value in parts.items()},
+      grad_norm=optax.tree.norm(grads),
+      param_norm=optax.tree.norm(state.params),
+      learning_rate=schedule(state.step))
+  return new_state, metrics
 
 
 def _to_plain(tree: PyTree) -> PyTree:

@@ -1,4 +1,4 @@
-"""Config -> record sources, caption embedding tables and grain iterators.
+"""Config -> record sources and their caption embedding tables.
 
 Sources (config.data.source):
   synthetic  the embedded generator (`input_pipeline.synthetic`); eval scenes
@@ -8,21 +8,20 @@ Sources (config.data.source):
   tfds       a built `ivf_pairs` TFDS dataset read with tfds.data_source.
 Caption embeddings come from a precomputed store (config.text.embeddings_dir,
 written by `textfusion_jax.text.embed_captions`) or are computed once at
-startup with the configured text encoder.
+startup with the text encoder the caller builds (`create_datasets`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
 
-from input_pipeline import pipeline
 from input_pipeline.captions import CaptionTable
-from textfusion_jax import text_setup
+from input_pipeline.errors import UserError
 
 # Eval scenes are drawn from a disjoint seed stream.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -86,7 +85,7 @@ def _folder_source(roots: str, field: str) -> ConcatSource:
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
   paths = [Path(r) for r in roots.split(",") if r.strip()]
   if not paths:
-    raise ValueError(f"config.data.{field} is empty but config.data.source is"
+    raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
   return ConcatSource([(p.name, datasets.PairedFolderSource(p))
                        for p in paths])
@@ -112,55 +111,46 @@ def make_sources(config: ml_collections.ConfigDict
         datasets.RecordSource(datasets.load_source(
             data.tfds_name, split, data.tfds_data_dir))
         for split in (data.train_split, data.eval_split))
-  raise ValueError(f"config.data.source={data.source!r}: use 'synthetic', "
+  raise UserError(f"config.data.source={data.source!r}: use 'synthetic', "
                    "'folder' or 'tfds'")
 
 
 def _table_from_store(source: Sequence[Any], store: Any) -> CaptionTable:
   if not hasattr(source, "dataset_and_name"):
-    raise ValueError("config.text.embeddings_dir needs config.data.source="
+    raise UserError("config.text.embeddings_dir needs config.data.source="
                      "'folder' (store keys are <dataset>/<name>)")
   rows = tuple(np.asarray(store.rows(*source.dataset_and_name(i)), np.int32)
                for i in range(len(source)))
   return CaptionTable(np.asarray(store.table, np.float32), rows)
 
 
+class TextEncoderLike(Protocol):
+  """What caption embedding needs of a text encoder (duck-typed, so this
+  package never imports the model code)."""
+  embed_dim: int
+
+  def encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
+
+
 def make_caption_tables(config: ml_collections.ConfigDict,
+                        make_encoder: Callable[[], TextEncoderLike],
                         *sources: Sequence[Any]
                         ) -> tuple[CaptionTable, ...]:
-  """One CaptionTable per source, then the embedding width."""
+  """One CaptionTable per source, then the embedding width.
+
+  From the precomputed store `config.text.embeddings_dir`, or else by
+  embedding every caption once with `make_encoder()`.
+  """
   if config.text.embeddings_dir:
-    from textfusion_jax.text.caption_store import CaptionEmbeddings  # pylint: disable=g-import-not-at-top
+    from input_pipeline.caption_store import CaptionEmbeddings  # pylint: disable=g-import-not-at-top
     store = CaptionEmbeddings.load(config.text.embeddings_dir)
     store.check_dim(config.model.text_dim)
     tables = [_table_from_store(s, store) for s in sources]
     return (*tables, store.dim)
-  encoder = text_setup.build_text_encoder(config.text)
+  encoder = make_encoder()
 
   def embed(texts: list[str]) -> np.ndarray:
     return encoder.encode(texts, batch_size=config.text.batch_size)
 
   tables = [CaptionTable.from_source(s, embed) for s in sources]
   return (*tables, encoder.embed_dim)
-
-
-def make_train_iterator(config: ml_collections.ConfigDict,
-                        source: Sequence[Any], table: CaptionTable) -> Any:
-  dataset = pipeline.make_train_dataset(
-      source, global_batch_size=config.train.batch_size,
-      crop_size=config.data.crop_size, seed=config.seed, caption_table=table,
-      shuffle_captions_across_pairs=config.data.shuffle_captions_across_pairs,
-      worker_count=config.data.worker_count,
-      worker_buffer_size=config.data.prefetch_buffer_size)
-  return iter(dataset)
-
-
-def make_eval_batches_fn(config: ml_collections.ConfigDict,
-                         source: Sequence[Any], table: CaptionTable
-                         ) -> Callable[[], Iterator[dict[str, Any]]]:
-  def batches():
-    return pipeline.make_eval_batches(
-        source, batch_size=config.eval.batch_size, caption_table=table,
-        shuffle_captions_across_pairs=config.data.shuffle_captions_across_pairs,
-        max_records=config.eval.max_images or None)
-  return batches

@@ -12,9 +12,10 @@ import json
 import os
 from pathlib import Path
 from typing import Sequence
+from input_pipeline.errors import UserError
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(UserError):
   """A caption file is missing or has a malformed line."""
 
 

@@ -1,0 +1,107 @@
+"""The package layout: imports run one way, and no module imports in a cycle.
+
+`textfusion_jax` (model, training, evaluation) may import `input_pipeline`
+(data, files, errors); `input_pipeline` must never import `textfusion_jax`.
+Read from the source with `ast`, so nothing is imported or executed.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("textfusion_jax", "input_pipeline")
+
+
+def _module_name(path: Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+  """Project modules imported anywhere in `path` (lazy imports included)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      # `from pkg import mod` imports pkg.mod when mod is a module.
+      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    else:
+      continue
+    found.update(n for n in names if n.split(".")[0] in PACKAGES)
+  return found
+
+
+def _graph() -> dict[str, set[str]]:
+  modules = {_module_name(p): p for package in PACKAGES
+             for p in (ROOT / package).rglob("*.py")}
+  return {name: {m for m in _imports(path) if m in modules and m != name}
+          for name, path in modules.items()}
+
+
+def test_input_pipeline_never_imports_textfusion_jax():
+  offenders = sorted(f"{module} -> {target}"
+                     for module, targets in _graph().items()
+                     if module.startswith("input_pipeline")
+                     for target in targets
+                     if target.startswith("textfusion_jax"))
+  assert not offenders, offenders
+
+
+def test_no_import_cycles_between_modules():
+  graph = _graph()
+  state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+  def visit(node, path):
+    state[node] = 1
+    for nxt in sorted(graph[node]):
+      # A package's __init__ importing its own submodules is not a cycle.
+      if node == nxt.rsplit(".", 1)[0] or nxt == node.rsplit(".", 1)[0]:
+        continue
+      if state.get(nxt) == 1:
+        pytest.fail("import cycle: " + " -> ".join(
+            path[path.index(nxt):] + [nxt]))
+      if not state.get(nxt):
+        visit(nxt, path + [nxt])
+    state[node] = 2
+
+  for module in sorted(graph):
+    if not state.get(module):
+      visit(module, [module])
+
+
+def test_the_checks_see_a_reverse_import(tmp_path, monkeypatch):
+  """The scanner finds `from textfusion_jax import x` inside a function."""
+  module = tmp_path / "m.py"
+  module.write_text("def f():\n  from textfusion_jax import image_io\n")
+  assert "textfusion_jax.image_io" in _imports(module)
+
+
+def _console_scripts() -> dict[str, str]:
+  import tomllib  # pylint: disable=g-import-not-at-top
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  return project["scripts"]
+
+
+def test_console_scripts_answer_help_with_their_flags():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  scripts = _console_scripts()
+  assert set(scripts) == {"textfusion-train", "textfusion-fuse",
+                          "textfusion-evaluate", "textfusion-export",
+                          "textfusion-embed-captions"}
+  for script, target in scripts.items():
+    module, function = target.split(":")
+    # What the installed wrapper runs: import the module, call `function`.
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.argv[0] = {script!r}; "
+         f"from {module} import {function}; {function}()", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (script, proc.stderr[-2000:])
+    flags_listed = [l for l in proc.stdout.splitlines()
+                    if l.startswith("  --")]
+    assert len(flags_listed) >= 2, (script, proc.stdout)

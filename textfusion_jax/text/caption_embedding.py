@@ -1,0 +1,181 @@
+"""Precomputes CLIP text embeddings of caption files into a caption store.
+
+The library behind `python -m textfusion_jax.text.embed_captions`.
+Distinct captions are embedded once, in shards of `shard_size` captions
+written atomically to DIR/shards/. A rerun skips every shard already present
+and valid (same captions, same encoder, right shape), so an interrupted job
+resumes where it stopped. In a multi-host job every process runs the same
+command; process p embeds shards p, p + P, p + 2P, ... on its own devices and,
+once all processes are done, process 0 writes the store that
+`caption_store.CaptionEmbeddings.load(DIR)` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import tqdm
+
+from input_pipeline import caption_files, caption_store, files
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+
+
+def plan(records: Sequence[caption_files.CaptionRecord]
+         ) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
+  """Distinct captions in first-seen order, and (dataset, name) -> rows."""
+  row_of: dict[str, int] = {}
+  index: dict[str, dict[str, list[int]]] = {}
+  seen: dict[tuple[str, str], str] = {}
+  for record in records:
+    key = (record.dataset, record.name)
+    if key in seen:
+      raise caption_files.CaptionFileError(
+          f"{record.file}:{record.line}: {record.dataset}/{record.name} "
+          f"already came from {seen[key]}")
+    seen[key] = f"{record.file}:{record.line}"
+    index.setdefault(record.dataset, {})[record.name] = [
+        row_of.setdefault(text, len(row_of)) for text in record.captions]
+  return list(row_of), index
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+  number: int
+  start: int  # first row in the table
+  texts: list[str]
+  key: str  # what it holds: see _shard_key
+
+
+def _shard_key(encoder_id: str, texts: Sequence[str]) -> str:
+  digest = hashlib.sha256(encoder_id.encode())
+  for text in texts:
+    digest.update(b"\0" + text.encode())
+  return digest.hexdigest()
+
+
+def _shard_path(out: Path, shard: _Shard) -> Path:
+  return out / SHARD_DIR / f"{shard.number:06d}.npz"
+
+
+def _read_shard(out: Path, shard: _Shard,
+                dim: int) -> tuple[np.ndarray, int] | None:
+  """(embeddings, number truncated) of a finished shard; None if unusable."""
+  try:
+    with np.load(_shard_path(out, shard)) as f:
+      embeddings = f["embeddings"]
+      if (str(f["key"]) != shard.key or
+          embeddings.shape != (len(shard.texts), dim) or
+          embeddings.dtype != np.float32 or
+          not np.isfinite(embeddings).all()):
+        return None
+      return embeddings, int(f["num_truncated"])
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None  # absent or damaged
+    return None
+
+
+def _write_shard(out: Path, shard: _Shard, embeddings: np.ndarray,
+                 num_truncated: int) -> None:
+  with files.atomic_path(_shard_path(out, shard)) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, embeddings=embeddings, key=np.array(shard.key),
+               num_truncated=np.array(num_truncated))
+
+
+def _sync_all_processes() -> None:
+  multihost_utils.sync_global_devices("textfusion_jax.embed_captions")
+
+
+def run(encoder, records: Sequence[caption_files.CaptionRecord],
+        out: str | os.PathLike, *, batch_size: int = 64,
+        shard_size: int = 4096, max_shards: int | None = None,
+        process_index: int | None = None, process_count: int | None = None,
+        barrier: Callable[[], None] | None = None,
+        progress: bool = True) -> caption_store.CaptionEmbeddings | None:
+  """Embeds the captions of `records` with a TextEncoder into store `out`.
+
+  Returns the store on process 0 and None elsewhere. `max_shards` stops after
+  embedding that many shards (None if it stopped early), for time-limited
+  jobs and for testing resumption. `process_index`/`process_count`/`barrier`
+  default to this JAX process, the JAX process count and a global device sync.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  out = Path(out)
+  texts, index = plan(records)
+  # Shards made by another encoder, or in another dtype, are not reused.
+  encoder_id = f"{encoder.source} {encoder.dtype.name}"
+  (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+  shards = [_Shard(i, start, texts[start:start + shard_size],
+                   _shard_key(encoder_id, texts[start:start + shard_size]))
+            for i, start in enumerate(range(0, len(texts), shard_size))]
+  dim = encoder.embed_dim
+
+  mine = shards[process_index::process_count]
+  todo = [s for s in mine if _read_shard(out, s, dim) is None]
+  total = sum(len(s.texts) for s in mine)
+  bar = tqdm.tqdm(total=total, initial=total - sum(len(s.texts) for s in todo),
+                  unit="caption", desc=f"embed captions [{process_index}]",
+                  disable=not progress)
+  with bar:
+    for done, shard in enumerate(todo):
+      if max_shards is not None and done >= max_shards:
+        logger.warning("stopped after %d shard(s) as asked; rerun to resume",
+                       done)
+        return None
+      ids, num_truncated = encoder.tokenize(shard.texts)
+      embeddings = encoder.encode_ids(ids, batch_size)
+      _write_shard(out, shard, embeddings, num_truncated)
+      bar.update(len(shard.texts))
+
+  if process_count > 1:
+    (barrier or _sync_all_processes)()
+  if process_index != 0:
+    return None
+  return _assemble(encoder, records, out, texts, index, shards)
+
+
+def _assemble(encoder, records, out: Path, texts: list[str],
+              index: dict[str, dict[str, list[int]]],
+              shards: list[_Shard]) -> caption_store.CaptionEmbeddings:
+  table = np.zeros((len(texts), encoder.embed_dim), np.float32)
+  num_truncated, missing = 0, []
+  for shard in shards:
+    found = _read_shard(out, shard, encoder.embed_dim)
+    if found is None:
+      missing.append(str(_shard_path(out, shard)))
+      continue
+    table[shard.start:shard.start + len(shard.texts)] = found[0]
+    num_truncated += found[1]
+  if missing:
+    raise RuntimeError(f"{len(missing)} shard(s) missing or invalid after all "
+                       f"processes finished: {', '.join(missing[:5])}")
+  if num_truncated:
+    logger.warning("%d of %d distinct captions exceed %d tokens and were "
+                   "truncated", num_truncated, len(texts), encoder.max_length)
+  caption_store.write_store(out, table, index, texts, {
+      "encoder": encoder.source,
+      "compute_dtype": encoder.dtype.name,
+      "max_length": encoder.max_length,
+      "num_captions": sum(len(rows) for names in index.values()
+                          for rows in names.values()),
+      "num_truncated": num_truncated,
+      "sources": [{"dataset": d, "file": str(Path(f).resolve())}
+                  for d, f in dict.fromkeys((r.dataset, r.file)
+                                            for r in records)],
+  })
+  return caption_store.CaptionEmbeddings.load(out)

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache_in_memory = False  # Folder source: keep decoded training pairs in RAM.
   config.data.crop_size = 96  # Square training crop (Text-IF uses 96).
   config.data.shuffle_captions_across_pairs = False  # Ablation: train on another pair's captions.
+  config.data.degradations = ml_collections.ConfigDict()
+  config.data.degradations.enabled = False  # Degrade visible crops, prompt with their condition sentence (input_pipeline/degradations.py).
+  config.data.degradations.level_probs = (0.4, 0.2, 0.2, 0.2)  # P(level 0, 1, 2, 3), drawn per kind.
   config.data.worker_count = 0  # grain worker processes (0 = in the main process).
   config.data.prefetch_buffer_size = 2  # Batches grain prefetches per worker.
 

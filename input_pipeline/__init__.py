@@ -48,8 +48,16 @@ def create_datasets(config: ml_collections.ConfigDict,
   `.embed_dim`); called only when captions are not precomputed.
   """
   # pylint: disable=g-import-not-at-top
+  import functools
   from input_pipeline import pipeline
   from input_pipeline import sources
+  make_encoder = functools.cache(make_encoder)  # built at most once
+  degrade = bool(config.data.get("degradations") and
+                 config.data.degradations.enabled)
+  if degrade and config.data.source == "synthetic":
+    raise UserError("config.data.degradations.enabled needs real pairs "
+                    "(config.data.source 'folder' or 'tfds'): synthetic "
+                    "scenes come degraded and captioned already")
   train_source, eval_source = sources.make_sources(config)
   table_train, table_eval, text_dim = sources.make_caption_tables(
       config, make_encoder, train_source, eval_source)
@@ -57,13 +65,20 @@ def create_datasets(config: ml_collections.ConfigDict,
     raise TextDimError(
         f"config.model.text_dim={config.model.text_dim} but the text encoder "
         f"{config.text.encoder!r} gives {text_dim}-d embeddings")
+  degradation, text_stats = None, table_train.statistics()
+  if degrade:
+    degradation, table_eval = _degradation_prompts(config, make_encoder(),
+                                                   len(eval_source))
+    table = degradation.condition_table.astype(np.float64)
+    text_stats = (table.mean(0).astype(np.float32),
+                  table.std(0).astype(np.float32))
   shuffle_captions = config.data.shuffle_captions_across_pairs
   train_dataset = pipeline.make_train_dataset(
       train_source, global_batch_size=config.train.batch_size,
       crop_size=config.data.crop_size, seed=config.seed,
       caption_table=table_train,
       shuffle_captions_across_pairs=shuffle_captions,
-      worker_count=config.data.worker_count,
+      degradation=degradation, worker_count=config.data.worker_count,
       worker_buffer_size=config.data.prefetch_buffer_size)
 
   def eval_batches() -> Iterator[dict[str, Any]]:
@@ -74,4 +89,28 @@ def create_datasets(config: ml_collections.ConfigDict,
         max_records=config.eval.max_images or None)
 
   return Datasets(train_iter=iter(train_dataset), eval_batches=eval_batches,
-                  text_dim=text_dim, text_stats=table_train.statistics())
+                  text_dim=text_dim, text_stats=text_stats)
+
+
+def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
+                         num_eval: int) -> tuple[Any, Any]:
+  """The 64 condition sentences embedded for training, and an eval table
+  that prompts every (clean) eval pair with "clean visible image"."""
+  # pylint: disable=g-import-not-at-top
+  from input_pipeline import degradations
+  from input_pipeline import pipeline
+  from input_pipeline.captions import CaptionTable
+  probs = degradations.check_level_probs(
+      config.data.degradations.level_probs,
+      "config.data.degradations.level_probs")
+  sentences = [degradations.condition_sentence(levels)
+               for levels in degradations.all_levels()]
+  table = np.asarray(encoder.encode(sentences,
+                                    batch_size=config.text.batch_size),
+                     np.float32)
+  spec = pipeline.DegradationSpec(tuple(probs), table)
+  clean = table[degradations.levels_index((0, 0, 0))][None]
+  eval_table = CaptionTable(clean, tuple(np.zeros(1, np.int32)
+                                         for _ in range(num_eval)),
+                            (degradations.CLEAN,))
+  return spec, eval_table

@@ -35,6 +35,7 @@ equal size and pad the last batch of each size, adding 'name' (list[str]) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,13 +44,27 @@ import numpy as np
 from absl import flags
 
 from input_pipeline import captions as captions_lib
+from input_pipeline import degradations
 from input_pipeline.captions import CaptionTable
 from input_pipeline.errors import UserError
 
 _IMAGE_KEYS = ("vis", "ir", "vis_clean")
 # Streams of the per-(seed, epoch, record) random draws, kept apart so that
 # e.g. changing the crop size does not change which captions are sampled.
-_SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM = 0, 1, 2
+_SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM, _DEGRADE_STREAM = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DegradationSpec:
+  """Degrade each training crop's visible image (`input_pipeline.degradations`).
+
+  level_probs: probabilities of levels 0..3, per kind, drawn independently.
+  condition_table: (64, D) embeddings of the 64 condition sentences, in
+    `degradations.all_levels()` order; an example's text embedding is the row
+    of its levels, so the prompt names exactly what was done to its input.
+  """
+  level_probs: tuple[float, ...]
+  condition_table: np.ndarray
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,9 +139,11 @@ class _TrainExample:
   cropped, flipped, captioned float example."""
 
   def __init__(self, source: Sequence[Any], table: CaptionTable,
-               crop_size: int, seed: int):
+               crop_size: int, seed: int,
+               degradation: DegradationSpec | None = None):
     self._source, self._table = source, table
     self._crop_size, self._seed = crop_size, seed
+    self._degradation = degradation
 
   def __call__(self, position: int, record_index: int) -> dict[str, Any]:
     record_index = int(record_index)
@@ -137,7 +154,18 @@ class _TrainExample:
     images = paired_crop_and_flip(
         {k: record[k] for k in _IMAGE_KEYS if k in record}, self._crop_size,
         _rng(self._seed, _CROP_STREAM, epoch, record_index))
-    return _example(images, record_index, caption, self._table)
+    if self._degradation is None:
+      return _example(images, record_index, caption, self._table)
+    # The clean crop becomes the target; the prompt names the degradation.
+    rng = _rng(self._seed, _DEGRADE_STREAM, epoch, record_index)
+    levels = degradations.sample_levels(rng, self._degradation.level_probs)
+    images["vis_clean"] = images["vis"]
+    images["vis"] = degradations.degrade(images["vis"], levels, rng)
+    example = _example(images, record_index, caption, self._table)
+    row = degradations.levels_index(levels)
+    example["text_emb"] = self._degradation.condition_table[row]
+    example["condition_index"] = np.int32(row)
+    return example
 
 
 def _select_table(table: CaptionTable, num_records: int, shuffle: bool,
@@ -164,6 +192,7 @@ def make_train_dataset(
     caption_table: CaptionTable,
     shuffle_captions_across_pairs: bool = False,
     derangement_seed: int = 0,
+    degradation: DegradationSpec | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
     read_threads: int = 2,
@@ -182,6 +211,9 @@ def make_train_dataset(
     shuffle_captions_across_pairs: pair record i with the captions of record
       derangement(derangement_seed)[i] (the "does text matter" ablation).
     derangement_seed: seed of that fixed derangement (share it with eval).
+    degradation: degrade each crop's visible image and prompt with the
+      condition sentence instead of the record's captions ('vis_clean' then
+      holds the clean crop, 'condition_index' the sentence's row).
     worker_count: grain worker processes (0: produce in this process).
     worker_buffer_size: batches each worker prefetches.
     read_threads, read_buffer_size: threads building batches in each process
@@ -212,7 +244,8 @@ def make_train_dataset(
   ds = (grain.MapDataset.range(num_records)
         .shuffle(seed=shuffle_seed)
         .repeat()
-        .map_with_index(_TrainExample(source, table, crop_size, seed)))
+        .map_with_index(_TrainExample(source, table, crop_size, seed,
+                                      degradation)))
   ds = ds[shard_options.shard_index::shards]
   ds = ds.batch(global_batch_size // shards, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(

@@ -1,0 +1,20 @@
+"""Real pairs with captioned degradations: prompts that steer the fusion.
+
+The real_pairs config, but each training crop's visible image is degraded
+(underexposure, noise, haze, each at level 0-3; `input_pipeline/degradations.py`)
+and the prompt is the condition sentence that names what was done, e.g.
+"heavily underexposed, slightly noisy visible image"; the losses target the
+clean crop. In-training evaluation fuses the clean TNO pairs under
+"clean visible image".
+  python train.py --config configs/real_pairs_degraded.py --workdir runs/real_pairs_degraded
+"""
+
+import ml_collections
+
+from configs import real_pairs
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = real_pairs.get_config()
+  config.data.degradations.enabled = True
+  return config

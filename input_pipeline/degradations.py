@@ -1,0 +1,152 @@
+"""Captioned visible-image degradations for real pairs, and their grammar.
+
+The synthetic generator's degradation model (`input_pipeline.synthetic`),
+applied to a real, clean visible image in [0, 1], in this order:
+
+  haze           x' = (1 - haze) x + haze * AIRLIGHT (a grey-blue)
+  underexposure  x' = gain * x
+  noise          x' = x + sigma / 255 * (0.8 n_shared + 0.6 n_channel), with
+                 standard normal n shared by the channels and per channel
+
+then clipped and rounded to 8 bits. Each kind is drawn independently at a
+level 0 (absent) to 3, then its parameter uniformly inside the level's range
+(the same ranges as the synthetic data, with gaps, so the words are
+unambiguous functions of the parameters):
+
+  level        0 (absent)   1 slightly    2 moderately  3 heavily
+  gain         [0.85, 1]    [0.50, 0.70]  [0.28, 0.42]  [0.10, 0.20]
+  noise_sigma  [0, 1.5]     [3, 6]        [8, 13]       [16, 26]
+  haze         0            [0.12, 0.22]  [0.30, 0.42]  [0.50, 0.65]
+
+Condition sentence (what a user types as the prompt):
+
+  sentence   := terms " visible image" | "clean visible image"
+  terms      := term (", " term)*          at most one term per kind, in
+                                           the order underexposed, noisy, hazy
+  term       := adverb " " kind
+  adverb     := "slightly" | "moderately" | "heavily"      (levels 1, 2, 3)
+  kind       := "underexposed" | "noisy" | "hazy"
+
+e.g. "heavily underexposed, slightly noisy visible image"; an undegraded
+input is "clean visible image". `parse_condition` reads the sentence back
+(case and surrounding spaces ignored); there are 4^3 = 64 sentences.
+
+Draws are pure functions of (seed, epoch, record): the pipeline passes a
+generator seeded by them, so data order and resume stay exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from input_pipeline.errors import UserError
+from input_pipeline.synthetic import scenes
+
+# (parameter, word, ranges per level), in the sentence's order.
+KINDS = (("gain", "underexposed", scenes.GAIN_RANGES),
+         ("noise_sigma", "noisy", scenes.NOISE_RANGES),
+         ("haze", "hazy", scenes.HAZE_RANGES))
+ADVERBS = scenes.SEVERITY_ADVERBS  # ("", "slightly", "moderately", "heavily")
+CLEAN = "clean visible image"
+NUM_LEVELS = 4
+
+Levels = tuple[int, int, int]  # (underexposure, noise, haze), each 0..3
+
+
+def all_levels() -> list[Levels]:
+  """Every level triple, in `levels_index` order."""
+  return list(itertools.product(range(NUM_LEVELS), repeat=len(KINDS)))
+
+
+def levels_index(levels: Levels) -> int:
+  """Row of `levels` in `all_levels()` (and in a condition table)."""
+  check_levels(levels, "levels")
+  index = 0
+  for level in levels:
+    index = index * NUM_LEVELS + level
+  return index
+
+
+def check_levels(levels: Sequence[int], field: str) -> Levels:
+  if (len(levels) != len(KINDS) or
+      any(not isinstance(l, (int, np.integer)) or not 0 <= l < NUM_LEVELS
+          for l in levels)):
+    raise UserError(f"{field}={tuple(levels)!r}: give one level 0..3 for each "
+                    "of underexposure, noise and haze")
+  return tuple(int(l) for l in levels)
+
+
+def condition_sentence(levels: Levels) -> str:
+  """The prompt that names `levels` (grammar in the module docstring)."""
+  levels = check_levels(levels, "levels")
+  terms = [f"{ADVERBS[level]} {word}"
+           for level, (_, word, _) in zip(levels, KINDS) if level]
+  return ", ".join(terms) + " visible image" if terms else CLEAN
+
+
+_TERM = re.compile(r"^(slightly|moderately|heavily) (underexposed|noisy|hazy)$")
+
+
+def parse_condition(text: str) -> Levels | None:
+  """The levels a condition sentence names, or None if `text` is not one."""
+  text = " ".join(text.strip().lower().split())
+  if text == CLEAN:
+    return (0, 0, 0)
+  if not text.endswith(" visible image"):
+    return None
+  levels = [0] * len(KINDS)
+  order = [word for _, word, _ in KINDS]
+  last = -1
+  for term in text[:-len(" visible image")].split(", "):
+    match = _TERM.match(term)
+    if not match:
+      return None
+    kind = order.index(match.group(2))
+    if kind <= last:  # repeated or out of order
+      return None
+    levels[kind], last = ADVERBS.index(match.group(1)), kind
+  return tuple(levels)
+
+
+def mentions_condition_words(text: str) -> bool:
+  """Whether `text` uses any word of the grammar (for a one-time warning)."""
+  words = set(re.findall(r"[a-z]+", text.lower()))
+  return bool(words & {"underexposed", "noisy", "hazy", "clean"})
+
+
+def sample_levels(rng: np.random.Generator,
+                  level_probs: Sequence[float]) -> Levels:
+  """Each kind's level drawn independently with probabilities `level_probs`."""
+  return tuple(int(rng.choice(NUM_LEVELS, p=level_probs)) for _ in KINDS)
+
+
+def check_level_probs(level_probs: Sequence[float], field: str) -> np.ndarray:
+  probs = np.asarray(level_probs, np.float64)
+  if (probs.shape != (NUM_LEVELS,) or np.any(probs < 0) or
+      not np.isclose(probs.sum(), 1.0)):
+    raise UserError(f"{field}={tuple(level_probs)!r}: give 4 probabilities "
+                    "(levels 0, 1, 2, 3) that sum to 1")
+  return probs / probs.sum()
+
+
+def degrade(vis_u8: np.ndarray, levels: Levels,
+            rng: np.random.Generator) -> np.ndarray:
+  """The visible uint8 image (H, W, 3) degraded at `levels`, as uint8."""
+  levels = check_levels(levels, "levels")
+  gain, sigma, haze = (float(rng.uniform(*ranges[level]))
+                       for level, (_, _, ranges) in zip(levels, KINDS))
+  x = np.asarray(vis_u8, np.float32) / np.float32(255)
+  if haze:
+    x = x * (1 - haze) + haze * scenes.AIRLIGHT
+  x = x * gain
+  if sigma:
+    h, w, _ = x.shape
+    shared = rng.standard_normal((h, w, 1), dtype=np.float32)
+    own = rng.standard_normal((h, w, 3), dtype=np.float32)
+    # 0.8^2 + 0.6^2 = 1 keeps the per-channel std equal to sigma.
+    x = x + sigma / 255.0 * (0.8 * shared + 0.6 * own)
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

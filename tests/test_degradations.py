@@ -1,0 +1,125 @@
+"""Captioned degradations of real pairs: grammar, image model, pipeline."""
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from input_pipeline import create_datasets
+from input_pipeline import degradations
+from input_pipeline import pipeline
+from input_pipeline.captions import CaptionTable
+from input_pipeline.errors import UserError
+
+
+def test_the_64_sentences_follow_the_grammar_and_parse_back():
+  sentences = [degradations.condition_sentence(l)
+               for l in degradations.all_levels()]
+  assert len(set(sentences)) == 64
+  for index, levels in enumerate(degradations.all_levels()):
+    assert degradations.levels_index(levels) == index
+    assert degradations.parse_condition(sentences[index]) == levels
+  assert sentences[0] == "clean visible image"
+  assert degradations.condition_sentence((3, 1, 0)) == (
+      "heavily underexposed, slightly noisy visible image")
+  assert degradations.condition_sentence((0, 2, 3)) == (
+      "moderately noisy, heavily hazy visible image")
+  assert degradations.parse_condition(
+      "  Heavily Underexposed,  slightly noisy visible image ") == (3, 1, 0)
+
+
+@pytest.mark.parametrize("text", [
+    "noisy visible image",                           # no adverb
+    "slightly hazy, heavily underexposed visible image",  # out of order
+    "slightly noisy, heavily noisy visible image",   # a kind twice
+    "heavily underexposed",                          # no " visible image"
+    "a person walks on a dark street",
+    ""])
+def test_other_text_is_not_a_condition_sentence(text):
+  assert degradations.parse_condition(text) is None
+
+
+def test_bad_levels_and_probabilities_name_the_field():
+  with pytest.raises(UserError, match=r"levels=\(4, 0, 0\)"):
+    degradations.condition_sentence((4, 0, 0))
+  with pytest.raises(UserError, match=r"levels=\(1, 2\)"):
+    degradations.levels_index((1, 2))
+  with pytest.raises(UserError, match="config.data.degradations.level_probs"):
+    degradations.check_level_probs((0.5, 0.5, 0.5),
+                                   "config.data.degradations.level_probs")
+  with pytest.raises(UserError, match="sum to 1"):
+    degradations.check_level_probs((0.5, 0.4, 0.0, 0.0), "p")
+
+
+def _flat(value=150):
+  return np.full((64, 80, 3), value, np.uint8)
+
+
+def test_each_kind_stays_inside_its_levels_range():
+  rng = np.random.default_rng(0)
+  for level, (low, high) in enumerate(degradations.KINDS[0][2]):
+    out = degradations.degrade(_flat(), (level, 0, 0), rng)
+    # Noise level 0 adds at most 1.5 levels of std; the mean is the gain.
+    assert low - 0.01 <= out.mean() / 150 <= high + 0.01, level
+  for level, (low, high) in enumerate(degradations.KINDS[1][2]):
+    out = degradations.degrade(_flat(), (0, level, 0), rng).astype(float)
+    gain = out.mean() / 150  # level-0 gain in [0.85, 1]
+    assert low - 0.5 <= out.std() / gain <= high + 0.5, level
+  ramp = np.tile(np.linspace(0, 255, 80, dtype=np.float32)[None, :, None],
+                 (64, 1, 3)).astype(np.uint8)
+  for level, (low, high) in enumerate(degradations.KINDS[2][2]):
+    out = degradations.degrade(ramp, (0, 0, level), rng).astype(float)
+    contrast = (out[:, -1].mean() - out[:, 0].mean()) / 255
+    # Haze scales contrast by (1 - haze), underexposure level 0 by 0.85-1.
+    assert 0.85 * (1 - high) - 0.02 <= contrast <= (1 - low) + 0.02, level
+
+
+def test_degradation_draws_are_pure_functions_of_seed_epoch_record():
+  rng = lambda: np.random.default_rng([3, 7, 11])
+  a = degradations.degrade(_flat(), (2, 3, 1), rng())
+  b = degradations.degrade(_flat(), (2, 3, 1), rng())
+  np.testing.assert_array_equal(a, b)
+  c = degradations.degrade(_flat(), (2, 3, 1), np.random.default_rng(1))
+  assert not np.array_equal(a, c)
+
+
+def _records(n=6, size=40):
+  rng = np.random.default_rng(0)
+  return [{"name": f"r{i}", "captions": [f"scene {i}"],
+           "ir": rng.integers(0, 256, (size, size, 1), dtype=np.uint8),
+           "vis": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)}
+          for i in range(n)]
+
+
+def _first_batch(source, degradation, seed=5):
+  table = CaptionTable(np.eye(len(source), 4, dtype=np.float32),
+                       tuple(np.array([i], np.int32)
+                             for i in range(len(source))))
+  ds = pipeline.make_train_dataset(
+      source, global_batch_size=4, crop_size=32, seed=seed,
+      caption_table=table, degradation=degradation, shard_by_process=False)
+  return next(iter(ds))
+
+
+def test_pipeline_degrades_the_crop_keeps_it_clean_and_prompts_its_levels():
+  source = _records()
+  spec = pipeline.DegradationSpec(
+      (0.25, 0.25, 0.25, 0.25),
+      np.arange(64 * 4, dtype=np.float32).reshape(64, 4))
+  plain = _first_batch(source, None)
+  batch = _first_batch(source, spec)
+  again = _first_batch(source, spec)
+  for key in batch:
+    np.testing.assert_array_equal(batch[key], again[key])
+  # Same crops and flips as without degradation: the clean crop is the target.
+  np.testing.assert_array_equal(batch["vis_clean"], plain["vis"])
+  np.testing.assert_array_equal(batch["ir"], plain["ir"])
+  assert not np.array_equal(batch["vis"], batch["vis_clean"])
+  np.testing.assert_array_equal(
+      batch["text_emb"], spec.condition_table[batch["condition_index"]])
+
+
+def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
+  config = tiny.get_config()
+  config.data.degradations.enabled = True
+  with pytest.raises(UserError, match="needs real pairs"):
+    create_datasets(config, lambda: None)

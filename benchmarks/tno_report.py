@@ -57,6 +57,10 @@ _REPORT = flags.DEFINE_string("report", None, "Write the markdown here too.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
                                       "Which caption of each pair to use.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.")
+_PROMPT = flags.DEFINE_string(
+    "prompt", None, "One prompt for every pair instead of its caption (e.g. "
+    "'clean visible image' for a model trained on condition sentences); "
+    "skips the shuffled-caption comparison.")
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -136,17 +140,20 @@ def main(argv):
   pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                              str(out / "model"))
   names = [p.name for p in pairs]
-  prompts = inference.read_captions(str(TNO / "captions.jsonl"), names,
-                               _CAPTION_INDEX.value)
+  prompts = ([_PROMPT.value] * len(names) if _PROMPT.value else
+             inference.read_captions(str(TNO / "captions.jsonl"), names,
+                                     _CAPTION_INDEX.value))
   seconds = fuse_folder(fuser, pairs, prompts, out / "model")
-  shuffled = [prompts[i] for i in derangement(len(prompts), _SEED.value)]
-  shuffled_pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
-                                      str(out / "shuffled"))
-  fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
+  scored = [out / "model", SEAFUSION]
+  if not _PROMPT.value:
+    shuffled = [prompts[i] for i in derangement(len(prompts), _SEED.value)]
+    shuffled_pairs = inference.collect_pairs(
+        str(TNO / "ir"), str(TNO / "vi"), str(out / "shuffled"))
+    fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
+    scored.append(out / "shuffled")
 
-  result = score_folders.evaluate_folders(
-      TNO / "ir", TNO / "vi", [out / "model", SEAFUSION, out / "shuffled"],
-      baselines=True)
+  result = score_folders.evaluate_folders(TNO / "ir", TNO / "vi", scored,
+                                          baselines=True)
   runs = result["methods"]
   table_rows = {m: runs[m] for m in ("model", "SeAFusion",
                                      *fusion_baselines.TRIVIAL_RULES)}
@@ -157,7 +164,8 @@ def main(argv):
   steady = seconds[1:] or seconds
   text = "\n\n".join([
       f"### TNO, {len(pairs)} held-out pairs (checkpoint `{_CHECKPOINT.value}`"
-      f", caption {_CAPTION_INDEX.value} of each pair)",
+      + (f", prompt {_PROMPT.value!r})" if _PROMPT.value else
+         f", caption {_CAPTION_INDEX.value} of each pair)"),
       fusion_baselines.markdown_table(
           {m: v["mean"] for m, v in table_rows.items()},
           metrics.METRIC_NAMES[:10]),
@@ -165,11 +173,13 @@ def main(argv):
       "Per-source parts:\n\n" + fusion_baselines.markdown_table(
           {m: v["mean"] for m, v in table_rows.items()},
           metrics.SOURCE_PART_NAMES, with_rank=False),
-      "True minus shuffled captions (paired over the pairs; s.e. = standard "
-      "error of the mean difference):\n\n" +
-      paired_comparison.markdown_table(paired_comparison.paired_differences(
-          runs["model"]["per_image"], runs["shuffled"]["per_image"],
-          fusion_baselines.RANKED_METRICS + ("CC",))),
+      ("True minus shuffled captions (paired over the pairs; s.e. = "
+       "standard error of the mean difference):\n\n" +
+       paired_comparison.markdown_table(paired_comparison.paired_differences(
+           runs["model"]["per_image"], runs["shuffled"]["per_image"],
+           fusion_baselines.RANKED_METRICS + ("CC",)))
+       if "shuffled" in runs else
+       f"Every pair fused under the prompt {_PROMPT.value!r}."),
       f"Fuse time after compilation: median "
       f"{1000 * statistics.median(steady):.0f} ms/pair over {len(steady)} "
       f"pairs (first, with compilation: {1000 * seconds[0]:.0f} ms).",

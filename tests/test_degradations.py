@@ -123,3 +123,86 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config.data.degradations.enabled = True
   with pytest.raises(UserError, match="needs real pairs"):
     create_datasets(config, lambda: None)
+  # pylint: disable=g-import-not-at-top
+  from tests.test_train import _write_folder_dataset
+  from textfusion_jax.text import encoder as text_encoder
+  config.data.source = "folder"
+  config.data.train_dir = str(_write_folder_dataset(tmp_path / "t", "ab", 0))
+  config.data.eval_dir = str(_write_folder_dataset(tmp_path / "e", "c", 1))
+  config.data.degradations.level_probs = (0.2, 0.2, 0.2, 0.2, 0.2)
+  with pytest.raises(UserError, match=r"config.data.degradations.level_probs"
+                     r"=\(0.2, 0.2, 0.2, 0.2, 0.2\)"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+
+
+def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
+  """A real-format (Hugging Face) CLIP directory, saved here, drives
+  degraded training and then `fuse`, which warns once on other prompts."""
+  # pylint: disable=g-import-not-at-top
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  from tests.test_train import _write_folder_dataset
+  from textfusion_jax import inference
+  from textfusion_jax import train_loop
+  from textfusion_jax.text import tiny_clip
+  clip_dir = tiny_clip.save_tiny_random_clip(tmp_path / "clip", seed=3)
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = str(_write_folder_dataset(tmp_path / "train",
+                                                    "abcd", 0))
+  config.data.eval_dir = str(_write_folder_dataset(tmp_path / "held",
+                                                   ["p"], 1))
+  config.data.degradations.enabled = True
+  config.text.encoder = str(clip_dir)
+  config.train.num_steps = 2
+  config.eval.batch_size = 1
+  workdir = tmp_path / "run"
+  train_loop.train_and_evaluate(config, str(workdir))
+  fuser = inference.Fuser.load(str(workdir))
+  assert fuser.trained_on_condition_sentences
+  assert fuser.config.text.encoder == str(clip_dir)
+  emb = fuser.encoder.encode(["heavily underexposed visible image"])[0]
+  vis = np.full((40, 48, 3), 0.1, np.float32)
+  ir = np.full((40, 48, 1), 0.5, np.float32)
+  assert fuser.fuse(vis, ir, emb).shape == (40, 48, 3)
+  root = Path(__file__).resolve().parents[1]
+  held = Path(config.data.eval_dir)
+  common = [sys.executable, "-m", "textfusion_jax.fuse", "--checkpoint",
+            str(workdir), "--ir", str(held / "ir" / "p.png"), "--vis",
+            str(held / "vi" / "p.png")]
+  env = {**os.environ, "PYTHONPATH": str(root)}
+  run = lambda text, out: subprocess.run(
+      common + ["--text", text, "--out", str(tmp_path / out)], cwd=root,
+      capture_output=True, text=True, timeout=300, env=env)
+  other = run("a street at night", "other.png")
+  assert other.returncode == 0, other.stderr[-2000:]
+  assert other.stderr.count("warning: 1 prompt(s) are not condition") == 1
+  grammar = run("slightly noisy visible image", "grammar.png")
+  assert grammar.returncode == 0 and "warning" not in grammar.stderr
+  assert (tmp_path / "other.png").exists() and (tmp_path / "grammar.png").exists()
+
+
+def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):
+  """Prompt control with pretrained/textfusion-small-degraded on a degraded
+  held-out TNO pair: "heavily underexposed" must fuse brighter than "clean"."""
+  # pylint: disable=g-import-not-at-top
+  from pathlib import Path
+  from textfusion_jax import inference
+  bundle_dir = Path(__file__).resolve().parents[1] / "pretrained" / (
+      "textfusion-small-degraded")
+  tno = shared_dir / "data" / "ivf_samples" / "tno"
+  fuser = inference.Fuser.load(str(bundle_dir))
+  pair = inference.collect_pairs(str(tno / "ir" / "3.png"),
+                                 str(tno / "vi" / "3.png"), "unused.png")[0]
+  vis, ir = inference.load_pair(pair)
+  bad = degradations.degrade(np.rint(vis * 255).astype(np.uint8), (2, 1, 0),
+                             np.random.default_rng(0)).astype(np.float32) / 255
+  under, clean = fuser.encoder.encode(["heavily underexposed visible image",
+                                       degradations.CLEAN])
+  grey = lambda rgb: rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+  brighter = grey(fuser.fuse(bad, ir, under)).mean()
+  darker = grey(fuser.fuse(bad, ir, clean)).mean()
+  # Measured +43 grey levels on average over 20 degraded pairs.
+  assert brighter > darker + 10, (brighter, darker)

@@ -126,7 +126,8 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
   assert fused.shape == (1024, 1280, 3)
 
 
-@pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "bad_jsonl"])
+@pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "empty_text",
+                                  "bad_jsonl"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case == "size":
@@ -144,6 +145,11 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi")]
     expect = "--text or --captions"
+  elif case == "empty_text":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "  "]
+    expect = "--text is empty"
   else:
     _write_pair(tmp_path, "a")
     bad = tmp_path / "c.jsonl"

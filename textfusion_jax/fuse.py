@@ -18,6 +18,7 @@ the visible input, each written atomically.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from absl import logging
 from tqdm import tqdm
 
 from textfusion_jax import errors
+from input_pipeline import degradations
 from input_pipeline import image_io
 from textfusion_jax import inference
 
@@ -56,6 +58,9 @@ def main(argv: Sequence[str]) -> None:
                       ("--vis", _VIS.value), ("--out", _OUT.value)):
     if not value:
       raise errors.UserError(f"{name} is required")
+  if _TEXT.value is not None and not _TEXT.value.strip():
+    raise errors.UserError("--text is empty: give a prompt, e.g. "
+                           f"{degradations.CLEAN!r} or a scene description")
   if bool(_TEXT.value) == bool(_CAPTIONS.value):
     raise errors.UserError("give exactly one of --text or --captions")
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
@@ -64,6 +69,7 @@ def main(argv: Sequence[str]) -> None:
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
                                      _CAPTION_INDEX.value))
   fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value)
+  _warn_if_off_grammar(fuser, prompts)
   embeddings = fuser.encoder.encode(prompts)
   timings = []
   for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair"):
@@ -77,6 +83,19 @@ def main(argv: Sequence[str]) -> None:
   print(f"fused {len(pairs)} pair(s) with checkpoint step {fuser.step} -> "
         f"{_OUT.value}; {1000 * np.mean(steady):.1f} ms/pair "
         f"(first, with compilation: {1000 * timings[0]:.1f} ms)")
+
+
+def _warn_if_off_grammar(fuser: inference.Fuser, prompts: list[str]) -> None:
+  """Once: a model trained on condition sentences met other prompts."""
+  if not fuser.trained_on_condition_sentences:
+    return
+  other = [p for p in prompts if degradations.parse_condition(p) is None]
+  if other:
+    print(f"warning: {len(other)} prompt(s) are not condition sentences "
+          f"(first: {other[0]!r}); this model was trained on prompts such as "
+          "'heavily underexposed, slightly noisy visible image' (grammar: "
+          "input_pipeline/degradations.py) and fuses others as given",
+          file=sys.stderr)
 
 
 def run() -> None:

@@ -166,6 +166,12 @@ class Fuser:
     self._apply = jax.jit(apply, out_shardings=replicated)
 
   @property
+  def trained_on_condition_sentences(self) -> bool:
+    """Trained with captioned degradations (`input_pipeline.degradations`)."""
+    spec = self.config.data.get("degradations")
+    return bool(spec and spec.get("enabled"))
+
+  @property
   def model(self) -> model_lib.FusionNet:
     """The network itself (an nnx module holding the parameters)."""
     return nnx.merge(self._graphdef, self.params)

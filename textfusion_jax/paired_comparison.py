@@ -48,9 +48,12 @@ def paired_differences(true: PerImage, shuffled: PerImage,
   return out
 
 
-def markdown_table(rows: Mapping[str, dict]) -> str:
+def markdown_table(rows: Mapping[str, dict],
+                   labels: tuple[str, str] = ("true captions", "shuffled")
+                   ) -> str:
   """The rows of `paired_differences`, in their order, as markdown."""
-  lines = ["| number | true captions | shuffled | true - shuffled (s.e.) "
+  first, second = labels
+  lines = [f"| number | {first} | {second} | true - {second} (s.e.) "
            "| images where true is better |", "|---|---|---|---|---|"]
   for metric, r in rows.items():
     arrow = "lower" if r["lower_is_better"] else "higher"

@@ -86,6 +86,10 @@ def main(argv) -> None:
   pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                                   str(out / "reference"))
   pairs = pairs[:_LIMIT.value] if _LIMIT.value else pairs
+  # One bucket plan for all pairs (as fuse and tno_report do): a few compiled
+  # shapes instead of one per image size.
+  shapes = inference.bucket_shapes(inference.check_sizes(pairs),
+                                   inference.DEFAULT_TILE)
   names = [p.name for p in pairs]
   levels = degraded_levels(len(pairs), _SEED.value)
   true = [degradations.condition_sentence(l) for l in levels]
@@ -107,11 +111,13 @@ def main(argv) -> None:
     bad = degradations.degrade(vis_u8, levels[i], rng)
     image_io.write_png_atomic(out / "degraded_vi" / f"{pair.name}.png", bad)
     bad = bad.astype(np.float32) / 255
-    fused["reference"][pair.name] = fuser.fuse(vis, ir, clean_emb)
+    fuse = lambda v, emb, pad=shapes[pair.name]: fuser.fuse(v, ir, emb,
+                                                            pad_to=pad)
+    fused["reference"][pair.name] = fuse(vis, clean_emb)
     for key, embs in prompts.items():
-      fused[key][pair.name] = fuser.fuse(bad, ir, embs[i])
-    under_bright = fuser.fuse(bad, ir, bright_emb)
-    under_clean = fuser.fuse(bad, ir, clean_emb)
+      fused[key][pair.name] = fuse(bad, embs[i])
+    under_bright = fuse(bad, bright_emb)
+    under_clean = fuse(bad, clean_emb)
     brighter.append(grey_mean(under_bright) - grey_mean(under_clean))
     if figure_rows is None and levels[i][0] >= 2:
       figure_rows = (pair.name, [bad, ir, under_clean, under_bright,

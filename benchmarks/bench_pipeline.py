@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from input_pipeline import datasets
 from input_pipeline import layouts
 from input_pipeline import pipeline
+from input_pipeline import synthetic
 from input_pipeline.captions import CaptionTable
 from input_pipeline import image_io
 
@@ -273,8 +274,12 @@ def breakdown(pairs, folder_source, tfds_source, crop: int,
 
   record = pipeline.normalize_record(folder_source[0])
   rng = np.random.default_rng(0)
+  scenes = synthetic.SyntheticPairs(1000, 128, 128, seed=1)
+  scenes[0]  # warm-up (grid caches)
   rgb_frame = np.ascontiguousarray(record["vis"])
   rows = [
+      ("synthetic 128x128 scene (SyntheticPairs[i]; target < 15 ms)",
+       ms(lambda i=0: scenes[1 + i % 999])),
       ("JPEG decode only, vi + ir (PIL Image.load)", ms(wrap(pil_decode))),
       ("project read_pair (decode + convert + np.asarray + grey/RGB)",
        ms(wrap(lambda i: layouts.read_pair(pairs[i][0], pairs[i][1])))),

@@ -40,7 +40,7 @@ from absl import flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline import caption_files
-from textfusion_jax.text import clip_text, tiny_clip, weight_map
+from textfusion_jax.text import tiny_clip
 from textfusion_jax.text.encoder import TextEncoder
 
 SHARED_SAMPLES = (Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -63,27 +63,6 @@ def load_captions(n: int) -> list[str]:
   texts = texts or FALLBACK_CAPTIONS
   order = np.random.default_rng(0).permutation(n) % len(texts)
   return [texts[i] for i in order]
-
-
-def write_base_checkpoint(directory: Path, eos_token_id: int) -> Path:
-  """Random CLIP ViT-B/32 text weights in HF format, with the tiny tokenizer."""
-  import safetensors.numpy
-  from transformers import CLIPTextConfig
-  hf_config = CLIPTextConfig(
-      vocab_size=49408, hidden_size=512, intermediate_size=2048,
-      projection_dim=512, num_hidden_layers=12, num_attention_heads=8,
-      max_position_embeddings=77, hidden_act="quick_gelu",
-      bos_token_id=eos_token_id - 1, pad_token_id=eos_token_id,
-      eos_token_id=eos_token_id,
-      architectures=["CLIPTextModelWithProjection"])
-  hf_config.save_pretrained(directory)
-  tiny_clip.tiny_tokenizer().save_pretrained(directory)
-  model = clip_text.random_tower(clip_text.ClipTextConfig.from_hf(hf_config))
-  safetensors.numpy.save_file(
-      {k: np.ascontiguousarray(v)
-       for k, v in weight_map.to_hf_tensors(model).items()},
-      directory / "model.safetensors", metadata={"format": "pt"})
-  return directory
 
 
 def jax_runner(directory, captions, args):
@@ -156,7 +135,7 @@ def main(argv) -> None:
   runners = {}
   with tempfile.TemporaryDirectory() as tmp:
     directory = (Path(args.checkpoint) if args.checkpoint else
-                 write_base_checkpoint(Path(tmp), tokenizer.eos_token_id))
+                 tiny_clip.save_random_vit_b32_text(tmp))
     runners["jax"] = jax_runner(directory, captions, args)
     try:
       import torch

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench_common import cost_of
+from bench_common import random_batch
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import train_step
 
@@ -32,25 +33,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" /
                   "real_pairs.py"), "Training config.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-
-
-def cost_of(compiled) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0]
-  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-
-
-def random_batch(config, text_dim: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  b, s = config.train.batch_size, config.data.crop_size
-  batch = {"vis": rng.random((b, s, s, 3), np.float32),
-           "ir": rng.random((b, s, s, 1), np.float32),
-           "text_emb": rng.normal(size=(b, text_dim)).astype(np.float32)}
-  if config.loss.get("clean_target", False):
-    batch["vis_clean"] = batch["vis"]
-  return batch
 
 
 def main(argv):
@@ -61,7 +43,8 @@ def main(argv):
   with jax.set_mesh(mesh):
     state = trainer.init_state(jax.random.key(0))
     batch = sharding_lib.global_batch(
-        random_batch(config, config.model.text_dim), trainer.batch_sharding)
+        random_batch(config.train.batch_size, config.data.crop_size,
+                     config.model.text_dim), trainer.batch_sharding)
     rng = jax.random.key(1)
     step_fn = trainer.jitted_train_step
     start = time.perf_counter()

@@ -11,7 +11,8 @@ On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno:
 2. Reference: the model's fusion of the clean pair under "clean visible
    image".
 3. The degraded pair fused under its true sentence, under another pair's
-   sentence (a fixed derangement: "shuffled") and under the empty prompt
+   different sentence (a fixed derangement that gives no pair its own
+   words: "shuffled") and under the empty prompt
    (CLIP's embedding of "", i.e. start and end tokens only).
 4. Per pair: PSNR (RGB, 8-bit) of each fusion to the reference, and the 8
    ranked metrics (EN, SD, SF, MI, SCD, VIF, Qabf, SSIM) against the clean
@@ -68,6 +69,21 @@ def degraded_levels(count: int, seed: int) -> list[degradations.Levels]:
   return out
 
 
+def shuffled_sentences(true: list[str], seed: int) -> list[str]:
+  """Another pair's sentence for every pair, never its own sentence.
+
+  A derangement of the pairs (the first seed from `seed` on whose
+  derangement gives no pair the same words, as two pairs can share levels):
+  a pair prompted with its own sentence would measure nothing.
+  """
+  for attempt in range(1000):
+    order = derangement(len(true), seed + attempt)
+    shuffled = [true[j] for j in order]
+    if all(a != b for a, b in zip(true, shuffled)):
+      return shuffled
+  raise ValueError("no derangement gives every pair another sentence")
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
   mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
   return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
@@ -93,7 +109,7 @@ def main(argv) -> None:
   names = [p.name for p in pairs]
   levels = degraded_levels(len(pairs), _SEED.value)
   true = [degradations.condition_sentence(l) for l in levels]
-  shuffled = [true[j] for j in derangement(len(true), _SEED.value)]
+  shuffled = shuffled_sentences(true, _SEED.value)
   encoder = fuser.encoder
   embed = lambda texts: encoder.encode(texts)
   empty = encoder.encode_ids(encoder.tokenize([""])[0])[0]
@@ -154,12 +170,15 @@ def main(argv) -> None:
                                                 per_image[other], metrics)
     wins = [m for m in fusion_baselines.RANKED_METRICS if rows[m]["diff"] > 0]
     psnr_row = rows["PSNR_ref"]
+    by_1db = sum(per_image["true"][n]["PSNR_ref"] -
+                 per_image[other][n]["PSNR_ref"] >= 1.0 for n in names)
     lines += [f"True minus {other} prompts (PSNR_ref: to the clean-input "
               "fusion; metrics against the clean sources):", "",
               paired_comparison.markdown_table(rows, ("true", other)), "",
               f"- PSNR_ref: true {psnr_row['diff']:+.2f} dB "
               f"(s.e. {psnr_row['stderr']:.2f}), better on "
-              f"{psnr_row['true_better']}/{psnr_row['images']} pairs",
+              f"{psnr_row['true_better']}/{psnr_row['images']} pairs, by "
+              f"1 dB or more on {by_1db}/{len(names)}",
               f"- true better on {len(wins)}/8 metrics: "
               f"{', '.join(wins) or 'none'}", ""]
   brighter = np.array(brighter)

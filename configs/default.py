@@ -71,12 +71,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3  # Checkpoints kept on disk.
   config.train.eval_every = 200  # Steps between evaluations (0 = only at the end).
   config.train.stop_after_steps = 0  # Stop this run after N steps, checkpointed (0 = run to num_steps).
+  config.train.init_from = ""  # Bundle or workdir whose params start a fresh run (fine-tuning; new optimizer, step 0).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8  # Eval batch size (a multiple of the device count).
   config.eval.save_images = 8  # Fused eval images also written to TensorBoard.
   config.eval.max_images = 0  # Cap on eval images (0 = all).
   config.eval.pad_multiple = 1  # Pad eval images to multiples of this (fewer compiled shapes on mixed sizes).
+  config.eval.at_end = True  # Evaluate when training finishes (False: only every train.eval_every steps).
 
   # Mesh axes and sizes; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})

@@ -34,7 +34,9 @@ class TextDimError(UserError):
 
 @dataclasses.dataclass
 class Datasets:
-  train_iter: Any  # checkpointable grain iterator of per-process batches
+  # Iterator of this process's batches from global batch k on (a grain
+  # iterator: checkpointable too); batch k is a pure function of (config, k).
+  train_iter_at: Callable[[int], Iterator[Mapping[str, Any]]]
   eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
   text_dim: int
   text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
@@ -73,13 +75,16 @@ def create_datasets(config: ml_collections.ConfigDict,
     text_stats = (table.mean(0).astype(np.float32),
                   table.std(0).astype(np.float32))
   shuffle_captions = config.data.shuffle_captions_across_pairs
-  train_dataset = pipeline.make_train_dataset(
-      train_source, global_batch_size=config.train.batch_size,
-      crop_size=config.data.crop_size, seed=config.seed,
-      caption_table=table_train,
-      shuffle_captions_across_pairs=shuffle_captions,
-      degradation=degradation, worker_count=config.data.worker_count,
-      worker_buffer_size=config.data.prefetch_buffer_size)
+
+  def train_iter_at(start_batch: int) -> Iterator[dict[str, Any]]:
+    return iter(pipeline.make_train_dataset(
+        train_source, global_batch_size=config.train.batch_size,
+        crop_size=config.data.crop_size, seed=config.seed,
+        caption_table=table_train,
+        shuffle_captions_across_pairs=shuffle_captions,
+        degradation=degradation, worker_count=config.data.worker_count,
+        worker_buffer_size=config.data.prefetch_buffer_size,
+        start_batch=start_batch))
 
   def eval_batches() -> Iterator[dict[str, Any]]:
     return pipeline.make_eval_batches(
@@ -88,7 +93,7 @@ def create_datasets(config: ml_collections.ConfigDict,
         shuffle_captions_across_pairs=shuffle_captions,
         max_records=config.eval.max_images or None)
 
-  return Datasets(train_iter=iter(train_dataset), eval_batches=eval_batches,
+  return Datasets(train_iter_at=train_iter_at, eval_batches=eval_batches,
                   text_dim=text_dim, text_stats=text_stats)
 
 

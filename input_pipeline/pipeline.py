@@ -15,6 +15,7 @@ shard count):
   'text_emb'      float32 (b, D)   embedding of the sampled caption
   'caption_index' int32 (b,)       which caption of the record was used
   'record_index'  int32 (b,)       index of the record in the source
+  with a DegradationSpec also 'condition_index' int32 (b,)
 
 Example e of epoch k is built from record r = shuffle_k(e): its crop window,
 flip and caption are pure functions of (seed, k, r), so they do not depend on
@@ -199,6 +200,7 @@ def make_train_dataset(
     read_buffer_size: int = 4,
     shard_by_process: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
   """Infinite, checkpointable dataset of this process's training batches.
 
@@ -221,6 +223,9 @@ def make_train_dataset(
     shard_by_process: split the stream over JAX processes; ignored when
       `shard_options` is given (e.g. to simulate several processes).
     shard_options: explicit shard index/count.
+    start_batch: skip this many batches. Batch k of every shard is its part
+      of global batch k, so `examples seen / global_batch_size` resumes at
+      the same global position for any shard (process) count.
 
   Returns:
     A grain IterDataset; `iter()` of it yields the batch dicts described in
@@ -248,6 +253,8 @@ def make_train_dataset(
                                       degradation)))
   ds = ds[shard_options.shard_index::shards]
   ds = ds.batch(global_batch_size // shards, drop_remainder=True)
+  if start_batch:
+    ds = ds[start_batch:]
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:

@@ -39,18 +39,43 @@ def _gradients(trainer, params, batch):
 
 
 def run(config, mesh, steps):
+  """Trains `steps` steps; returns the state, per-step scalars, the first
+  step's gradients and facts about the batch and the compiled step."""
   trainer = train_step.ShardedTrainer(config, mesh)
   with jax.set_mesh(mesh):
     state = trainer.init_state(jax.random.key(0))
-    losses_seen, grads = [], None
+    initial = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    seen = {"loss": [], "grad_norm": [], "learning_rate": []}
+    grads, facts, compiled = None, {}, None
     for batch in _batches(config, steps):
       batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
       if grads is None:
         grads = _gradients(trainer, state.params, batch)
-      state, metrics = trainer.jitted_train_step(
-          state, batch, jax.random.key(1))
-      losses_seen.append(float(metrics.loss.compute()))
-  return state, losses_seen, grads
+        # Compiled once: its HLO is inspected and it runs every step.
+        compiled = trainer.jitted_train_step.lower(
+            state, batch, jax.random.key(1)).compile()
+        facts = {
+            "batch_spec": [list(a) if isinstance(a, tuple) else a
+                           for a in batch["vis"].sharding.spec],
+            "batch_rows_per_device": sorted(
+                {s.data.shape[0] for s in batch["vis"].addressable_shards}),
+            "hlo_ops": collective_ops(compiled.as_text()),
+        }
+      state, metrics = compiled(state, batch, jax.random.key(1))
+      for key, value in metrics.compute().items():
+        if key in seen:
+          seen[key].append(float(value))
+  moved = max(float(np.max(np.abs(np.asarray(a) - b)))
+              for a, b in zip(jax.tree.leaves(state.params), initial))
+  facts["max_param_movement"] = moved
+  return state, seen, grads, facts
+
+
+def collective_ops(hlo: str) -> dict[str, int]:
+  """How often each cross-device collective appears in compiled HLO text."""
+  return {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+          for op in ("all-gather", "reduce-scatter", "all-reduce",
+                     "all-to-all", "collective-permute")}
 
 
 def sharded_fraction(tree):
@@ -71,27 +96,34 @@ def main():
   # L1 sits on its kink and the signs of its gradient (which reaches only
   # vis_correction) follow rounding. Leave it out of a reduction-order test.
   config.loss.color = 0.0
+  # A non-zero learning rate from the first step: every step moves params.
+  config.optim.warmup_steps = 0
   steps = 3
   mesh = sharding_lib.make_mesh({"data": 4, "fsdp": 2})
-  state, losses_seen, grads = run(config, mesh, steps)
+  state, seen, grads, facts = run(config, mesh, steps)
   single = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-  single_state, single_losses, single_grads = run(config, single, steps)
+  single_state, single_seen, single_grads, single_facts = run(config, single,
+                                                              steps)
   # Relative to the largest gradient entry: float32 reductions in another
   # order differ by ~1e-7 of the magnitudes summed.
   grad_scale = max(float(np.max(np.abs(g))) for g in single_grads)
   max_grad_diff = max(float(np.max(np.abs(a - b)))
                       for a, b in zip(grads, single_grads)) / grad_scale
-  params_split = sharded_fraction(state.params)
-  opt_split = sharded_fraction(state.opt_state)
   max_param_diff = max(
       float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
       for a, b in zip(jax.tree.leaves(state.params),
                       jax.tree.leaves(single_state.params)))
   json.dump({"devices": len(jax.devices()), "mesh": dict(mesh.shape),
-             "losses": losses_seen, "single_losses": single_losses,
-             "params_split": params_split, "opt_split": opt_split,
+             "sharded": seen, "single": single_seen,
+             "params_split": sharded_fraction(state.params),
+             "opt_split": sharded_fraction(state.opt_state),
              "max_param_diff": max_param_diff,
-             "max_relative_grad_diff": max_grad_diff}, sys.stdout)
+             "max_param_movement": single_facts["max_param_movement"],
+             "max_relative_grad_diff": max_grad_diff,
+             "batch_spec": facts["batch_spec"],
+             "batch_rows_per_device": facts["batch_rows_per_device"],
+             "hlo_ops": facts["hlo_ops"],
+             "single_hlo_ops": single_facts["hlo_ops"]}, sys.stdout)
 
 
 if __name__ == "__main__":

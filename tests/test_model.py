@@ -252,7 +252,7 @@ def test_preset_sizes():
     counts[preset] = model_lib.count_params(abstract)
   # The counts model_config's docstring states.
   assert counts == {"tiny": 173_612, "small": 2_750_905,
-                    "base": 64_776_402}, counts
+                    "base": 64_776_402, "large": 253_484_850}, counts
   small_64 = model_lib.model_config("small")
   small_64.text_dim = 64
   assert model_lib.count_params(nnx.eval_shape(

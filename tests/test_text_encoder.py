@@ -335,3 +335,78 @@ def test_bin_checkpoint_without_torch(tiny_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
   message = _error(directory)
   assert "needs torch" in message and "pytorch_model.bin" in message
+
+
+def test_corrupt_safetensors_is_one_line(tiny_dir, tmp_path):
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c")
+  data = (directory / "model.safetensors").read_bytes()
+  (directory / "model.safetensors").write_bytes(data[:len(data) // 3])
+  message = _error(directory)
+  assert "model.safetensors: unreadable safetensors file" in message
+
+
+def _as_bin(tiny_dir: Path, directory: Path, torch) -> dict:
+  tensors = safetensors.numpy.load_file(tiny_dir / "model.safetensors")
+  state = {k: torch.from_numpy(v.copy()) for k, v in tensors.items()}
+  _copy_checkpoint(tiny_dir, directory, skip=("model.safetensors",))
+  return state
+
+
+def test_bin_checkpoint_loads_and_corrupt_bin_is_one_line(
+    torch_module, tiny_dir, tmp_path):
+  directory = tmp_path / "c"
+  torch_module.save(_as_bin(tiny_dir, directory, torch_module),
+                    directory / "pytorch_model.bin")
+  expected = TextEncoder.from_pretrained(tiny_dir).encode(CAPTIONS[:2])
+  np.testing.assert_allclose(
+      TextEncoder.from_pretrained(directory).encode(CAPTIONS[:2]), expected,
+      atol=1e-6)
+  data = (directory / "pytorch_model.bin").read_bytes()
+  (directory / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+  assert "pytorch_model.bin: unreadable PyTorch weights file" in _error(
+      directory)
+
+
+class _RunsCode:
+  """A pickle payload that would create a file if it were ever executed."""
+
+  def __init__(self, marker: Path):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (Path.touch, (self.marker,))
+
+
+def test_bin_whose_pickle_would_run_code_is_refused(torch_module, tiny_dir,
+                                                    tmp_path):
+  directory = tmp_path / "c"
+  state = _as_bin(tiny_dir, directory, torch_module)
+  marker = tmp_path / "code_ran"
+  state["text_model.final_layer_norm.weight"] = _RunsCode(marker)
+  torch_module.save(state, directory / "pytorch_model.bin")
+  assert not marker.exists()
+  message = _error(directory)
+  assert "pytorch_model.bin: refused" in message
+  assert not marker.exists()  # nothing in the pickle ran
+
+
+def test_sharded_safetensors_index(tiny_dir, tmp_path):
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c",
+                               skip=("model.safetensors",))
+  tensors = safetensors.numpy.load_file(tiny_dir / "model.safetensors")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+  for file, keys in shards.items():
+    safetensors.numpy.save_file({k: tensors[k] for k in keys},
+                                directory / file, metadata={"format": "pt"})
+  index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items()
+                                          for k in keys}}
+  (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+  expected = TextEncoder.from_pretrained(tiny_dir).encode(CAPTIONS[:2])
+  np.testing.assert_array_equal(
+      TextEncoder.from_pretrained(directory).encode(CAPTIONS[:2]), expected)
+  (directory / "model-00002-of-00002.safetensors").unlink()
+  assert "missing: model-00002-of-00002.safetensors" in _error(directory)
+  (directory / "model.safetensors.index.json").write_text("{not json")
+  assert "not a weight index" in _error(directory)

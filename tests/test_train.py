@@ -154,6 +154,15 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   assert step_a == step_b == config.train.num_steps
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
+  # A fresh start from step 0 would also end with these parameters; the run
+  # record and the logged steps prove the second run began at step 3.
+  segments = json.loads((tmp_path / "run_info.json").read_text())["segments"]
+  assert [(s["start_step"], s["end_step"]) for s in segments] == [
+      (0, 3), (3, config.train.num_steps)]
+  lines = [json.loads(line) for line in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [line["step"] for line in lines if "train/loss" in line]
+  assert logged == [2, 4, 6]  # a restart from 0 would log step 2 twice
 
 
 def _train_cli(*args, env=None):
@@ -205,3 +214,37 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
   step, params = _params(tmp_path, tiny.get_config())
   assert step == 3
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_init_from_starts_at_the_source_parameters(full_run, tmp_path):
+  source, _ = full_run
+  config = tiny.get_config()
+  config.train.init_from = str(source)
+  # Two updates (the first at warmup's learning rate 0), with the source
+  # run's schedule, so the compiled step is the one already cached.
+  config.train.stop_after_steps = 2
+  assert train_loop.train_and_evaluate(config, str(tmp_path / "tuned")) == {
+      "stopped_at": 2}
+  _, source_params = _params(source, config)
+  step, tuned = _params(tmp_path / "tuned", config)
+  assert step == 2
+  moved = [float(np.max(np.abs(a - b))) for a, b in
+           zip(jax.tree.leaves(source_params), jax.tree.leaves(tuned))]
+  # A few AdamW steps (~lr each) from the source weights, not from a fresh
+  # init (which differs by O(0.1) everywhere).
+  assert 0 < max(moved) < 1e-2, max(moved)
+
+
+def test_init_from_errors_are_one_line(full_run, tmp_path):
+  source, _ = full_run
+  out = _train_cli("--workdir", str(tmp_path / "a"),
+                   f"--config.train.init_from={tmp_path / 'missing'}")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode != 0 and len(lines) == 1, out.stderr
+  assert "config.train.init_from=" in lines[0] and "missing" in lines[0]
+  out = _train_cli("--workdir", str(tmp_path / "b"),
+                   f"--config.train.init_from={source}",
+                   "--config.model.dim=16")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode != 0 and len(lines) == 1, out.stderr
+  assert "model.dim" in lines[0] and "init_from" in lines[0]

@@ -1,9 +1,9 @@
-"""Orbax checkpoints of the train state and data iterator, config alongside.
+"""Orbax checkpoints of the train state and data position, config alongside.
 
 Layout of a workdir:
   config.json              the full config that wrote the checkpoints
-  checkpoints/<step>/      orbax: `state` (TrainState pytree) and `data`
-                           (grain iterator state, one JSON per process)
+  checkpoints/<step>/      orbax: `state` (TrainState pytree, sharded) and
+                           `data` (JSON: examples seen, global batch size)
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so an interrupted save never shows up as a restorable step.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -71,7 +72,9 @@ def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def check_compatible(saved: ml_collections.ConfigDict,
-                     current: ml_collections.ConfigDict, workdir: Any) -> None:
+                     current: ml_collections.ConfigDict, workdir: Any,
+                     remedy: str = "use a fresh --workdir or the same model "
+                     "config") -> None:
   """Raises a one-line error naming every architecture field that differs."""
   saved_flat = _flatten({k: saved.to_dict().get(k) for k in ARCHITECTURE_KEYS})
   current_flat = _flatten(
@@ -85,7 +88,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
   if diffs:
     raise CheckpointError(
         f"checkpoint in {workdir} was written by an incompatible config ("
-        + "; ".join(diffs) + "); use a fresh --workdir or the same model config")
+        + "; ".join(diffs) + f"); {remedy}")
 
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -106,19 +109,62 @@ def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         data_iterator: Any | None = None, *, force: bool = False) -> bool:
-  """Saves state (async) and the data iterator position at `step`."""
+         data_position: Mapping[str, int] | None = None, *,
+         force: bool = False) -> bool:
+  """Saves state (async, every process writing its shards) at `step`.
+
+  data_position: where the input stream stands, e.g. {"examples_seen": n,
+  "global_batch_size": b}. The training batches are a pure function of the
+  global position (`input_pipeline.pipeline.make_train_dataset`), so this
+  small JSON, not per-process iterator files, resumes the data on any
+  process count.
+  """
   items = {"state": ocp.args.StandardSave(state)}
-  if data_iterator is not None:
-    import grain  # pylint: disable=g-import-not-at-top
-    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  if data_position is not None:
+    items["data"] = ocp.args.JsonSave(dict(data_position))
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
-            data_iterator: Any | None = None, step: int | None = None
-            ) -> tuple[Any, int]:
-  """Restores (state, step); the data iterator is restored in place."""
+            step: int | None = None) -> tuple[Any, int]:
+  """Restores (state, step) straight into `abstract_state`'s shardings.
+
+  Every leaf is read by the devices that hold its shards on the current
+  mesh, whatever mesh or process count wrote it: no process assembles a
+  full host copy.
+  """
+  step = _existing_step(manager, step)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  except (ValueError, KeyError, TypeError) as error:
+    first_line = str(error).strip().splitlines()[0] if str(error) else ""
+    raise CheckpointError(
+        f"{manager.directory}/{step}: cannot restore into this model "
+        f"({type(error).__name__}: {first_line[:300]})") from None
+  return restored["state"], step
+
+
+def restore_data_position(manager: ocp.CheckpointManager, step: int
+                          ) -> dict[str, int] | None:
+  """The data position saved with `step`, or None if it has none.
+
+  Checkpoints written before data positions hold grain iterator files
+  there instead; they consumed one batch per step, which the caller assumes
+  for None.
+  """
+  if not (Path(manager.directory) / str(step) / "data").exists():
+    return None
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore()))
+    position = dict(restored["data"])
+  except (ValueError, KeyError, TypeError, OSError):
+    return None
+  return position if "examples_seen" in position else None
+
+
+def _existing_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"{manager.directory}: no checkpoint to restore")
@@ -126,15 +172,4 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
     raise CheckpointError(
         f"{manager.directory}: no checkpoint for step {step} (have "
         f"{sorted(manager.all_steps())})")
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    import grain  # pylint: disable=g-import-not-at-top
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error) else ""
-    raise CheckpointError(
-        f"{manager.directory}/{step}: cannot restore into this model "
-        f"({type(error).__name__}: {first_line[:300]})") from None
-  return restored["state"], step
+  return step

@@ -89,7 +89,7 @@ _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
-  """Returns a fresh ConfigDict for 'tiny', 'small' or 'base'.
+  """Returns a fresh ConfigDict for 'tiny', 'small', 'base' or 'large'.
 
   tiny:  unit tests (173,612 parameters with 512-d text).
   small: the CPU demo and the shipped model (2,750,905 parameters with 512-d
@@ -98,6 +98,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   base:  Text-IF's sizes (dim 48, blocks 2/2/2/2, heads 1/2/4/8, FFN x2,
          its dense-conv FFN): 64,776,402 parameters (Text-IF: 63.8 M; 0.5 M
          of ours are the text-guided visible correction's MLP).
+  large: base at twice the width (dim 96): 253,484,850 parameters, for
+         sharded training and scaling studies (docs/scaling.md).
   tests/test_model.py pins these counts.
   """
   c = ml_collections.ConfigDict()
@@ -139,6 +141,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   c.input_stride = 1
   if preset == "base":
     pass
+  elif preset == "large":
+    # Twice base's width: for scaling studies (docs/scaling.md), sharded
+    # with FSDP.
+    c.dim = 96
+    c.text_hidden = 2048
   elif preset == "small":
     # XLA:CPU time grows with the op count and the full-resolution width, so
     # few blocks at half resolution (input_stride 2: a 768x576 pair in 0.5 s
@@ -159,12 +166,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     c.refinement_blocks = 1
     c.text_hidden = 32
   else:
-    raise UserError(f"unknown preset {preset!r}; use 'tiny', 'small' or "
-                     "'base'")
+    raise UserError(f"unknown preset {preset!r}; use one of {PRESETS}")
   return c
 
 
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "small", "base", "large")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -370,6 +376,22 @@ class FusionNet(nnx.Module):
     return jnp.clip(rgb, 0.0, 1.0)
 
 
+def masked_mean(x: jax.Array, valid_size: jax.Array | None) -> jax.Array:
+  """(B, 1, 1, C) mean of (B, H, W, C) `x` over each image's valid pixels.
+
+  `valid_size` (B, 2) ints: each image's own (h, w) at the top left of a
+  padded array (None: all pixels).
+  """
+  if valid_size is None:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  size = jnp.asarray(valid_size, jnp.int32)[:, None, None, :]
+  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape[:3] + (1,), 1)
+  cols = jax.lax.broadcasted_iota(jnp.int32, x.shape[:3] + (1,), 2)
+  mask = ((rows < size[..., :1]) & (cols < size[..., 1:])).astype(jnp.float32)
+  count = jnp.sum(mask, axis=(1, 2), keepdims=True)
+  return jnp.sum(x * mask, axis=(1, 2), keepdims=True) / count
+
+
 def fuse_luma(y_vis: jax.Array, ir: jax.Array, log_gain_ir: jax.Array,
               log_gain_vis: jax.Array, residual: jax.Array,
               valid_size: jax.Array | None = None,
@@ -384,18 +406,9 @@ def fuse_luma(y_vis: jax.Array, ir: jax.Array, log_gain_ir: jax.Array,
   """
   if means is not None:
     mean_vis, mean_ir = means
-  elif valid_size is None:
-    mean_vis = jnp.mean(y_vis, axis=(1, 2), keepdims=True)
-    mean_ir = jnp.mean(ir, axis=(1, 2), keepdims=True)
   else:
-    size = jnp.asarray(valid_size, jnp.int32)[:, None, None, :]
-    rows = jax.lax.broadcasted_iota(jnp.int32, y_vis.shape, 1)
-    cols = jax.lax.broadcasted_iota(jnp.int32, y_vis.shape, 2)
-    mask = ((rows < size[..., :1]) & (cols < size[..., 1:])).astype(
-        jnp.float32)
-    count = jnp.sum(mask, axis=(1, 2), keepdims=True)
-    mean_vis = jnp.sum(y_vis * mask, axis=(1, 2), keepdims=True) / count
-    mean_ir = jnp.sum(ir * mask, axis=(1, 2), keepdims=True) / count
+    mean_vis = masked_mean(y_vis, valid_size)
+    mean_ir = masked_mean(ir, valid_size)
   gain_ir = jnp.exp(jnp.clip(log_gain_ir, *_LOG_GAIN_RANGE))
   gain_vis = jnp.exp(jnp.clip(log_gain_vis, *_LOG_GAIN_RANGE))
   return (gain_vis * (y_vis - mean_vis) + gain_ir * (ir - mean_ir) +

@@ -106,6 +106,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def to_host(tree: Any) -> Any:
+  """numpy copies of (possibly multi-process) arrays, on every process.
+
+  A batch-sharded array of a multi-process job is not addressable from one
+  process; its shards are gathered first.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray],
                  sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global sharded jax.Arrays."""

@@ -4,8 +4,17 @@
   textfusion-train --config configs/demo.py --workdir DIR --config.train.num_steps=50
 
 Parses --config (an ml_collections config file; any field can be overridden
-as --config.a.b=value) and --workdir, then calls
-`train_loop.train_and_evaluate(config, workdir)`.
+as --config.a.b=value) and --workdir, joins a multi-process job if asked,
+then calls `train_loop.train_and_evaluate(config, workdir)`.
+
+Multi-host (every process runs the same command; `distributed.py`):
+
+  python train.py --config C --workdir W --coordinator_address HOST0:1234 \
+      --num_processes 2 --process_id {0|1}
+  python train.py --config C --workdir W --multihost   # TPU pods, SLURM, MPI
+
+The workdir must be on storage every process sees (a shared filesystem or
+a gs:// bucket): Orbax writes each checkpoint with all processes.
 """
 
 from collections.abc import Sequence
@@ -14,6 +23,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from textfusion_jax import distributed
 from textfusion_jax import errors
 from textfusion_jax import train_loop
 
@@ -22,6 +32,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Training config file.",
                                           lock_config=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0 in a multi-process job (with --num_processes "
+    "and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index, 0..num_processes-1.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join the job JAX detects from the environment "
+    "(Cloud TPU pods, SLURM, Open MPI).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300,
+    "Seconds to wait for the coordinator and the other processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +53,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, auto=_MULTIHOST.value,
+                         timeout_s=_INIT_TIMEOUT.value)
   train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

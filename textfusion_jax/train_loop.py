@@ -19,8 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 import input_pipeline
+from textfusion_jax import bundle
 from textfusion_jax import checkpointing
+from textfusion_jax import distributed
 from textfusion_jax import evaluators
+from textfusion_jax import inference
 from textfusion_jax import metric_writer
 from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
@@ -57,15 +60,82 @@ def create_datasets(config: ml_collections.ConfigDict
 
 def restore_or_init(trainer: train_step.ShardedTrainer, manager: Any,
                     inputs: input_pipeline.Datasets, config: ml_collections.ConfigDict
-                    ) -> tuple[train_step.TrainState, int]:
+                    ) -> tuple[train_step.TrainState, int, int]:
+  """(state, step, first global batch): resume this workdir's run, else
+  start from config.train.init_from or from scratch.
+
+  The state restores straight into this run's shardings, whatever mesh or
+  process count wrote it; the data resume at the saved global position.
+  """
   if manager.latest_step() is not None:
-    state, step = checkpointing.restore(manager, trainer.abstract_state(),
-                                        inputs.train_iter)
-    log.info("Resumed from step %d", step)
-    return state, step
+    state, step = checkpointing.restore(manager, trainer.abstract_state())
+    start_batch = resume_batch(
+        checkpointing.restore_data_position(manager, step), step,
+        config.train.batch_size)
+    log.info("Resumed from step %d (global batch %d)", step, start_batch)
+    return state, step, start_batch
+  if config.train.get("init_from"):
+    return init_from_pretrained(trainer, config), 0, 0
   text_stats = (inputs.text_stats if config.text.standardize_at_init
                 else None)
-  return trainer.init_state(jax.random.key(config.seed), text_stats), 0
+  return trainer.init_state(jax.random.key(config.seed), text_stats), 0, 0
+
+
+def data_position(batches_seen: int, global_batch_size: int) -> dict[str, int]:
+  return {"examples_seen": batches_seen * global_batch_size,
+          "global_batch_size": global_batch_size}
+
+
+def resume_batch(position: Mapping[str, int] | None, step: int,
+                 global_batch_size: int) -> int:
+  """The global batch to resume at, for this run's batch size."""
+  if position is None:  # written before data positions: one batch per step
+    return step
+  seen = int(position["examples_seen"])
+  if seen % global_batch_size:
+    raise checkpointing.CheckpointError(
+        f"checkpoint step {step} stopped after {seen} training examples "
+        f"(train.batch_size={position['global_batch_size']}), which "
+        f"train.batch_size={global_batch_size} does not divide; resume with "
+        "a batch size that does")
+  return seen // global_batch_size
+
+
+# A sentence both text encoders embed, to check they are the same encoder.
+_TEXT_PROBE = "a person walking on a road at night"
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Fails early (before data or workdir are touched) on a bad init_from."""
+  path = config.train.get("init_from")
+  if not path:
+    return
+  if not Path(path).exists():
+    raise checkpointing.CheckpointError(
+        f"config.train.init_from={path!r}: no such bundle or workdir")
+  saved = (bundle.load_config(path) if bundle.is_bundle(path)
+           else checkpointing.load_saved_config(path))
+  checkpointing.check_compatible(
+      saved, config, path,
+      remedy="config.train.init_from needs the same model config")
+
+
+def init_from_pretrained(trainer: train_step.ShardedTrainer,
+                         config: ml_collections.ConfigDict
+                         ) -> train_step.TrainState:
+  """Fine-tuning: the params of config.train.init_from, a fresh optimizer."""
+  path = config.train.init_from
+  check_init_from(config)
+  source = inference.Fuser.load(path)
+  ours = text_encoder.from_config(config.text).encode([_TEXT_PROBE])
+  theirs = source.encoder.encode([_TEXT_PROBE])
+  if not np.allclose(ours, theirs, atol=1e-4):
+    raise checkpointing.CheckpointError(
+        f"config.train.init_from={path!r} was trained with another text "
+        f"encoder than config.text.encoder={config.text.encoder!r} (they embed"
+        " the same sentence differently); use its encoder")
+  log.info("Initialised from %s (step %d)", path, source.step)
+  return trainer.state_from_params(source.params)
 
 
 def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
@@ -115,6 +185,7 @@ def _check_finite(loss: Any, step: int, manager: Any, workdir: Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates."""
+  check_init_from(config)
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
@@ -123,7 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
-  state, start_step = restore_or_init(trainer, manager, inputs, config)
+  state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
+                                                   config)
+  train_iter = inputs.train_iter_at(batches_seen)
+  batch_size = config.train.batch_size
   writer = metric_writer.MetricWriter(workdir_path)
   evaluator = evaluators.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
@@ -140,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           else None)
   loop_start = time.time()
   with jax.set_mesh(mesh):
-    step_fn = trainer.jitted_train_step
+    step_fn = None
     pending = None
     last_log_time, last_log_step = time.time(), start_step
     progress = tqdm(total=num_steps, initial=start_step, unit="step",
@@ -149,10 +223,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     previous_loss = None
     try:
       while step < stop_at:
-        batch = sharding_lib.global_batch(next(inputs.train_iter),
+        batch = sharding_lib.global_batch(next(train_iter),
                                           trainer.batch_sharding)
+        if step_fn is None:
+          # Compiled ahead, then all processes start it together.
+          step_fn = trainer.jitted_train_step.lower(state, batch,
+                                                    base_rng).compile()
+          distributed.barrier("train_step_compiled")
         state, step_metrics = step_fn(state, batch, base_rng)
         step += 1
+        batches_seen += 1
         # Checking the previous step's loss keeps one step in flight.
         if previous_loss is not None:
           _check_finite(previous_loss, step - 1, manager, workdir_path)
@@ -169,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           scalars = _log_scalars(writer, step, pending, rate)
           progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
           pending, last_log_time, last_log_step = None, now, step
-        checkpointing.save(manager, step, state, inputs.train_iter)
+        checkpointing.save(manager, step, state,
+                           data_position(batches_seen, batch_size))
         if (config.train.eval_every and step % config.train.eval_every == 0
             and step < num_steps):
           _eval_and_log(evaluator, writer, state.params, step)
@@ -179,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if is_writer:
         run_record.finish(workdir_path, info, step, time.time() - loop_start)
     if manager.latest_step() != step:
-      checkpointing.save(manager, step, state, inputs.train_iter, force=True)
+      checkpointing.save(manager, step, state,
+                         data_position(batches_seen, batch_size), force=True)
       manager.wait_until_finished()
     if step < num_steps:
       log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
@@ -187,6 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       writer.close()
       manager.close()
       return {"stopped_at": step}
+    if not config.eval.get("at_end", True):
+      writer.close()
+      manager.close()
+      return {"finished_at": step}
     result = _eval_and_log(evaluator, writer, state.params, step)
   writer.close()
   manager.close()

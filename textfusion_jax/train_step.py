@@ -113,6 +113,15 @@ class ShardedTrainer:
 
     return jax.jit(init, out_shardings=self.state_shardings)(rng, text_stats)
 
+  def state_from_params(self, params: PyTree) -> TrainState:
+    """Step 0 with these params and a fresh optimizer, in their shards."""
+
+    def init(params):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=_to_plain(self.optimizer.init(params)))
+
+    return jax.jit(init, out_shardings=self.state_shardings)(params)
+
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings, as orbax restore targets."""
     shapes = jax.eval_shape(self.init_state, jax.random.key(0))

@@ -100,8 +100,17 @@ def _weight_files(directory: Path) -> list[Path]:
       return [directory / name]
     index = directory / f"{name}.index.json"
     if index.is_file():
-      weight_map_ = json.loads(index.read_text())["weight_map"]
-      return [directory / f for f in sorted(set(weight_map_.values()))]
+      try:
+        weight_map_ = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map_.values()))
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a weight index (expected JSON "
+                              "with a 'weight_map' of name -> file)") from None
+      missing = [f for f in shards if not (directory / f).is_file()]
+      if missing:
+        raise CheckpointError(f"{index} names shards that are missing: "
+                              f"{', '.join(missing)}")
+      return [directory / f for f in shards]
   return []
 
 
@@ -124,9 +133,13 @@ def load_text_tensors(directory: Path) -> dict[str, np.ndarray]:
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
   # pylint: disable=g-import-not-at-top
   import safetensors
-  with safetensors.safe_open(file, framework="numpy") as f:
-    return {k: f.get_tensor(k).astype(np.float32)
-            for k in weight_map.text_keys(f.keys())}
+  try:
+    with safetensors.safe_open(file, framework="numpy") as f:
+      return {k: f.get_tensor(k).astype(np.float32)
+              for k in weight_map.text_keys(f.keys())}
+  except (safetensors.SafetensorError, OSError, ValueError) as error:
+    raise CheckpointError(f"{file}: unreadable safetensors file "
+                          f"({_first_line(error)})") from None
 
 
 def _read_torch(file: Path) -> dict[str, np.ndarray]:
@@ -136,9 +149,28 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(
         f"{file}: reading a .bin checkpoint needs torch (pip install torch), "
         "or convert it to model.safetensors") from None
-  state = torch.load(file, map_location="cpu", weights_only=True)
+  import pickle  # pylint: disable=g-import-not-at-top
+  try:
+    # weights_only: the unpickler builds tensors and containers only, and
+    # refuses (without running it) anything else a pickle asks for.
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as error:
+    raise CheckpointError(
+        f"{file}: refused: the pickle asks for more than tensors, which a "
+        f"weights file never needs ({_first_line(error)[:200]})") from None
+  except (RuntimeError, EOFError, OSError, ValueError) as error:
+    raise CheckpointError(f"{file}: unreadable PyTorch weights file "
+                          f"({_first_line(error)[:200]})") from None
+  if not isinstance(state, dict):
+    raise CheckpointError(f"{file}: expected a state dict of tensors, got "
+                          f"{type(state).__name__}")
   return {k: state[k].float().numpy()
           for k in weight_map.text_keys(state.keys())}
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def save(model: clip_text.ClipTextTower, tokenizer: Any,

@@ -201,6 +201,35 @@ def save_tiny_random_clip(directory: str | os.PathLike, *, seed: int = 0,
   return directory
 
 
+def save_random_vit_b32_text(directory: str | os.PathLike, *,
+                             seed: int = 0) -> Path:
+  """Random weights of CLIP ViT-B/32's text tower in Hugging Face format.
+
+  The real architecture (width 512, 12 layers, 8 heads, MLP 2048,
+  projection 512, vocab 49408) with the tiny tokenizer, for speed
+  measurements: time does not depend on the weights, and the real ones
+  cannot be downloaded here. Both `TextEncoder.from_pretrained` and
+  transformers' CLIPTextModelWithProjection load the directory.
+  """
+  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig
+  from textfusion_jax.text import clip_text
+  from textfusion_jax.text import hf_checkpoint
+  vocab, _ = tiny_vocab_and_merges()
+  eos = vocab[EOS_TOKEN]
+  hf_config = CLIPTextConfig(
+      vocab_size=49408, hidden_size=512, intermediate_size=2048,
+      projection_dim=512, num_hidden_layers=12, num_attention_heads=8,
+      max_position_embeddings=77, hidden_act="quick_gelu",
+      bos_token_id=vocab[BOS_TOKEN], pad_token_id=eos, eos_token_id=eos,
+      architectures=["CLIPTextModelWithProjection"])
+  model = clip_text.random_tower(clip_text.ClipTextConfig.from_hf(hf_config),
+                                 seed=seed)
+  directory = Path(directory)
+  hf_checkpoint.save(model, tiny_tokenizer(), directory)
+  return directory
+
+
 def main(argv: list[str]) -> None:
   """`python -m textfusion_jax.text.tiny_clip OUT_DIR [--seed N]`."""
   if len(argv) != 2:

@@ -1,0 +1,302 @@
+"""Everything worth timing on an accelerator, in one short run, as one table.
+
+  python benchmarks/accelerator_suite.py            # one GPU: <= 8 minutes
+  python benchmarks/accelerator_suite.py --smoke    # CPU, small preset: <= 2 min
+  [--out RESULTS.md] [--peak_tflops 989]
+
+Measures, on the first device, with random weights and data (speed does not
+depend on them):
+
+1. training: the base preset (Text-IF's sizes) at 256x256 in bfloat16,
+   batch 8 and 32: ms per step, images/s, and MFU = the compiled step's
+   FLOPs (`compiled.cost_analysis()`) per second over the device's peak dense
+   bf16 rate;
+2. inference: 480x640 and 1024x1280, batch 1, bfloat16, attention through
+   cuDNN's fused kernel on GPUs: ms per image and the device's peak memory;
+3. the 12 fusion metrics (`metrics.batched_all_metrics`) on 640x480 triples
+   in batches: triples/s;
+4. the CLIP ViT-B/32 text tower (random weights, HF format): captions/s of
+   our Flax encoder against transformers' PyTorch model on the same device.
+
+Text-IF's figures on one H100 (../shared/ANCHORS.md: PyTorch 2.11, bf16
+autocast) are printed beside ours. `--smoke` shrinks every part (small
+preset, small images, few repeats) so the script itself is tested on CPU.
+
+Runs on the GPU machine's stack (Python 3.12, jax 0.11.2 + CUDA, flax 0.12.10,
+torch 2.11) as well as on the pinned one. It needs neither grain nor
+TensorFlow; ml_collections and clu are missing there and travel as wheels
+(`--print_wheels` prints the commands).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_SMOKE = flags.DEFINE_bool("smoke", False, "CPU-sized run of every part.")
+_OUT = flags.DEFINE_string("out", None, "Also write the table here.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of "
+                           "the device (default: looked up by device kind).")
+_PRINT_WHEELS = flags.DEFINE_bool("print_wheels", False, "Print how to carry "
+                                  "the missing packages, then exit.")
+
+# Wheels the GPU machine lacks (pure Python); their other needs are there.
+WHEELS = ("ml_collections==1.1.0", "clu==0.0.12")
+# Peak dense bf16 TFLOP/s by device kind (vendor datasheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0,
+                    "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+                    "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+# Text-IF on one H100 80GB, bf16 autocast (../shared/ANCHORS.md).
+ANCHORS = {"train b8": "25.9 img/s", "infer 480x640": "47.7 ms",
+           "infer 1024x1280": "229 ms (6.9 GB peak)"}
+
+
+def print_wheels() -> None:
+  names = " ".join(WHEELS)
+  print("echo /.whl/ >> .git/info/exclude\n"
+        "python3 -m pip download --no-deps --only-binary=:all: "
+        "--python-version 3.12 --implementation cp --platform "
+        f"manylinux_2_17_x86_64 -d .whl {names}\n"
+        "# then, in the device command (carry: .whl):\n"
+        "python3 -m pip install -q --no-index --no-deps --target /tmp/site "
+        ".whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH")
+
+
+def check_imports() -> None:
+  missing = []
+  for module in ("ml_collections", "clu", "optax", "flax", "transformers"):
+    try:
+      importlib.import_module(module)
+    except ImportError:
+      missing.append(module)
+  if missing:
+    raise SystemExit(f"missing {', '.join(missing)}; carry the wheels "
+                     f"{', '.join(WHEELS)} (--print_wheels shows how)")
+
+
+def peak_tflops(device: jax.Device) -> float | None:
+  if _PEAK.value:
+    return _PEAK.value
+  matches = [v for k, v in PEAK_BF16_TFLOPS.items() if k in device.device_kind]
+  return matches[0] if matches else None
+
+
+def peak_memory_gb(device: jax.Device) -> float | None:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 1e9
+
+
+def model_config(smoke: bool, on_gpu: bool):
+  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import model as model_lib
+  config = model_lib.model_config("small" if smoke else "base")
+  config.dtype = "bfloat16"
+  config.text_dim = 512  # CLIP ViT-B/32
+  config.attention_impl = "cudnn" if on_gpu else None
+  return config
+
+
+def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
+  # pylint: disable=g-import-not-at-top
+  from bench_common import cost_of, random_batch, time_calls
+  from configs import default
+  from textfusion_jax import sharding as sharding_lib
+  from textfusion_jax import train_step
+  rows = []
+  crop = 64 if smoke else 256
+  for batch_size in ((2,) if smoke else (8, 32)):
+    config = default.get_config()
+    config.model = model_config(smoke, on_gpu)
+    config.train.batch_size, config.data.crop_size = batch_size, crop
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    trainer = train_step.ShardedTrainer(config, mesh)
+    with jax.set_mesh(mesh):
+      state = trainer.init_state(jax.random.key(0))
+      batch = sharding_lib.global_batch(
+          random_batch(batch_size, crop, 512), trainer.batch_sharding)
+      rng = jax.random.key(1)
+      compiled = trainer.jitted_train_step.lower(state, batch, rng).compile()
+      flops, _ = cost_of(compiled)
+      holder = {"state": state}
+
+      def step():
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        return metrics.loss.compute()
+
+      best, median = time_calls(step, 2 if smoke else 20)
+    mfu = (f"{100 * flops / median / (peak * 1e12):.1f} %" if peak else "n/a")
+    anchor = ANCHORS["train b8"] if batch_size == 8 else ""
+    rows.append((f"train {crop}x{crop}, batch {batch_size}, bf16",
+                 f"{1e3 * median:.1f} ms/step (best {1e3 * best:.1f}); "
+                 f"{batch_size / median:.1f} img/s; {flops / 1e9:.1f} "
+                 f"GFLOP/step; MFU {mfu}", anchor))
+  return rows
+
+
+def inference_rows(smoke: bool, on_gpu: bool) -> list[tuple]:
+  # pylint: disable=g-import-not-at-top
+  from bench_common import time_calls
+  from flax import nnx
+  from textfusion_jax import model as model_lib
+  from textfusion_jax import train_step
+  rows = []
+  config = model_config(smoke, on_gpu)
+  model = model_lib.build(config, jax.random.key(0))
+  graphdef = nnx.graphdef(model)
+  params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                          jax.devices()[0])
+  apply = jax.jit(lambda p, v, i, t: train_step.apply(graphdef, p, v, i, t))
+  sizes = ((96, 128),) if smoke else ((480, 640), (1024, 1280))
+  rng = np.random.default_rng(0)
+  for height, width in sizes:
+    vis = jnp.asarray(rng.random((1, height, width, 3), np.float32))
+    ir = jnp.asarray(rng.random((1, height, width, 1), np.float32))
+    text = jnp.asarray(rng.normal(size=(1, 512)).astype(np.float32))
+    best, median = time_calls(lambda: apply(params, vis, ir, text),
+                              2 if smoke else 10)
+    memory = peak_memory_gb(jax.devices()[0])
+    compiled = apply.lower(params, vis, ir, text).compile().memory_analysis()
+    program_gb = ((compiled.temp_size_in_bytes +
+                   compiled.argument_size_in_bytes +
+                   compiled.output_size_in_bytes) / 1e9
+                  if compiled is not None else float("nan"))
+    peak_text = (f"device peak so far {memory:.2f} GB" if memory is not None
+                 else "device peak n/a")
+    rows.append((f"inference {height}x{width}, batch 1, bf16"
+                 f"{', cuDNN attention' if on_gpu else ''}",
+                 f"{1e3 * median:.1f} ms (best {1e3 * best:.1f}); program "
+                 f"{program_gb:.2f} GB (args + temp + out); {peak_text}",
+                 ANCHORS.get(f"infer {height}x{width}", "")))
+  return rows
+
+
+def metric_rows(smoke: bool) -> list[tuple]:
+  # pylint: disable=g-import-not-at-top
+  from bench_common import time_calls
+  from textfusion_jax import metrics
+  batch = 2 if smoke else 32
+  height, width = (120, 160) if smoke else (480, 640)
+  rng = np.random.default_rng(0)
+  triple = [jnp.asarray(rng.integers(0, 256, (batch, height, width),
+                                     dtype=np.uint8)) for _ in range(3)]
+  best, median = time_calls(lambda: metrics.batched_all_metrics(*triple),
+                            2 if smoke else 10)
+  return [(f"12 metrics, {width}x{height} triples, batches of {batch}",
+           f"{batch / median:.1f} triples/s (best {batch / best:.1f})", "")]
+
+
+CAPTIONS = [
+    "Two pedestrians walk past a traffic light pole on a dark sidewalk.",
+    "A car drives along a wet road; the thermal image shows its warm engine.",
+    "A person stands near a fence behind trees.",
+    "heavily underexposed, slightly noisy visible image",
+    "Several cyclists ride across an intersection while a bus waits at the "
+    "red light; in the infrared image the riders stand out as bright figures.",
+]
+
+
+def text_rows(smoke: bool) -> list[tuple]:
+  # pylint: disable=g-import-not-at-top
+  from bench_common import time_calls
+  from textfusion_jax.text import tiny_clip
+  from textfusion_jax.text.encoder import TextEncoder
+  count, batch = (32, 16) if smoke else (4096, 256)
+  captions = [CAPTIONS[i % len(CAPTIONS)] + f" ({i})" for i in range(count)]
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    # The smoke run takes the tiny tower through the same code.
+    directory = (tiny_clip.save_tiny_random_clip(tmp) if smoke else
+                 tiny_clip.save_random_vit_b32_text(tmp))
+    encoder = TextEncoder.from_pretrained(directory, dtype="bfloat16")
+    _, median = time_calls(lambda: encoder.encode(captions, batch), 1 if smoke
+                           else 3)
+    ours = count / median
+    try:
+      import torch
+      import transformers
+    except ImportError:
+      torch = None
+    theirs = "torch not installed"
+    if torch is not None:
+      device = "cuda" if torch.cuda.is_available() else "cpu"
+      model = transformers.CLIPTextModelWithProjection.from_pretrained(
+          directory, dtype=torch.bfloat16).to(device).eval()
+      tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
+
+      def run_torch():
+        with torch.inference_mode():
+          out = [model(**tokenizer(captions[i:i + batch], padding="longest",
+                                   truncation=True, max_length=77,
+                                   return_tensors="pt").to(device)
+                       ).text_embeds.float().cpu()
+                 for i in range(0, count, batch)]
+        return np.asarray(torch.cat(out))
+
+      _, torch_median = time_calls(run_torch, 1 if smoke else 3)
+      theirs = (f"PyTorch (transformers, {device}) {count / torch_median:.0f}"
+                f" captions/s; ratio {ours * torch_median / count:.2f}x")
+  tower = "tiny CLIP (smoke)" if smoke else "CLIP ViT-B/32"
+  rows.append((f"{tower} text, bf16, {count} captions, batch {batch}, "
+               "tokenization included", f"{ours:.0f} captions/s", theirs))
+  return rows
+
+
+def main(argv) -> None:
+  del argv
+  if _PRINT_WHEELS.value:
+    print_wheels()
+    return
+  logging.set_verbosity(logging.WARNING)
+  check_imports()
+  smoke = _SMOKE.value
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+  peak = peak_tflops(device)
+  start = time.perf_counter()
+  header = (f"device: {device.device_kind} ({device.platform}); jax "
+            f"{jax.__version__}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPU cores; peak bf16 "
+            f"{f'{peak:g} TFLOP/s' if peak else 'unknown'}"
+            f"{'; --smoke (small preset, CPU sizes)' if smoke else ''}")
+  print(header, flush=True)
+  rows = []
+  # Inference first: the device's peak memory then reads per size.
+  for part in (lambda: inference_rows(smoke, on_gpu),
+               lambda: metric_rows(smoke), lambda: text_rows(smoke),
+               lambda: train_rows(smoke, on_gpu, peak)):
+    part_start = time.perf_counter()
+    part_rows = part()
+    for row in part_rows:
+      print(f"  {row[0]}: {row[1]}", flush=True)
+    print(f"  ({time.perf_counter() - part_start:.0f} s, compiling "
+          "included)", flush=True)
+    rows += part_rows
+  lines = [header, "", "| work | textfusion-jax | Text-IF on one H100 (bf16) / "
+           "baseline |", "|---|---|---|"]
+  lines += [f"| {work} | {ours} | {anchor} |" for work, ours, anchor in rows]
+  lines.append(f"\ntotal {time.perf_counter() - start:.0f} s")
+  table = "\n".join(lines)
+  print("\n" + table)
+  if _OUT.value:
+    Path(_OUT.value).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,28 @@
+"""Prints the record ids one process of a multi-process job trains on.
+
+Run by tests/test_multihost.py, once per process:
+  python -m tests.multihost_data_main COORDINATOR NUM_PROCESSES PROCESS_ID BATCHES
+Joins the job, builds the tiny config's training stream and prints, as JSON,
+the `record_index` of every example of its first BATCHES batches.
+"""
+
+import json
+import sys
+
+from configs import tiny
+from textfusion_jax import distributed
+from textfusion_jax import train_loop
+
+
+def main() -> None:
+  coordinator, count, index, batches = sys.argv[1:5]
+  distributed.initialize(coordinator, int(count), int(index), timeout_s=60)
+  inputs = train_loop.create_datasets(tiny.get_config())
+  stream = inputs.train_iter_at(0)
+  seen = [int(i) for _ in range(int(batches))
+          for i in next(stream)["record_index"]]
+  print(json.dumps({"process": int(index), "record_index": seen}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,7 +1,7 @@
 """Everything worth timing on an accelerator, in one short run, as one table.
 
   python benchmarks/accelerator_suite.py            # one GPU: <= 8 minutes
-  python benchmarks/accelerator_suite.py --smoke    # CPU, small preset: <= 2 min
+  python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: <= 1 min
   [--out RESULTS.md] [--peak_tflops 989]
 
 Measures, on the first device, with random weights and data (speed does not
@@ -19,7 +19,7 @@ depend on them):
    our Flax encoder against transformers' PyTorch model on the same device.
 
 Text-IF's figures on one H100 (../shared/ANCHORS.md: PyTorch 2.11, bf16
-autocast) are printed beside ours. `--smoke` shrinks every part (small
+autocast) are printed beside ours. `--smoke` shrinks every part (tiny
 preset, small images, few repeats) so the script itself is tested on CPU.
 
 Runs on the GPU machine's stack (Python 3.12, jax 0.11.2 + CUDA, flax 0.12.10,
@@ -106,7 +106,7 @@ def peak_memory_gb(device: jax.Device) -> float | None:
 def model_config(smoke: bool, on_gpu: bool):
   # pylint: disable=g-import-not-at-top
   from textfusion_jax import model as model_lib
-  config = model_lib.model_config("small" if smoke else "base")
+  config = model_lib.model_config("tiny" if smoke else "base")
   config.dtype = "bfloat16"
   config.text_dim = 512  # CLIP ViT-B/32
   config.attention_impl = "cudnn" if on_gpu else None
@@ -274,7 +274,7 @@ def main(argv) -> None:
             f"{jax.__version__}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPU cores; peak bf16 "
             f"{f'{peak:g} TFLOP/s' if peak else 'unknown'}"
-            f"{'; --smoke (small preset, CPU sizes)' if smoke else ''}")
+            f"{'; --smoke (tiny preset, CPU sizes)' if smoke else ''}")
   print(header, flush=True)
   rows = []
   # Inference first: the device's peak memory then reads per size.

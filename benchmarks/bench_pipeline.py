@@ -2,8 +2,8 @@
 
   python benchmarks/bench_pipeline.py [--data DIR | --generate [--pairs 32] [--ir_rgb]]
       [--batch_size 16] [--crop 256] [--batches 10] [--warmup N]
-      [--workers 0,1,2] [--read_threads 2] [--rounds 2] [--tfds_rounds 1]
-      [--no_tfds] [--no_breakdown]
+      [--workers 0,1,2] [--read_threads 2] [--rounds 2] [--no_tfds]
+      [--no_cached] [--no_breakdown]
 
 Reports training examples/s of `input_pipeline.pipeline.make_train_dataset`
 (random 256x256 crop + flip + caption embedding per example, float32 batches)
@@ -12,9 +12,13 @@ with 0, 1 and 2 grain worker processes, over
   * folder: `datasets.PairedFolderSource` reading the ir/ and vi/ JPGs and
     decoding them on the fly (no build step), and
   * tfds:   the same pairs built once with `datasets.build('folders', ...)` to
-    an array_record TFDS dataset (PNG-encoded, lossless; the path the project
-    recommends for large datasets) and read with `load_source` +
-    `RecordSource`,
+    an array_record TFDS dataset (the source JPEG bytes kept; the path the
+    project recommends for large datasets) and read with `load_source` +
+    `RecordSource`; both sources hand the pipeline `image_io.EncodedImage`s,
+    so a 256x256 crop decodes the JPEG but converts only its window,
+  * tfds, decoded once: the same records through `sources.CachedSource`
+    (each record decoded in full on first use and kept in RAM: the
+    record-level cache alternative; needs the dataset to fit in memory),
 
 against the simplest alternative, a single-threaded Python loop with PIL
 (open both JPGs, convert, random crop, flip, pick a caption embedding, stack),
@@ -37,9 +41,7 @@ warm-up batch counts batches prefetched during the seconds of worker start-up
 as throughput (a trial run reported 846 examples/s for 2 workers that way,
 ~200 when drained). Variants run in --rounds interleaved rounds and each one's
 best round counts (the median is also shown), so background load on a shared
-machine hits them alike; the slow TFDS variants run in the first
---tfds-rounds rounds only (default 1) to keep the default run near 2-3
-minutes on 2 cores. Small datasets are read from the page cache,
+machine hits them alike. Small datasets are read from the page cache,
 so disk I/O is not measured. A per-example cost breakdown (single thread)
 follows the table.
 """
@@ -69,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from input_pipeline import datasets
 from input_pipeline import layouts
 from input_pipeline import pipeline
+from input_pipeline import sources
 from input_pipeline import synthetic
 from input_pipeline.captions import CaptionTable
 from input_pipeline import image_io
@@ -272,7 +275,8 @@ def breakdown(pairs, folder_source, tfds_source, crop: int,
       with Image.open(path) as image:
         image.load()
 
-  record = pipeline.normalize_record(folder_source[0])
+  record = {k: np.asarray(v) for k, v in pipeline.normalize_record(
+      folder_source[0]).items() if k in ("vis", "ir")}  # decoded
   rng = np.random.default_rng(0)
   scenes = synthetic.SyntheticPairs(1000, 128, 128, seed=1)
   scenes[0]  # warm-up (grid caches)
@@ -283,7 +287,12 @@ def breakdown(pairs, folder_source, tfds_source, crop: int,
       ("JPEG decode only, vi + ir (PIL Image.load)", ms(wrap(pil_decode))),
       ("project read_pair (decode + convert + np.asarray + grey/RGB)",
        ms(wrap(lambda i: layouts.read_pair(pairs[i][0], pairs[i][1])))),
-      ("PairedFolderSource[i] + normalize_record",
+      (f"EncodedImage.crop {crop}x{crop}, vi + ir (decode, convert only the "
+       "window: what the sources hand the pipeline)",
+       ms(wrap(lambda i: [image_io.EncodedImage(p, c).crop(0, 0, crop, crop)
+                          for p, c in ((pairs[i][0], 1), (pairs[i][1], 3))]))),
+      ("PairedFolderSource[i] + normalize_record (images stay encoded: "
+       "headers only)",
        ms(wrap(lambda i: pipeline.normalize_record(folder_source[i])))),
       ("image_io.rgb_to_grey_u8 of a full frame (read_pair does it for IR "
        "JPGs stored as RGB)",
@@ -301,8 +310,10 @@ def breakdown(pairs, folder_source, tfds_source, crop: int,
            1, crop, 0): next(it)))),
   ]
   if tfds_source is not None:
-    rows.append(("TFDS record fetch + PNG decode, vi + ir (RecordSource[i])",
-                 ms(wrap(lambda i: tfds_source[i]))))
+    rows.append(("TFDS record fetch + full decode, vi + ir "
+                 "(np.asarray of RecordSource[i]'s images)",
+                 ms(wrap(lambda i: [np.asarray(tfds_source[i][k])
+                                    for k in ("ir", "vis")]))))
   return rows
 
 
@@ -328,10 +339,10 @@ flags.DEFINE_integer(
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker_count values.")
 flags.DEFINE_integer("read_threads", 2, "grain read threads per process.")
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds.")
-flags.DEFINE_integer("tfds_rounds", 1, "Rounds (of the first --rounds) that "
-                     "also run the TFDS variants, which are ~7x slower.")
 flags.DEFINE_integer("seed", 0, "Seed of generated pairs and crops.")
 flags.DEFINE_bool("no_tfds", False, "Skip the TFDS array_record variant.")
+flags.DEFINE_bool("no_cached", False, "Skip the decoded-once (CachedSource) "
+                  "TFDS variant.")
 flags.DEFINE_string(
     "tfds_dir", None, "Where to build (and reuse) the TFDS dataset; default "
     "a temporary folder.")
@@ -390,12 +401,12 @@ def main(argv) -> None:
   print(f"batch {args.batch_size} x {args.crop}x{args.crop} crops, "
         f"{args.batches} timed batches after "
         f"{args.warmup or auto_desc} warm-up batches (PIL loop: 1),"
-        f" {args.rounds} interleaved round(s) (TFDS: "
-        f"{min(args.rounds, args.tfds_rounds)}), read_threads="
+        f" {args.rounds} interleaved round(s), read_threads="
         f"{args.read_threads}; caption embeddings from a hash -> "
         f"{EMBED_DIM}-d embed_fn (text encoding not measured); one batch is "
-        f"{args.batch_size * args.crop ** 2 * 4 * 4 / 2**20:.1f} MB of "
-        f"float32 pixels (what grain workers ship to the main process)\n")
+        f"{args.batch_size * args.crop ** 2 * 4 / 2**20:.1f} MB of uint8 "
+        "pixels (what grain workers ship to the main process, which makes "
+        "them float32)\n")
   if len(pairs) < args.batch_size:
     raise SystemExit(f"need at least --batch_size={args.batch_size} pairs")
 
@@ -424,9 +435,11 @@ def main(argv) -> None:
       setups["tfds"] = time.perf_counter() - start
       record_mb = sum(f.stat().st_size for f in Path(tfds_dir).rglob(
           "*array_record*")) / 2**20
-      print(f"TFDS build ({len(tfds_source)} pairs -> array_record, PNG "
-            f"level 1): {build_s:.1f} s, {record_mb:.0f} MB of records "
-            f"(JPGs: {sum(kb) / 1024:.0f} MB)\n")
+      jpg_mb = sum(kb) / 1024
+      print(f"TFDS build ({len(tfds_source)} pairs -> array_record, source "
+            f"JPEG bytes kept): {build_s:.1f} s, {record_mb:.1f} MB of "
+            f"records = {record_mb / jpg_mb:.2f}x the JPGs "
+            f"({jpg_mb:.1f} MB)\n")
     except Exception as error:  # pylint: disable=broad-except
       print(f"TFDS variant skipped: build/load failed: {error!r}\n")
       tfds_source = None
@@ -439,8 +452,11 @@ def main(argv) -> None:
   variants = [("grain, JPG folder (PairedFolderSource)", folder_source,
                folder_table)]
   if tfds_source is not None:
-    variants.append(("grain, TFDS array_record (PNG)", tfds_source,
+    variants.append(("grain, TFDS array_record (JPEG bytes)", tfds_source,
                      tfds_table))
+    if not args.no_cached:
+      variants.append(("grain, TFDS, decoded once (CachedSource)",
+                       sources.CachedSource(tfds_source), tfds_table))
   for name, source, table in variants:
     for workers in args.worker_counts:
       runners[(name, str(workers))] = (
@@ -451,8 +467,6 @@ def main(argv) -> None:
       k: [] for k in runners}
   for round_index in range(args.rounds):
     for key, (make, warmup) in runners.items():
-      if key[0].startswith("grain, TFDS") and round_index >= args.tfds_rounds:
-        continue
       startup, elapsed = time_iterator(make, warmup, args.batches)
       results[key].append((startup, elapsed))
       print(f"  round {round_index + 1}: {key[0]}, workers {key[1]}: "
@@ -473,6 +487,15 @@ def main(argv) -> None:
     print(f"| {key[0]} | {key[1]} | {max(rates):.1f} | "
           f"{statistics.median(rates):.1f} | {max(rates) / baseline:.2f}x | "
           f"{min(startups):.2f} | {len(rates)} |")
+  tfds_name = "grain, TFDS array_record (JPEG bytes)"
+  per_worker = {w: max(rate[(tfds_name, w)]) for w in ("1", "2")
+                if rate.get((tfds_name, w))}
+  if len(per_worker) == 2:
+    print(f"\nTFDS records, 2 workers vs PIL loop: "
+          f"{per_worker['2'] / baseline:.2f}x (target 1.5x); 1 -> 2 workers: "
+          f"{per_worker['1']:.0f} -> {per_worker['2']:.0f} examples/s "
+          f"({per_worker['2'] / per_worker['1']:.2f}x, "
+          f"{per_worker['2'] / 2:.0f} per worker)")
   print("\nSource set-up (scan/open + caption table), once: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in setups.items()))
   print("workers 0 = batches built in the main process by read_threads "

@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.text.standardize_at_init = True  # Fold train-caption embedding mean/std into the text MLPs at init.
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # 'synthetic', 'folder' (paired ir/ vi/ dirs) or 'tfds'.
+  config.data.source = "synthetic"  # 'synthetic', 'folder' (paired ir/ vi/ dirs), 'tfds' or 'mixture'.
+  config.data.mixture = ()  # Mixture source: ((source, weight), ...); source a folder or 'tfds:<name>[@<data_dir>]'; weight 0 drops it.
   config.data.train_size = 256  # Synthetic: number of training scenes.
   config.data.eval_size = 16  # Synthetic: number of held-out eval scenes.
   config.data.image_height = 128  # Synthetic: scene height in pixels.
@@ -38,12 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ""  # TFDS source: data_dir the dataset was built into.
   config.data.train_split = "train"  # TFDS source: training split.
   config.data.eval_split = "test"  # TFDS source: eval split.
-  config.data.cache_in_memory = False  # Folder source: keep decoded training pairs in RAM.
+  config.data.caption_sources = ()  # ((source, weight), ...): caption files to train on ('default' = captions.jsonl, NAME = captions_NAME.jsonl); empty: all.
+  config.data.caption_sampling = "uniform"  # 'uniform' over a pair's captions, or 'weighted': a source by weight, then one of its captions.
+  config.data.cache_in_memory = False  # Folder or mixture source: keep decoded training pairs in RAM (off: stream from disk).
   config.data.crop_size = 96  # Square training crop (Text-IF uses 96).
   config.data.shuffle_captions_across_pairs = False  # Ablation: train on another pair's captions.
   config.data.degradations = ml_collections.ConfigDict()
   config.data.degradations.enabled = False  # Degrade visible crops, prompt with their condition sentence (input_pipeline/degradations.py).
   config.data.degradations.level_probs = (0.4, 0.2, 0.2, 0.2)  # P(level 0, 1, 2, 3), drawn per kind.
+  config.data.degradations.renamed_prob = 0.0  # Share of crops prompted with redrawn underexposure/haze levels, target = what that prompt asks for.
   config.data.worker_count = 0  # grain worker processes (0 = in the main process).
   config.data.prefetch_buffer_size = 2  # Batches grain prefetches per worker.
 

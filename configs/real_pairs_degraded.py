@@ -17,4 +17,5 @@ from configs import real_pairs
 def get_config() -> ml_collections.ConfigDict:
   config = real_pairs.get_config()
   config.data.degradations.enabled = True
+  config.data.degradations.renamed_prob = 0.4
   return config

@@ -4,7 +4,7 @@
 This package never imports `textfusion_jax` (tests/test_layout.py checks it);
 the model code imports it.
 
-  sources         config -> record sources (synthetic, folders, TFDS)
+  sources         config -> record sources (synthetic, folders, TFDS, mixtures)
   pipeline        grain train iterator and eval batches
   captions        per-pair caption choice and the caption embedding table
   caption_files   reading captions.jsonl files
@@ -84,7 +84,8 @@ def create_datasets(config: ml_collections.ConfigDict,
         shuffle_captions_across_pairs=shuffle_captions,
         degradation=degradation, worker_count=config.data.worker_count,
         worker_buffer_size=config.data.prefetch_buffer_size,
-        start_batch=start_batch))
+        start_batch=start_batch,
+        mixture_weights=sources.mixture_weights(config)))
 
   def eval_batches() -> Iterator[dict[str, Any]]:
     return pipeline.make_eval_batches(
@@ -113,7 +114,12 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
   table = np.asarray(encoder.encode(sentences,
                                     batch_size=config.text.batch_size),
                      np.float32)
-  spec = pipeline.DegradationSpec(tuple(probs), table)
+  renamed_prob = config.data.degradations.get("renamed_prob", 0.0)
+  if (not isinstance(renamed_prob, (int, float)) or
+      not 0.0 <= renamed_prob <= 1.0):
+    raise UserError(f"config.data.degradations.renamed_prob={renamed_prob!r}:"
+                    " give a probability in [0, 1]")
+  spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob))
   clean = table[degradations.levels_index((0, 0, 0))][None]
   eval_table = CaptionTable(clean, tuple(np.zeros(1, np.int32)
                                          for _ in range(num_eval)),

@@ -3,6 +3,11 @@
 The format of `<dataset>/captions.jsonl` in the sample data: `name` is the
 image file stem, `captions` a list of any number of non-empty strings. Every
 problem is reported as one line naming the file and line number.
+
+Caption sources: a dataset may have several caption files, one per source
+(hand-written, or a captioning model's): `captions.jsonl` is the source
+'default', `captions_<name>.jsonl` the source `<name>` (`source_of`,
+`file_of`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 from input_pipeline.errors import UserError
@@ -19,6 +25,32 @@ class CaptionFileError(UserError):
   """A caption file is missing or has a malformed line."""
 
 
+DEFAULT_SOURCE = "default"
+_SOURCE_FILE = re.compile(r"^captions(?:_(\w+))?\.jsonl$")
+
+
+def source_of(path: str | os.PathLike) -> str:
+  """The caption source a file holds: 'default' for captions.jsonl, NAME for
+  captions_NAME.jsonl, else the file's stem."""
+  match = _SOURCE_FILE.match(Path(path).name)
+  if not match:
+    return Path(path).stem
+  return match.group(1) or DEFAULT_SOURCE
+
+
+def file_of(source: str) -> str:
+  """The file name of a caption source (the inverse of `source_of`)."""
+  return ("captions.jsonl" if source == DEFAULT_SOURCE else
+          f"captions_{source}.jsonl")
+
+
+def find_sources(root: str | os.PathLike) -> list[str]:
+  """The caption sources with a file directly in `root`, default first."""
+  found = [source_of(p) for p in sorted(Path(root).glob("captions*.jsonl"))
+           if _SOURCE_FILE.match(p.name)]
+  return sorted(found, key=lambda s: (s != DEFAULT_SOURCE, s))
+
+
 @dataclasses.dataclass(frozen=True)
 class CaptionRecord:
   dataset: str
@@ -26,6 +58,7 @@ class CaptionRecord:
   captions: tuple[str, ...]
   file: str
   line: int
+  source: str = DEFAULT_SOURCE
 
 
 def default_dataset(path: str | os.PathLike) -> str:
@@ -70,7 +103,7 @@ def read_caption_file(path: str | os.PathLike,
           f"{where}: name {name!r} already appeared on line {first_line[name]}")
     first_line[name] = number
     records.append(CaptionRecord(dataset, name, tuple(captions), str(path),
-                                 number))
+                                 number, source_of(path)))
   return records
 
 

@@ -9,7 +9,10 @@ A store is a directory written by `textfusion_jax.text.embed_captions`:
   texts.json       the distinct captions, row order (for inspection only)
 
 Identical captions share a row. `dataset` is the caption file's parent
-directory name unless given, e.g. 'llvip'.
+directory name unless given, e.g. 'llvip'. Caption sources other than
+'default' (`caption_files.source_of`: captions_<source>.jsonl) are keyed
+'<dataset>@<source>' in index.json (`store_key`), so a store of one source
+reads as before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from input_pipeline import files
+from input_pipeline.caption_files import DEFAULT_SOURCE
 from input_pipeline.errors import UserError
 
 FORMAT = "textfusion-caption-embeddings"
@@ -30,6 +34,11 @@ MANIFEST_FILE = "manifest.json"
 TABLE_FILE = "embeddings.npy"
 INDEX_FILE = "index.json"
 TEXTS_FILE = "texts.json"
+
+
+def store_key(dataset: str, source: str = DEFAULT_SOURCE) -> str:
+  """index.json's key of a dataset's caption source."""
+  return dataset if source == DEFAULT_SOURCE else f"{dataset}@{source}"
 
 
 class CaptionStoreError(UserError):
@@ -116,26 +125,33 @@ class CaptionEmbeddings:
           f"{self.encoder}) but the model expects {dim}")
 
   def datasets(self) -> list[str]:
+    """Every index key: datasets, and '<dataset>@<source>' for other
+    caption sources."""
     return sorted(self.index)
 
-  def names(self, dataset: str) -> list[str]:
-    return list(self._dataset(dataset))
+  def names(self, dataset: str, source: str = DEFAULT_SOURCE) -> list[str]:
+    return list(self._dataset(store_key(dataset, source)))
 
-  def _dataset(self, dataset: str) -> Mapping[str, list[int]]:
+  def has(self, dataset: str, source: str = DEFAULT_SOURCE) -> bool:
+    return store_key(dataset, source) in self.index
+
+  def _dataset(self, key: str) -> Mapping[str, list[int]]:
     try:
-      return self.index[dataset]
+      return self.index[key]
     except KeyError:
       raise CaptionStoreError(
-          f"{self.directory}: no dataset {dataset!r} (has "
+          f"{self.directory}: no dataset {key!r} (has "
           f"{', '.join(self.datasets()) or 'none'})") from None
 
-  def rows(self, dataset: str, name: str) -> list[int]:
+  def rows(self, dataset: str, name: str,
+           source: str = DEFAULT_SOURCE) -> list[int]:
     """Table rows of `name`'s captions, one per caption index."""
+    key = store_key(dataset, source)
     try:
-      return list(self._dataset(dataset)[name])
+      return list(self._dataset(key)[name])
     except KeyError:
       raise CaptionStoreError(
-          f"{self.directory}: dataset {dataset!r} has no captions for "
+          f"{self.directory}: dataset {key!r} has no captions for "
           f"{name!r}") from None
 
   def lookup(self, dataset: str, name: str, caption_index: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from input_pipeline.caption_files import DEFAULT_SOURCE
 from input_pipeline.errors import UserError
 
 EmbedFn = Callable[[list[str]], np.ndarray]
@@ -48,6 +49,15 @@ def record_captions(source: Sequence[Any], index: int) -> list[str]:
   if callable(captions_fn):
     return decode_captions(captions_fn(index))
   return decode_captions(source[index]["captions"])
+
+
+def record_caption_sources(source: Sequence[Any], index: int) -> list[str]:
+  """The caption source of each of record `index`'s captions ('default'
+  when the source does not tell)."""
+  sources_fn = getattr(source, "caption_sources", None)
+  if callable(sources_fn):
+    return [to_str(s) for s in sources_fn(index)]
+  return [DEFAULT_SOURCE] * len(record_captions(source, index))
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -79,6 +89,12 @@ class CaptionTable:
   embeddings: np.ndarray
   rows: tuple[np.ndarray, ...]
   texts: tuple[str, ...] | None = None
+  # Caption sources (`caption_files`): per record, each caption's index into
+  # `source_names`; with `source_weights` (one per name) a record's caption
+  # is drawn by source weight (`caption_probabilities`), else uniformly.
+  sources: tuple[np.ndarray, ...] | None = None
+  source_names: tuple[str, ...] = ()
+  source_weights: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -105,11 +121,62 @@ class CaptionTable:
     return (used.mean(0).astype(np.float32),
             used.std(0).astype(np.float32))
 
+  def caption_probabilities(self, record_index: int) -> np.ndarray | None:
+    """P(caption) of a record under source weights; None: uniform.
+
+    A source is drawn in proportion to its weight among the sources this
+    record has captions from, then one of its captions uniformly.
+    """
+    if self.source_weights is None:
+      return None
+    ids = self.sources[record_index]
+    counts = np.bincount(ids, minlength=len(self.source_names))
+    weights = self.source_weights[ids] / counts[ids]
+    return weights / weights.sum()
+
   def deranged(self, seed: int) -> CaptionTable:
     """Table in which record i gets the captions of record derangement[i]."""
     perm = derangement(len(self.rows), seed)
-    return CaptionTable(self.embeddings, tuple(self.rows[j] for j in perm),
-                        self.texts)
+    return dataclasses.replace(
+        self, rows=tuple(self.rows[j] for j in perm),
+        sources=(None if self.sources is None else
+                 tuple(self.sources[j] for j in perm)))
+
+  def select_sources(self, per_record: Sequence[Sequence[str]],
+                     chosen: Sequence[tuple[str, float]],
+                     weighted: bool,
+                     record_label: Callable[[int], str]) -> CaptionTable:
+    """Keeps the captions of the `chosen` (source, weight) pairs.
+
+    per_record: each record's caption source names, in caption order.
+    record_label(i): how errors name record i ('<dataset>/<name>').
+    Raises UserError naming the dataset and config.data.caption_sources
+    when a chosen source has no captions in a dataset, or a record keeps
+    none.
+    """
+    names = tuple(name for name, _ in chosen)
+    found: dict[str, set[str]] = {}
+    rows, ids = [], []
+    for i, (record_rows, sources) in enumerate(zip(self.rows, per_record)):
+      dataset = record_label(i).rpartition("/")[0] or "the dataset"
+      found.setdefault(dataset, set()).update(sources)
+      keep = [k for k, name in enumerate(sources) if name in names]
+      if not keep:
+        raise UserError(
+            f"config.data.caption_sources: {record_label(i)} has no captions "
+            f"from {', '.join(names)} (it has {', '.join(sorted(set(sources))) or 'none'})")
+      rows.append(record_rows[keep])
+      ids.append(np.array([names.index(sources[k]) for k in keep], np.int32))
+    for dataset, present in found.items():
+      for name in names:
+        if name not in present:
+          raise UserError(
+              f"config.data.caption_sources: {dataset} has no caption source "
+              f"{name!r} (its sources: {', '.join(sorted(present))})")
+    weights = (np.array([w for _, w in chosen], np.float64) if weighted
+               else None)
+    return dataclasses.replace(self, rows=tuple(rows), sources=tuple(ids),
+                               source_names=names, source_weights=weights)
 
   @classmethod
   def from_captions(cls, captions: Sequence[Sequence[str]], embed_fn: EmbedFn,

@@ -7,14 +7,22 @@ of `layouts.LAYOUTS`: 'folders' and 'split_folders' (generic), 'llvip',
 layout it expects. Build with `build(...)` or
 `python -m input_pipeline.build_dataset`; read with `load_source(...)`.
 
-Stored features (images PNG-encoded, so lossless):
+Stored features (version 2.0.0):
 
   'name':          the pair's file stem
-  'ir':            uint8 (H, W, 1)
-  'vis':           uint8 (H, W, 3); grey visible images are replicated
+  'ir', 'vis':     encoded image bytes: an 8-bit JPEG source's own bytes (no
+                   re-encoding: the same pixels on decode, a fraction of
+                   a PNG's size), else a PNG of the converted uint8 image (lossless
+                   sources, 16-bit infrared, palettes). Decoded by
+                   `to_record` as uint8 ir (H, W, 1) and vis (H, W, 3), by
+                   `layouts.read_pair`'s rules; grey visible images are
+                   replicated
   'vis_was_grey':  bool
   'ir_was_16bit':  bool; 16-bit infrared is stretched per image ('minmax')
-  'captions':      list of text, possibly empty
+  'captions':      list of text, possibly empty: every caption file's
+                   (captions.jsonl, captions_<source>.jsonl) unless the
+                   build names one
+  'caption_sources': list of text, each caption's source ('default', ...)
   'text_emb_flat': float32 (num_captions * D,), the caption embeddings
                    flattened, and
   'text_emb_dim':  int32 D, 0 when the build had no embeddings. tfds 4.9
@@ -26,7 +34,8 @@ Stored features (images PNG-encoded, so lossless):
 The project's common record format (`to_record`, `RecordSource`,
 `PairedFolderSource`) is {'name': str, 'ir': uint8 (H, W, 1), 'vis': uint8
 (H, W, 3), 'captions': list[str]} plus 'text_emb' float32 (num_captions, D)
-when the dataset has embeddings.
+when the dataset has embeddings; the two sources here give the images as
+`image_io.EncodedImage`s (array-like; a crop decodes only what it needs).
 
 Bad data (see layouts.py) is validated for the whole folder before anything is
 written. Every build writes `bad_data_report.json` next to its records (pairs
@@ -42,6 +51,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +61,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from input_pipeline import image_io
 from input_pipeline import layouts
 from input_pipeline.errors import UserError
 
@@ -75,17 +86,43 @@ def _png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def _jpeg_mode(path: Path) -> str | None:
+  """The mode of an 8-bit grey or RGB JPEG at `path` (header only), else
+  None."""
+  with Image.open(path) as image:
+    if image.format == "JPEG" and image.mode in ("L", "RGB"):
+      return image.mode
+  return None
+
+
 def _encode(pair: layouts.Pair) -> dict[str, Any]:
-  """The stored example of one pair (see the module docstring)."""
-  images = layouts.read_pair(pair.ir, pair.vi)
+  """The stored example of one pair (see the module docstring).
+
+  8-bit JPEGs keep their own bytes (decoding them gives the same pixels, at
+  a fraction of a PNG's size); their flags come from the header, so a build
+  decodes them once, in the validation pass. Other files are stored as PNGs
+  of `layouts.read_pair`'s uint8 images (lossless sources, 16-bit infrared,
+  palettes).
+  """
+  ir_mode, vis_mode = _jpeg_mode(Path(pair.ir)), _jpeg_mode(Path(pair.vi))
+  if ir_mode and vis_mode:
+    ir, vis = Path(pair.ir).read_bytes(), Path(pair.vi).read_bytes()
+    vis_was_grey, ir_was_16bit = vis_mode == "L", False
+  else:
+    images = layouts.read_pair(pair.ir, pair.vi)
+    ir = (Path(pair.ir).read_bytes() if ir_mode else
+          _png(images.ir[..., 0]))
+    vis = Path(pair.vi).read_bytes() if vis_mode else _png(images.vis)
+    vis_was_grey, ir_was_16bit = images.vis_was_grey, images.ir_was_16bit
   emb = pair.text_emb
   return {
       "name": pair.name,
-      "ir": _png(images.ir[..., 0]),
-      "vis": _png(images.vis),
-      "vis_was_grey": images.vis_was_grey,
-      "ir_was_16bit": images.ir_was_16bit,
+      "ir": ir,
+      "vis": vis,
+      "vis_was_grey": vis_was_grey,
+      "ir_was_16bit": ir_was_16bit,
       "captions": list(pair.captions),
+      "caption_sources": list(pair.caption_sources),
       "text_emb_flat": (np.zeros(0, np.float32) if emb is None else
                         emb.reshape(-1)),
       "text_emb_dim": 0 if emb is None else emb.shape[1],
@@ -107,8 +144,12 @@ class IvfPairs(tfds.core.GeneratorBasedBuilder):
       folder name, as embed_captions defaults it.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "Images stored encoded (JPEG sources keep their bytes, others "
+               "PNG) and decoded by RecordSource; 1.0.0 stored PNG images.",
+  }
   BUILDER_CONFIGS = [
       IvfPairsConfig(name=name, description=layout.description, layout=layout)
       for name, layout in layouts.LAYOUTS.items()
@@ -148,13 +189,16 @@ class IvfPairs(tfds.core.GeneratorBasedBuilder):
         description=__doc__.split("\n\n")[0],
         features=tfds.features.FeaturesDict({
             "name": tfds.features.Text(doc="source file stem"),
-            "ir": tfds.features.Image(shape=(None, None, 1),
-                                      encoding_format="png"),
-            "vis": tfds.features.Image(shape=(None, None, 3),
-                                       encoding_format="png"),
+            "ir": tfds.features.Tensor(
+                shape=(), dtype=np.object_,
+                doc="encoded image: source JPEG bytes, or PNG (uint8 grey)"),
+            "vis": tfds.features.Tensor(
+                shape=(), dtype=np.object_,
+                doc="encoded image: source JPEG bytes, or PNG (uint8 RGB)"),
             "vis_was_grey": tfds.features.Scalar(np.bool_),
             "ir_was_16bit": tfds.features.Scalar(np.bool_),
             "captions": tfds.features.Sequence(tfds.features.Text()),
+            "caption_sources": tfds.features.Sequence(tfds.features.Text()),
             "text_emb_flat": tfds.features.Tensor(shape=(None,),
                                                   dtype=np.float32),
             "text_emb_dim": tfds.features.Scalar(np.int32),
@@ -237,6 +281,16 @@ def load_source(name_or_config: str, split: str,
   """
   config = _config_name(name_or_config)
   if not IvfPairs(config=config, data_dir=data_dir).is_prepared():
+    folder = Path(os.fspath(data_dir)) / NAME / config
+    old = sorted(p.name for p in folder.glob("*.*.*") if p.is_dir() and
+                 re.fullmatch(r"\d+\.\d+\.\d+", p.name) and
+                 p.name != str(IvfPairs.VERSION))
+    if old:
+      raise FileNotFoundError(
+          f"{NAME}/{config} in {data_dir} has format version(s) "
+          f"{', '.join(old)}, this code reads {IvfPairs.VERSION}; rebuild it "
+          f"with: python -m input_pipeline.build_dataset --dataset "
+          f"{NAME}/{config} --manual_dir DIR --data_dir {data_dir}")
     raise FileNotFoundError(
         f"{NAME}/{config} is not built in {data_dir}; build it with: python "
         f"-m input_pipeline.build_dataset --dataset {NAME}/{config} "
@@ -250,10 +304,16 @@ def _text(value: str | bytes) -> str:
 
 
 def to_record(example: Mapping[str, Any]) -> dict[str, Any]:
-  """A raw tfds record -> the project's common record format."""
+  """A raw tfds record -> the project's common record format (images as
+  `image_io.EncodedImage`, decoded when cropped or read)."""
   captions = [_text(c) for c in example["captions"]]
-  record = {"name": _text(example["name"]), "ir": example["ir"],
-            "vis": example["vis"], "captions": captions}
+  name = _text(example["name"])
+  record = {"name": name, "captions": captions,
+            "caption_sources": [_text(c) for c in example["caption_sources"]]}
+  for key, channels in (("ir", 1), ("vis", 3)):
+    # Stored images are 8-bit already (16-bit infrared reduced when built).
+    record[key] = image_io.EncodedImage(bytes(example[key]), channels,
+                                        name=f"record {name!r} {key!r}")
   dim = int(example["text_emb_dim"])
   if dim:
     record["text_emb"] = np.asarray(example["text_emb_flat"],
@@ -270,6 +330,15 @@ class RecordSource(Sequence):
   def __len__(self) -> int:
     return len(self._source)
 
+  def record_name(self, index: int) -> str:
+    return _text(self._source[index]["name"])
+
+  def captions(self, index: int) -> list[str]:
+    return [_text(c) for c in self._source[index]["captions"]]
+
+  def caption_sources(self, index: int) -> list[str]:
+    return [_text(c) for c in self._source[index]["caption_sources"]]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     # tfds raises ValueError out of range; Sequence iteration needs IndexError.
     if not -len(self) <= index < len(self):
@@ -282,8 +351,10 @@ class PairedFolderSource(Sequence):
 
   Validates like a build (layouts.scan) when created, but by default reads
   only image headers, so a file truncated inside its pixel data raises
-  ImageReadError when its record is read; check_images=True decodes every
-  image up front instead. Records are ordered by split, then stem.
+  ImageReadError when its image is decoded (cropped or read);
+  check_images=True decodes every image up front instead. caption_sources:
+  the caption files to read (`layouts.caption_source_files`). Records are
+  ordered by split, then stem.
   """
 
   def __init__(self, root: str | os.PathLike, *, layout: str = "folders",
@@ -293,11 +364,12 @@ class PairedFolderSource(Sequence):
                split_file: str | os.PathLike | None = None,
                text_emb: str | os.PathLike | None = None,
                text_emb_dataset: str | None = None,
-               check_images: bool = False):
+               check_images: bool = False,
+               caption_sources: Sequence[str] | None = None):
     found = layouts.scan(root, layouts.LAYOUTS[_config_name(layout)],
                          captions=captions, split_file=split_file,
                          text_emb=text_emb, text_emb_dataset=text_emb_dataset,
-                         decode=check_images)
+                         decode=check_images, caption_sources=caption_sources)
     if split not in found.splits:
       raise UserError(f"{root}: no split {split!r}; splits: "
                        f"{', '.join(sorted(found.splits))}")
@@ -307,11 +379,24 @@ class PairedFolderSource(Sequence):
   def __len__(self) -> int:
     return len(self.pairs)
 
+  def record_name(self, index: int) -> str:
+    return self.pairs[index].name
+
+  def captions(self, index: int) -> list[str]:
+    return list(self.pairs[index].captions)
+
+  def caption_sources(self, index: int) -> list[str]:
+    return list(self.pairs[index].caption_sources)
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     pair = self.pairs[index]
-    images = layouts.read_pair(pair.ir, pair.vi)
-    record = {"name": pair.name, "ir": images.ir, "vis": images.vis,
-              "captions": list(pair.captions)}
+    # Decoded when used (layouts.read_pair's rules): a training crop
+    # converts only its window.
+    record = {"name": pair.name,
+              "ir": image_io.EncodedImage(pair.ir, 1, layouts.IR_16BIT_RULE),
+              "vis": image_io.EncodedImage(pair.vi, 3, layouts.VIS_16BIT_RULE),
+              "captions": list(pair.captions),
+              "caption_sources": list(pair.caption_sources)}
     if pair.text_emb is not None:
       record["text_emb"] = pair.text_emb
     return record

@@ -33,6 +33,15 @@ input is "clean visible image". `parse_condition` reads the sentence back
 
 Draws are pure functions of (seed, epoch, record): the pipeline passes a
 generator seeded by them, so data order and resume stay exact.
+
+Prompt-following targets (config.data.degradations.renamed_prob): a share
+of training crops is prompted with another sentence, whose underexposure or
+haze level is changed (`rename_one_level`; noise keeps its true level), and
+the target is what that sentence asks for (`prompted_target`): the degraded
+crop with the named gain and haze undone instead of the true ones. Trained only on true
+sentences, the network learned to read brightness from the pixels (real
+scenes are mostly well exposed) and half-ignored the words; with renamed
+prompts the words decide how far it corrects.
 """
 
 from __future__ import annotations
@@ -133,20 +142,83 @@ def check_level_probs(level_probs: Sequence[float], field: str) -> np.ndarray:
   return probs / probs.sum()
 
 
+Parameters = tuple[float, float, float]  # (gain, noise_sigma, haze)
+
+
+def draw_parameters(levels: Levels, rng: np.random.Generator) -> Parameters:
+  """Each kind's parameter, uniform inside its level's range."""
+  levels = check_levels(levels, "levels")
+  return tuple(float(rng.uniform(*ranges[level]))
+               for level, (_, _, ranges) in zip(levels, KINDS))
+
+
+def _haze_and_gain(x: np.ndarray, gain: float, haze: float) -> np.ndarray:
+  if haze:
+    x = x * (1 - haze) + haze * scenes.AIRLIGHT
+  return x * gain
+
+
 def degrade(vis_u8: np.ndarray, levels: Levels,
             rng: np.random.Generator) -> np.ndarray:
   """The visible uint8 image (H, W, 3) degraded at `levels`, as uint8."""
-  levels = check_levels(levels, "levels")
-  gain, sigma, haze = (float(rng.uniform(*ranges[level]))
-                       for level, (_, _, ranges) in zip(levels, KINDS))
-  x = np.asarray(vis_u8, np.float32) / np.float32(255)
-  if haze:
-    x = x * (1 - haze) + haze * scenes.AIRLIGHT
-  x = x * gain
+  return apply(vis_u8, draw_parameters(levels, rng), rng)
+
+
+def apply(vis_u8: np.ndarray, params: Parameters,
+          rng: np.random.Generator) -> np.ndarray:
+  """`vis_u8` degraded with explicit `params` (noise drawn from `rng`)."""
+  gain, sigma, haze = params
+  x = _haze_and_gain(np.asarray(vis_u8, np.float32) / np.float32(255), gain,
+                     haze)
   if sigma:
     h, w, _ = x.shape
     shared = rng.standard_normal((h, w, 1), dtype=np.float32)
     own = rng.standard_normal((h, w, 3), dtype=np.float32)
     # 0.8^2 + 0.6^2 = 1 keeps the per-channel std equal to sigma.
     x = x + sigma / 255.0 * (0.8 * shared + 0.6 * own)
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def renamed_parameters(params: Parameters, levels: Levels,
+                       named: Levels) -> Parameters:
+  """`params` moved from `levels`' ranges to `named`'s, at the same relative
+  position inside each range (the middle when a range is a single value)."""
+  out = []
+  for p, level, new, (_, _, ranges) in zip(params, levels, named, KINDS):
+    (lo, hi), (new_lo, new_hi) = ranges[level], ranges[new]
+    u = (p - lo) / (hi - lo) if hi > lo else 0.5
+    out.append(new_lo + u * (new_hi - new_lo))
+  return tuple(out)
+
+
+def rename_one_level(levels: Levels, rng: np.random.Generator) -> Levels:
+  """`levels` with the underexposure or the haze level (equally likely)
+  replaced by one of the other three levels. One kind at a time keeps the
+  asked-for image within reach: renaming both can ask to remove more
+  airlight than a dark image has (an all-black target)."""
+  levels = list(check_levels(levels, "levels"))
+  kind = 0 if rng.random() < 0.5 else 2
+  others = [l for l in range(NUM_LEVELS) if l != levels[kind]]
+  levels[kind] = others[int(rng.integers(len(others)))]
+  return tuple(levels)
+
+
+def prompted_target(vis_u8: np.ndarray, params: Parameters, levels: Levels,
+                    named: Levels) -> np.ndarray:
+  """What a prompt naming `named` asks for when the input was degraded with
+  `params` at `levels`: the noise-free degraded image with the *named*
+  underexposure and haze undone (parameters renamed by
+  `renamed_parameters`), as uint8. Equals `vis_u8` (up to rounding) when the
+  named levels are the true ones, so it generalises the clean target: a
+  prompt that claims heavier underexposure than the truth asks for a
+  brighter image, a lighter one for a darker image. Noise is not undone
+  differently by name: noise levels must match (`named[1] == levels[1]`).
+  """
+  if named[1] != levels[1]:
+    raise ValueError(f"named noise level {named[1]} != true {levels[1]}")
+  gain, _, haze = params
+  named_gain, _, named_haze = renamed_parameters(params, levels, named)
+  x = _haze_and_gain(np.asarray(vis_u8, np.float32) / np.float32(255), gain,
+                     haze)
+  x = (x / named_gain - named_haze * scenes.AIRLIGHT) / (1 - named_haze)
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -19,10 +19,12 @@ Conventions (cited by `textfusion_jax.metrics` and the dataset builders):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -81,41 +83,129 @@ def sixteen_to_eight_bit(values: np.ndarray,
   return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
+              name: str) -> tuple[np.ndarray, ImageInfo]:
+  """A loaded PIL image -> uint8 (H, W) grey or (H, W, 3) RGB + ImageInfo."""
+  mode = image.mode
+  if mode in _WIDE_MODES:
+    array = np.asarray(image)
+    was_16bit = True
+    if mode == "I" and array.max(initial=0) <= 255 and array.min(
+        initial=0) >= 0:
+      # 8-bit content stored in a 32-bit container (some BMP/TIFF writers).
+      array, was_16bit = array.astype(np.uint8), False
+    else:
+      array = sixteen_to_eight_bit(array, sixteen_bit_rule)
+    return array, ImageInfo(name, was_16bit, True)
+  if mode in ("L", "1"):
+    # convert() copies even when the mode already matches.
+    grey = image if mode == "L" else image.convert("L")
+    return np.asarray(grey), ImageInfo(name, False, True)
+  if mode == "LA":
+    return np.asarray(image.getchannel(0)), ImageInfo(name, False, True)
+  array = np.asarray(image if mode == "RGB" else image.convert("RGB"))
+  return array, ImageInfo(name, False, False)
+
+
+@contextlib.contextmanager
+def _decoding(name: str):
+  """Turns decoder failures into one ImageReadError naming the file."""
+  try:
+    yield
+  except ImageReadError:
+    raise
+  except FileNotFoundError:
+    raise ImageReadError(f"{name}: file not found") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    raise ImageReadError(f"{name}: cannot decode image ({error})") from None
+
+
 def read_image_with_info(
     path: str | os.PathLike,
     sixteen_bit_rule: SixteenBitRule = "full") -> tuple[np.ndarray, ImageInfo]:
   """Decodes `path` to uint8 (H, W) grey or (H, W, 3) RGB, with an ImageInfo."""
   path = Path(path)
-  try:
+  with _decoding(str(path)):
     if path.stat().st_size == 0:
       raise ImageReadError(f"{path}: empty file (0 bytes)")
     with Image.open(path) as image:
       image.load()
-      mode = image.mode
-      if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image)
-        was_16bit = True
-        if mode == "I" and array.max(initial=0) <= 255 and array.min(
-            initial=0) >= 0:
-          # 8-bit content stored in a 32-bit container (some BMP/TIFF writers).
-          array, was_16bit = array.astype(np.uint8), False
-        else:
-          array = sixteen_to_eight_bit(array, sixteen_bit_rule)
-        return array, ImageInfo(str(path), was_16bit, True)
-      if mode in ("L", "1"):
-        # convert() copies even when the mode already matches.
-        grey = image if mode == "L" else image.convert("L")
-        return np.asarray(grey), ImageInfo(str(path), False, True)
-      if mode == "LA":
-        return np.asarray(image.getchannel(0)), ImageInfo(str(path), False, True)
-      array = np.asarray(image if mode == "RGB" else image.convert("RGB"))
-      return array, ImageInfo(str(path), False, False)
-  except ImageReadError:
-    raise
-  except FileNotFoundError:
-    raise ImageReadError(f"{path}: file not found") from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-    raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+      return _to_array(image, sixteen_bit_rule, str(path))
+
+
+class EncodedImage:
+  """An image file (a path, or its bytes from a record) decoded on demand.
+
+  `crop` decodes the file but converts only the window to numpy: turning a
+  whole decoded 1280x1024 RGB frame into an array costs ~3x its JPEG decode
+  in Pillow, so a 256x256 training crop skips most of the work. The pixels
+  equal the same window of `read_image` + `as_grey_u8` (channels=1) or
+  `as_rgb_u8` (channels=3): every conversion here is per pixel, except
+  16-bit reduction ('minmax' is per image), which takes the whole-image path.
+  `np.asarray(image)` gives the whole (H, W, channels) uint8 image.
+  """
+
+  dtype = np.dtype(np.uint8)
+
+  def __init__(self, source: str | os.PathLike | bytes, channels: int,
+               sixteen_bit_rule: SixteenBitRule = "full",
+               name: str | None = None):
+    if channels not in (1, 3):
+      raise ValueError(f"channels must be 1 or 3, got {channels}")
+    self._source = source if isinstance(source, bytes) else Path(source)
+    self._channels, self._rule = channels, sixteen_bit_rule
+    self.name = name or str(source if not isinstance(source, bytes)
+                            else "<bytes>")
+    self._size: tuple[int, int] | None = None
+
+  def _open(self) -> Image.Image:
+    if isinstance(self._source, bytes):
+      if not self._source:
+        raise ImageReadError(f"{self.name}: empty image (0 bytes)")
+      return Image.open(io.BytesIO(self._source))
+    if self._source.stat().st_size == 0:
+      raise ImageReadError(f"{self.name}: empty file (0 bytes)")
+    return Image.open(self._source)
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    if self._size is None:
+      with _decoding(self.name), self._open() as image:  # header only
+        self._size = image.size
+    width, height = self._size
+    return (height, width, self._channels)
+
+  @property
+  def ndim(self) -> int:
+    return 3
+
+  def _shaped(self, array: np.ndarray) -> np.ndarray:
+    if self._channels == 1:
+      return as_grey_u8(array)[..., None]
+    return as_rgb_u8(array)
+
+  def crop(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """The (height, width, channels) uint8 window at (top, left)."""
+    with _decoding(self.name), self._open() as image:
+      if image.mode in _WIDE_MODES:  # per-image rules: convert it all
+        image.load()
+        array = _to_array(image, self._rule, self.name)[0]
+        return self._shaped(array[top:top + height, left:left + width])
+      window = image.crop((left, top, left + width, top + height))
+      return self._shaped(_to_array(window, self._rule, self.name)[0])
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    del copy
+    with _decoding(self.name), self._open() as image:
+      image.load()
+      array = self._shaped(_to_array(image, self._rule, self.name)[0])
+    return array if dtype is None else array.astype(dtype)
+
+  def __getitem__(self, key: Any) -> np.ndarray:
+    return np.asarray(self)[key]
 
 
 def read_image(path: str | os.PathLike,

@@ -24,6 +24,9 @@ Side files in the root, all optional:
   [text, ...]}, optionally with "split": name when stems repeat across splits
   (a line without "split" applies to that stem in every split). Pairs without
   a line get no captions.
+* `captions_<source>.jsonl`: more caption sources in the same format (e.g.
+  one per captioning model); a pair's captions are those of every source
+  file, `captions.jsonl` ('default') first, each tagged with its source.
 * `splits.json`: {split: [stems]} dividing an undivided layout ('folders',
   'm3fd', 'roadscene', 'tno'); without it every pair is in 'train'.
 * text embeddings (only when given): a caption store written by
@@ -43,7 +46,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -177,6 +180,7 @@ class Pair:
   vi: Path
   captions: tuple[str, ...] = ()
   text_emb: np.ndarray | None = None  # (len(captions), D) float32
+  caption_sources: tuple[str, ...] = ()  # per caption, its source's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +209,15 @@ class Scan:
     }
 
 
+IR_16BIT_RULE = "minmax"  # raw thermal frames seldom span 16 bits
+VIS_16BIT_RULE = "full"
+
+
 def read_pair(ir_path: str | os.PathLike,
               vi_path: str | os.PathLike) -> PairImages:
   """Decodes a pair by the module's conventions; raises ImageReadError."""
-  ir, ir_info = image_io.read_image_with_info(ir_path, "minmax")
-  vis, vis_info = image_io.read_image_with_info(vi_path, "full")
+  ir, ir_info = image_io.read_image_with_info(ir_path, IR_16BIT_RULE)
+  vis, vis_info = image_io.read_image_with_info(vi_path, VIS_16BIT_RULE)
   return PairImages(ir=image_io.as_grey_u8(ir)[..., None],
                     vis=image_io.as_rgb_u8(vis),
                     ir_was_16bit=ir_info.was_16bit,
@@ -436,21 +444,25 @@ def _attach_text_emb(path: Path, dataset: str, pairs: list[Pair],
   only).
   """
   store = caption_store.CaptionEmbeddings.load(path, mmap=True)
-  names = set(store.names(dataset))
+  names = set(store.names(dataset)) if store.has(dataset) else set()
   where = (f"{path}[{dataset}]",)
   problems = [Problem("text_emb", where,
                       f"rows for {stem!r}, but there is no such pair")
               for stem in sorted(names - stems)]
   out = []
   for pair in pairs:
-    if pair.name not in names:
-      if pair.captions:
-        problems.append(Problem("text_emb", where, f"no rows for {pair.name!r}",
-                                pair.split, pair.name))
-        continue
-      rows = []
-    else:
-      rows = store.rows(dataset, pair.name)
+    rows = []
+    sources = list(dict.fromkeys(pair.caption_sources))
+    missing = [s for s in sources if not store.has(dataset, s) or
+               pair.name not in store.index[caption_store.store_key(dataset,
+                                                                    s)]]
+    if missing:
+      problems.append(Problem(
+          "text_emb", where, f"no rows for {pair.name!r} (caption source(s) "
+          f"{', '.join(missing)})", pair.split, pair.name))
+      continue
+    for source in sources:
+      rows += store.rows(dataset, pair.name, source)
     if len(rows) != len(pair.captions):
       problems.append(Problem(
           "text_emb", where,
@@ -463,18 +475,43 @@ def _attach_text_emb(path: Path, dataset: str, pairs: list[Pair],
   return out, problems
 
 
+def caption_source_files(root: Path, captions: str | os.PathLike | None,
+                         caption_sources: Sequence[str] | None
+                         ) -> list[tuple[str, Path]]:
+  """(source, file) of the caption files to read: the one file `captions`,
+  or the named `caption_sources` (each must exist), or every captions*.jsonl
+  in `root`."""
+  if captions is not None:
+    return [(caption_files.source_of(captions), Path(captions))]
+  if caption_sources is None:
+    return [(source, root / caption_files.file_of(source))
+            for source in caption_files.find_sources(root)]
+  out = []
+  for source in caption_sources:
+    path = root / caption_files.file_of(source)
+    if not path.is_file():
+      raise LayoutError(
+          f"{root}: caption source {source!r} has no file {path.name} "
+          "(config.data.caption_sources)")
+    out.append((source, path))
+  return out
+
+
 def scan(root: str | os.PathLike, layout: Layout, *,
          captions: str | os.PathLike | None = None,
          split_file: str | os.PathLike | None = None,
          text_emb: str | os.PathLike | None = None,
          text_emb_dataset: str | None = None,
-         decode: bool = True) -> Scan:
+         decode: bool = True,
+         caption_sources: Sequence[str] | None = None) -> Scan:
   """Finds and validates every pair under `root`; see the module docstring.
 
   Args:
     root: the dataset's root folder (the TFDS manual dir).
     layout: where the folders are.
-    captions: captions file; default `<root>/captions.jsonl` if present.
+    captions: one captions file; default every `<root>/captions*.jsonl`
+      (`caption_files.source_of` names their sources), or the files of
+      `caption_sources` when given.
     split_file: split file for undivided layouts; default `<root>/splits.json`
       if present.
     text_emb: a caption store of precomputed caption embeddings; none default.
@@ -482,10 +519,10 @@ def scan(root: str | os.PathLike, layout: Layout, *,
       folder name (or the root's name without captions).
     decode: fully decode every image (finds truncated files; what builds do)
       instead of reading headers only.
+    caption_sources: the caption sources to read (see `captions`).
   """
   root = Path(root)
-  if captions is None and (root / CAPTIONS_FILE).is_file():
-    captions = root / CAPTIONS_FILE
+  caption_paths = caption_source_files(root, captions, caption_sources)
   if split_file is None and layout.undivided and (root / SPLITS_FILE).is_file():
     split_file = root / SPLITS_FILE
   groups = locate(root, layout, split_file=split_file, captions=captions,
@@ -505,25 +542,38 @@ def scan(root: str | os.PathLike, layout: Layout, *,
     paired = {(DEFAULT_SPLIT if g == _NO_SPLIT else g): stems
               for g, stems in paired.items()}
 
-  texts = {}
-  if captions is not None:
-    texts, caption_problems = _read_captions(
-        Path(captions), {(s, stem) for s, stems in paired.items()
-                         for stem in stems}, all_stems)
+  texts: dict[tuple[str | None, str], tuple[tuple[str, str], ...]] = {}
+  for source, path in caption_paths:
+    found, caption_problems = _read_captions(
+        path, {(s, stem) for s, stems in paired.items() for stem in stems},
+        all_stems)
     problems += caption_problems
+    for key, captions_of_pair in found.items():
+      texts[key] = texts.get(key, ()) + tuple((source, c)
+                                              for c in captions_of_pair)
 
   # A problem that names a pair (and no split, or its split) keeps it out.
   dropped = {(p.split, p.name) for p in problems if p.name is not None}
+  def pair(split: str, stem: str, ir: Path, vi: Path) -> Pair:
+    # Per source, a split-specific line wins over one for every split.
+    tagged = texts.get((split, stem), ())
+    tagged_sources = {source for source, _ in tagged}
+    tagged += tuple(t for t in texts.get((None, stem), ())
+                    if t[0] not in tagged_sources)
+    order = [source for source, _ in caption_paths]
+    tagged = tuple(sorted(tagged, key=lambda t: order.index(t[0])))
+    return Pair(stem, split, ir, vi, tuple(c for _, c in tagged),
+                caption_sources=tuple(s for s, _ in tagged))
+
   pairs = [
-      Pair(stem, split, ir, vi,
-           texts.get((split, stem), texts.get((None, stem), ())))
+      pair(split, stem, ir, vi)
       for split, stems in paired.items()
       for stem, (ir, vi) in sorted(stems.items())
       if (None, stem) not in dropped and (split, stem) not in dropped]
   if text_emb is not None:
     if text_emb_dataset is None:
-      text_emb_dataset = (caption_files.default_dataset(captions)
-                          if captions is not None else root.resolve().name)
+      text_emb_dataset = (caption_files.default_dataset(caption_paths[0][1])
+                          if caption_paths else root.resolve().name)
     pairs, emb_problems = _attach_text_emb(Path(text_emb), text_emb_dataset,
                                            pairs, all_stems)
     problems += emb_problems

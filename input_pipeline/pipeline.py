@@ -6,6 +6,10 @@ the project's common format: {'name': str, 'ir': uint8 (H, W[, 1]),
 (H, W, 3) and optional 'text_emb': (num_captions, D)}; e.g.
 `input_pipeline.synthetic.SyntheticPairs` or `tfds.data_source(...)`, whose
 bytes strings and numpy string arrays `normalize_record` turns into str.
+Images may also be `image_io.EncodedImage`s (what the folder and TFDS
+sources give): a training crop then decodes the file and converts only its
+window to numpy, which for a 256x256 crop of a 1280x1024 JPEG is most of the
+per-example cost saved.
 
 Training batches (`make_train_dataset`, per JAX process, b = global batch /
 shard count):
@@ -19,7 +23,10 @@ shard count):
 
 Example e of epoch k is built from record r = shuffle_k(e): its crop window,
 flip and caption are pure functions of (seed, k, r), so they do not depend on
-the number of processes or workers. The global stream (shuffled epochs, one
+the number of processes or workers. A mixture (`mixture_weights`) gives each
+part of a `sources.ConcatSource` its own reshuffled epochs and draws from
+them in proportion to the weights (grain's `MapDataset.mix`), again a pure
+function of the position. The global stream (shuffled epochs, one
 after the other) is split round-robin over processes (process p takes global
 positions p, p + P, ...), so the union of the P per-process batches of a step
 is the global batch a single process would have produced.
@@ -46,6 +53,7 @@ from absl import flags
 
 from input_pipeline import captions as captions_lib
 from input_pipeline import degradations
+from input_pipeline import image_io
 from input_pipeline.captions import CaptionTable
 from input_pipeline.errors import UserError
 
@@ -53,6 +61,7 @@ _IMAGE_KEYS = ("vis", "ir", "vis_clean")
 # Streams of the per-(seed, epoch, record) random draws, kept apart so that
 # e.g. changing the crop size does not change which captions are sampled.
 _SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM, _DEGRADE_STREAM = 0, 1, 2, 3
+_RENAME_STREAM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +72,13 @@ class DegradationSpec:
   condition_table: (64, D) embeddings of the 64 condition sentences, in
     `degradations.all_levels()` order; an example's text embedding is the row
     of its levels, so the prompt names exactly what was done to its input.
+  renamed_prob: share of crops prompted with another underexposure or haze
+    level (`degradations.rename_one_level`) and trained toward what that
+    prompt asks for (`degradations.prompted_target`).
   """
   level_probs: tuple[float, ...]
   condition_table: np.ndarray
+  renamed_prob: float = 0.0
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +88,11 @@ def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
   for key in _IMAGE_KEYS:
     if key not in record:
       continue
-    image = np.asarray(record[key])
+    image = record[key]
+    if isinstance(image, image_io.EncodedImage):  # decoded when cropped
+      out[key] = image
+      continue
+    image = np.asarray(image)
     if image.dtype != np.uint8:
       raise ValueError(f"record {out['name']!r}: {key!r} must be uint8, got "
                        f"{image.dtype}")
@@ -96,10 +113,14 @@ def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
 
 
 def sample_caption_index(seed: int, epoch: int, record_index: int,
-                         num_captions: int) -> int:
-  """The caption a record uses in an epoch: a pure function of the args."""
-  return int(_rng(seed, _CAPTION_STREAM, epoch, record_index).integers(
-      num_captions))
+                         num_captions: int,
+                         probabilities: np.ndarray | None = None) -> int:
+  """The caption a record uses in an epoch: a pure function of the args
+  (uniform, or by `probabilities`: `CaptionTable.caption_probabilities`)."""
+  rng = _rng(seed, _CAPTION_STREAM, epoch, record_index)
+  if probabilities is None:
+    return int(rng.integers(num_captions))
+  return int(rng.choice(num_captions, p=probabilities))
 
 
 def paired_crop_and_flip(images: Mapping[str, np.ndarray], crop_size: int,
@@ -107,7 +128,8 @@ def paired_crop_and_flip(images: Mapping[str, np.ndarray], crop_size: int,
   """One random crop window and horizontal flip applied to every image.
 
   Images smaller than the crop are first reflection-padded (centred) to at
-  least crop_size on each side.
+  least crop_size on each side. `image_io.EncodedImage`s are decoded here,
+  converting only the window.
   """
   h, w = next(iter(images.values())).shape[:2]
   pad_h, pad_w = max(0, crop_size - h), max(0, crop_size - w)
@@ -116,6 +138,12 @@ def paired_crop_and_flip(images: Mapping[str, np.ndarray], crop_size: int,
   flip = bool(rng.integers(2))
   out = {}
   for key, image in images.items():
+    if isinstance(image, image_io.EncodedImage):
+      if not (pad_h or pad_w):  # decode, convert only the window
+        image = image.crop(top, left, crop_size, crop_size)
+        out[key] = image[:, ::-1] if flip else image
+        continue
+      image = np.asarray(image)
     if pad_h or pad_w:
       mode = "reflect" if min(h, w) > 1 else "edge"
       image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2),
@@ -126,8 +154,11 @@ def paired_crop_and_flip(images: Mapping[str, np.ndarray], crop_size: int,
 
 
 def _example(images: Mapping[str, np.ndarray], record_index: int,
-             caption_index: int, table: CaptionTable) -> dict[str, Any]:
-  example = {k: np.asarray(v, np.float32) / np.float32(255)
+             caption_index: int, table: CaptionTable,
+             as_float: bool = True) -> dict[str, Any]:
+  """One example; images float32 in [0, 1], or uint8 if not `as_float`."""
+  example = {k: (np.asarray(v, np.float32) / np.float32(255) if as_float
+                 else np.asarray(v, np.uint8))
              for k, v in images.items()}
   example["text_emb"] = table.embedding(record_index, caption_index)
   example["caption_index"] = np.int32(caption_index)
@@ -135,38 +166,70 @@ def _example(images: Mapping[str, np.ndarray], record_index: int,
   return example
 
 
+class _WithEpoch:
+  """map_with_index transform of one source's repeated shuffle: (position in
+  that stream, local index) -> (record index in the whole source, epoch of
+  that source)."""
+
+  def __init__(self, offset: int, length: int):
+    self._offset, self._length = offset, length
+
+  def __call__(self, position: int, local_index: int) -> tuple[int, int]:
+    return self._offset + int(local_index), position // self._length
+
+
 class _TrainExample:
-  """map_with_index transform: (stream position, record index) -> one
-  cropped, flipped, captioned float example."""
+  """map transform: (record index, epoch) -> one cropped, flipped,
+  captioned example (float images, or uint8 for the main process to
+  convert)."""
 
   def __init__(self, source: Sequence[Any], table: CaptionTable,
                crop_size: int, seed: int,
-               degradation: DegradationSpec | None = None):
+               degradation: DegradationSpec | None = None,
+               as_float: bool = True):
     self._source, self._table = source, table
     self._crop_size, self._seed = crop_size, seed
     self._degradation = degradation
+    self._as_float = as_float
 
-  def __call__(self, position: int, record_index: int) -> dict[str, Any]:
-    record_index = int(record_index)
+  def __call__(self, index_and_epoch: tuple[int, int]) -> dict[str, Any]:
+    record_index, epoch = index_and_epoch
     record = normalize_record(self._source[record_index])
-    epoch = position // len(self._source)
-    caption = sample_caption_index(self._seed, epoch, record_index,
-                                   self._table.num_captions(record_index))
+    caption = sample_caption_index(
+        self._seed, epoch, record_index,
+        self._table.num_captions(record_index),
+        self._table.caption_probabilities(record_index))
     images = paired_crop_and_flip(
         {k: record[k] for k in _IMAGE_KEYS if k in record}, self._crop_size,
         _rng(self._seed, _CROP_STREAM, epoch, record_index))
     if self._degradation is None:
-      return _example(images, record_index, caption, self._table)
+      return _example(images, record_index, caption, self._table,
+                      self._as_float)
     # The clean crop becomes the target; the prompt names the degradation.
     rng = _rng(self._seed, _DEGRADE_STREAM, epoch, record_index)
-    levels = degradations.sample_levels(rng, self._degradation.level_probs)
-    images["vis_clean"] = images["vis"]
-    images["vis"] = degradations.degrade(images["vis"], levels, rng)
-    example = _example(images, record_index, caption, self._table)
-    row = degradations.levels_index(levels)
+    spec = self._degradation
+    levels = degradations.sample_levels(rng, spec.level_probs)
+    params = degradations.draw_parameters(levels, rng)
+    clean = images["vis"]
+    images["vis"] = degradations.apply(clean, params, rng)
+    images["vis_clean"], named = clean, levels
+    rename = _rng(self._seed, _RENAME_STREAM, epoch, record_index)
+    if spec.renamed_prob and rename.random() < spec.renamed_prob:
+      named = degradations.rename_one_level(levels, rename)
+      images["vis_clean"] = degradations.prompted_target(clean, params,
+                                                         levels, named)
+    example = _example(images, record_index, caption, self._table,
+                       self._as_float)
+    row = degradations.levels_index(named)
     example["text_emb"] = self._degradation.condition_table[row]
     example["condition_index"] = np.int32(row)
     return example
+
+
+def _images_to_float(batch: dict[str, Any]) -> dict[str, Any]:
+  """uint8 image arrays of a batch -> float32 in [0, 1]."""
+  return {k: (np.asarray(v, np.float32) / np.float32(255)
+              if k in _IMAGE_KEYS else v) for k, v in batch.items()}
 
 
 def _select_table(table: CaptionTable, num_records: int, shuffle: bool,
@@ -201,6 +264,7 @@ def make_train_dataset(
     shard_by_process: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
     start_batch: int = 0,
+    mixture_weights: Sequence[float] | None = None,
 ) -> grain.IterDataset:
   """Infinite, checkpointable dataset of this process's training batches.
 
@@ -226,6 +290,9 @@ def make_train_dataset(
     start_batch: skip this many batches. Batch k of every shard is its part
       of global batch k, so `examples seen / global_batch_size` resumes at
       the same global position for any shard (process) count.
+    mixture_weights: sample the parts of `source` (a `sources.ConcatSource`)
+      in these proportions, each part reshuffled on its own epochs (grain's
+      MapDataset.mix); None: one shuffle over all records.
 
   Returns:
     A grain IterDataset; `iter()` of it yields the batch dicts described in
@@ -243,14 +310,31 @@ def make_train_dataset(
                      f"{shards} shards")
   table = _select_table(caption_table, num_records,
                         shuffle_captions_across_pairs, derangement_seed)
-  shuffle_seed = int(np.random.SeedSequence([_SHUFFLE_STREAM, seed])
-                     .generate_state(1)[0])
   # Shuffling indices (not records) keeps the record index at hand.
-  ds = (grain.MapDataset.range(num_records)
-        .shuffle(seed=shuffle_seed)
-        .repeat()
-        .map_with_index(_TrainExample(source, table, crop_size, seed,
-                                      degradation)))
+  def shuffled(offset: int, length: int, *stream: int) -> grain.MapDataset:
+    shuffle_seed = int(np.random.SeedSequence([_SHUFFLE_STREAM, seed, *stream])
+                       .generate_state(1)[0])
+    return (grain.MapDataset.range(length).shuffle(seed=shuffle_seed)
+            .repeat().map_with_index(_WithEpoch(offset, length)))
+
+  if mixture_weights is None:
+    ds = shuffled(0, num_records)
+  else:
+    # Each part of a ConcatSource reshuffles on its own epochs; the mix
+    # draws from them in proportion to the weights, a pure function of the
+    # position (so resume stays exact).
+    offsets, lengths = source.part_offsets(), source.part_lengths()
+    if len(mixture_weights) != len(lengths):
+      raise ValueError(f"{len(mixture_weights)} mixture weights for "
+                       f"{len(lengths)} parts")
+    ds = grain.MapDataset.mix(
+        [shuffled(o, n, 1 + i) for i, (o, n) in enumerate(zip(offsets,
+                                                              lengths))],
+        [float(w) for w in mixture_weights])
+  # Worker processes ship uint8 batches, a quarter of float32's bytes; the
+  # main process converts them (in-process read threads convert per example).
+  ds = ds.map(_TrainExample(source, table, crop_size, seed, degradation,
+                            as_float=worker_count == 0))
   ds = ds[shard_options.shard_index::shards]
   ds = ds.batch(global_batch_size // shards, drop_remainder=True)
   if start_batch:
@@ -262,6 +346,7 @@ def make_train_dataset(
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count,
                                      per_worker_buffer_size=worker_buffer_size))
+    it_ds = it_ds.map(_images_to_float)
   return it_ds
 
 

@@ -6,6 +6,14 @@ Sources (config.data.source):
   folder     paired folders (ir/, vi/, captions.jsonl) read directly; several
              roots are joined with ','. Record names are '<root name>/<stem>'.
   tfds       a built `ivf_pairs` TFDS dataset read with tfds.data_source.
+  mixture    config.data.mixture's (source, weight) pairs, each source a
+             folder or 'tfds:<name>[@<data_dir>]' (default data dir
+             config.data.tfds_data_dir), sampled in proportion to the
+             weights (grain's MapDataset.mix); records are named
+             '<dataset>/<name>', the dataset being the folder's name, the
+             data dir's name, or else the TFDS config's.
+             Eval: each TFDS source's config.data.eval_split where built,
+             plus config.data.eval_dir; metrics.json reports each dataset.
 Caption embeddings come from a precomputed store (config.text.embeddings_dir,
 written by `textfusion_jax.text.embed_captions`) or are computed once at
 startup with the text encoder the caller builds (`create_datasets`).
@@ -13,6 +21,7 @@ startup with the text encoder the caller builds (`create_datasets`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +29,9 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
+from input_pipeline import image_io
 from input_pipeline.captions import CaptionTable
+from input_pipeline.captions import record_caption_sources
 from input_pipeline.errors import UserError
 
 # Eval scenes are drawn from a disjoint seed stream.
@@ -28,35 +39,55 @@ _EVAL_SEED_OFFSET = 1_000_003
 
 
 class ConcatSource(Sequence):
-  """Several folder sources as one; names become '<dataset>/<stem>'."""
+  """Several sources as one; names become '<dataset>/<name>'."""
 
   def __init__(self, sources: Sequence[tuple[str, Sequence[Any]]]):
+    names = [name for name, _ in sources]
+    if len(set(names)) != len(names):
+      raise UserError(f"dataset names repeat in {names}: give each source "
+                      "its own folder or TFDS name")
     self._sources = list(sources)
     self._offsets = np.cumsum([0] + [len(s) for _, s in self._sources])
 
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
+  def part_names(self) -> list[str]:
+    return [name for name, _ in self._sources]
+
+  def part_offsets(self) -> list[int]:
+    return [int(o) for o in self._offsets[:-1]]
+
+  def part_lengths(self) -> list[int]:
+    return [len(s) for _, s in self._sources]
+
   def locate(self, index: int) -> tuple[str, int]:
     part = int(np.searchsorted(self._offsets, index, side="right")) - 1
     return self._sources[part][0], index - int(self._offsets[part])
 
-  def dataset_and_name(self, index: int) -> tuple[str, str]:
+  def _part(self, index: int) -> tuple[str, Sequence[Any], int]:
     dataset, local = self.locate(index)
-    part = dict(self._sources)[dataset]
-    return dataset, part.pairs[local].name
+    return dataset, dict(self._sources)[dataset], local
+
+  def dataset_and_name(self, index: int) -> tuple[str, str]:
+    dataset, part, local = self._part(index)
+    return dataset, part.record_name(local)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < len(self):
       raise IndexError(index)
-    dataset, local = self.locate(index)
-    record = dict(dict(self._sources)[dataset][local])
+    dataset, part, local = self._part(index)
+    record = dict(part[local])
     record["name"] = f"{dataset}/{record['name']}"
     return record
 
   def captions(self, index: int) -> list[str]:
-    dataset, local = self.locate(index)
-    return list(dict(self._sources)[dataset].pairs[local].captions)
+    _, part, local = self._part(index)
+    return list(part.captions(local))
+
+  def caption_sources(self, index: int) -> list[str]:
+    _, part, local = self._part(index)
+    return record_caption_sources(part, local)
 
 
 class CachedSource(Sequence):
@@ -74,26 +105,150 @@ class CachedSource(Sequence):
 
   def __getitem__(self, index: int) -> Any:
     if index not in self._cache:
-      self._cache[index] = self._source[index]
+      # Decoded in full once, rather than re-decoding a crop every visit.
+      self._cache[index] = {
+          k: np.asarray(v) if isinstance(v, image_io.EncodedImage) else v
+          for k, v in self._source[index].items()}
     return self._cache[index]
 
   def __getattr__(self, name: str) -> Any:  # captions(), dataset_and_name()
+    if name.startswith("_"):  # e.g. while unpickling in a grain worker
+      raise AttributeError(name)
     return getattr(self._source, name)
 
 
-def _folder_source(roots: str, field: str) -> ConcatSource:
+def _folder_parts(roots: str, field: str
+                  ) -> list[tuple[str, Sequence[Any]]]:
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
   paths = [Path(r) for r in roots.split(",") if r.strip()]
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
-  return ConcatSource([(p.name, datasets.PairedFolderSource(p))
-                       for p in paths])
+  return [(p.name, datasets.PairedFolderSource(p)) for p in paths]
+
+
+def _folder_source(roots: str, field: str) -> ConcatSource:
+  return ConcatSource(_folder_parts(roots, field))
+
+
+MixtureEntry = tuple[str, float]
+
+
+def weighted_names(value: Any, field: str, example: str
+                   ) -> list[tuple[str, float]]:
+  """(name, weight) pairs of a config field, weights finite and >= 0; pairs
+  of weight 0 are dropped. Each mistake is one line naming the field and
+  the entry."""
+  if not isinstance(value, (list, tuple)):
+    raise UserError(f"{field}={value!r}: give (name, weight) pairs, e.g. "
+                    f"{example}")
+  entries = []
+  for entry in value:
+    if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or
+        not isinstance(entry[0], str) or not entry[0]):
+      raise UserError(f"{field}: entry {entry!r} is not a (name, weight) "
+                      f"pair, e.g. {example}")
+    name, weight = entry
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+        or not math.isfinite(weight) or weight < 0):
+      raise UserError(f"{field}: {name}: weight {weight!r} must be a finite "
+                      "number >= 0")
+    if weight > 0:
+      entries.append((name, float(weight)))
+  if value and not entries:
+    raise UserError(f"{field}: every weight is 0; nothing to train on")
+  return entries
+
+
+def check_mixture(mixture: Any) -> list[MixtureEntry]:
+  """config.data.mixture as (source, weight) pairs, weights checked; entries
+  of weight 0 are dropped."""
+  entries = weighted_names(
+      mixture, "config.data.mixture",
+      "(('tfds:ivf_pairs/llvip', 3), ('/data/msrs', 1))")
+  if not entries and not mixture:
+    raise UserError("config.data.mixture is empty but config.data.source is "
+                    "'mixture'")
+  return entries
+
+
+def _mixture_part(spec: str, config: ml_collections.ConfigDict
+                  ) -> tuple[str, Sequence[Any], Sequence[Any] | None]:
+  """(dataset name, training source, eval source or None) of one entry."""
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if spec.startswith("tfds:"):
+    name, _, data_dir = spec[len("tfds:"):].partition("@")
+    if not (data_dir or data.tfds_data_dir):
+      raise UserError(f"config.data.mixture: {spec}: no data dir; write "
+                      "'tfds:<name>@<data_dir>' or set "
+                      "config.data.tfds_data_dir")
+    label = Path(data_dir).name if data_dir else name.rpartition("/")[2]
+    data_dir = data_dir or data.tfds_data_dir
+    train = datasets.RecordSource(datasets.load_source(
+        name, data.train_split, data_dir))
+    try:
+      evaluation = datasets.RecordSource(datasets.load_source(
+          name, data.eval_split, data_dir))
+    except (KeyError, ValueError):  # built without that split
+      evaluation = None
+    return label, train, evaluation
+  path = Path(spec)
+  if not path.is_dir():
+    raise UserError(f"config.data.mixture: {spec}: no such folder (a source "
+                    "is a folder with ir/ and vi/, or 'tfds:<name>')")
+  return path.name, datasets.PairedFolderSource(path), None
+
+
+def check_compatible(parts: Sequence[tuple[str, Sequence[Any]]]) -> None:
+  """One line naming the datasets if their first records disagree on image
+  channels or on the width of stored text embeddings."""
+  seen: dict[str, tuple[str, Any]] = {}
+  for name, source in parts:
+    record = source[0]
+    found = {"ir channels": np.shape(record["ir"])[-1],
+             "vis channels": np.shape(record["vis"])[-1]}
+    if "text_emb" in record:
+      found["text dimension"] = np.shape(record["text_emb"])[-1]
+    for field, value in found.items():
+      first = seen.setdefault(field, (name, value))
+      if first[1] != value:
+        raise UserError(f"config.data.mixture: {name} has {field} {value} but "
+                        f"{first[0]} has {first[1]}")
+
+
+def _mixture_sources(config: ml_collections.ConfigDict
+                     ) -> tuple[Sequence[Any], Sequence[Any], list[float]]:
+  entries = check_mixture(config.data.mixture)
+  parts = [(spec, weight, *_mixture_part(spec, config))
+           for spec, weight in entries]
+  check_compatible([(name, train) for _, _, name, train, _ in parts])
+  train = ConcatSource([(name, train) for _, _, name, train, _ in parts])
+  evals = [(name, ev) for _, _, name, _, ev in parts if ev is not None]
+  if config.data.eval_dir:
+    evals += _folder_parts(config.data.eval_dir, "eval_dir")
+  if not evals:
+    raise UserError("config.data.mixture: no eval data: no TFDS source has "
+                    f"the split {config.data.eval_split!r} and "
+                    "config.data.eval_dir is empty")
+  return train, ConcatSource(evals), [w for _, w, *_ in parts]
+
+
+def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
+  """The training mix's weights, in ConcatSource part order (None if the
+  source is not a mixture)."""
+  if config.data.source != "mixture":
+    return None
+  return [w for _, w in check_mixture(config.data.mixture)]
 
 
 def make_sources(config: ml_collections.ConfigDict
                  ) -> tuple[Sequence[Any], Sequence[Any]]:
   data = config.data
+  if data.source == "mixture":
+    train, evaluation, _ = _mixture_sources(config)
+    return (CachedSource(train) if data.cache_in_memory else train,
+            evaluation)
   if data.source == "synthetic":
     from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
     return (synthetic.SyntheticPairs(data.train_size, data.image_height,
@@ -112,16 +267,50 @@ def make_sources(config: ml_collections.ConfigDict
             data.tfds_name, split, data.tfds_data_dir))
         for split in (data.train_split, data.eval_split))
   raise UserError(f"config.data.source={data.source!r}: use 'synthetic', "
-                   "'folder' or 'tfds'")
+                   "'folder', 'tfds' or 'mixture'")
 
 
-def _table_from_store(source: Sequence[Any], store: Any) -> CaptionTable:
+def _table_from_store(source: Sequence[Any], store: Any
+                      ) -> tuple[CaptionTable, list[list[str]]]:
+  """The table of `source` from a caption store, and each record's caption
+  source per row (every source the record has captions from, in order)."""
   if not hasattr(source, "dataset_and_name"):
     raise UserError("config.text.embeddings_dir needs config.data.source="
-                     "'folder' (store keys are <dataset>/<name>)")
-  rows = tuple(np.asarray(store.rows(*source.dataset_and_name(i)), np.int32)
-               for i in range(len(source)))
-  return CaptionTable(np.asarray(store.table, np.float32), rows)
+                     "'folder' or 'mixture' (store keys are <dataset>/<name>)")
+  rows, per_record = [], []
+  for i in range(len(source)):
+    dataset, name = source.dataset_and_name(i)
+    record_rows, record_sources = [], []
+    for caption_source in dict.fromkeys(record_caption_sources(source, i)):
+      found = store.rows(dataset, name, caption_source)
+      record_rows += found
+      record_sources += [caption_source] * len(found)
+    rows.append(np.asarray(record_rows, np.int32))
+    per_record.append(record_sources)
+  return (CaptionTable(np.asarray(store.table, np.float32), tuple(rows)),
+          per_record)
+
+
+def check_caption_sources(value: Any) -> list[tuple[str, float]]:
+  """config.data.caption_sources as (source, weight) pairs (weight 0
+  drops a source); empty: every caption, uniformly."""
+  return weighted_names(value or (), "config.data.caption_sources",
+                        "(('default', 1), ('blip', 3))")
+
+
+def _caption_sampling(config: ml_collections.ConfigDict) -> bool:
+  """Whether captions are drawn by source weight."""
+  sampling = config.data.get("caption_sampling", "uniform")
+  if sampling not in ("uniform", "weighted"):
+    raise UserError(f"config.data.caption_sampling={sampling!r}: use "
+                    "'uniform' or 'weighted'")
+  return sampling == "weighted"
+
+
+def _record_label(source: Sequence[Any]) -> Callable[[int], str]:
+  if hasattr(source, "dataset_and_name"):
+    return lambda i: "/".join(source.dataset_and_name(i))
+  return lambda i: f"record {i}"
 
 
 class TextEncoderLike(Protocol):
@@ -138,19 +327,38 @@ def make_caption_tables(config: ml_collections.ConfigDict,
                         ) -> tuple[CaptionTable, ...]:
   """One CaptionTable per source, then the embedding width.
 
+  The first source is the training source: config.data.caption_sources
+  selects its captions and config.data.caption_sampling how they are drawn.
+
   From the precomputed store `config.text.embeddings_dir`, or else by
   embedding every caption once with `make_encoder()`.
   """
+  chosen = check_caption_sources(config.data.get("caption_sources", ()))
+  weighted = _caption_sampling(config)
+  if weighted and not chosen:
+    raise UserError("config.data.caption_sampling='weighted' needs "
+                    "config.data.caption_sources (source, weight) pairs")
   if config.text.embeddings_dir:
     from input_pipeline.caption_store import CaptionEmbeddings  # pylint: disable=g-import-not-at-top
     store = CaptionEmbeddings.load(config.text.embeddings_dir)
     store.check_dim(config.model.text_dim)
-    tables = [_table_from_store(s, store) for s in sources]
-    return (*tables, store.dim)
-  encoder = make_encoder()
+    built = [_table_from_store(s, store) for s in sources]
+    dim = store.dim
+  else:
+    encoder = make_encoder()
 
-  def embed(texts: list[str]) -> np.ndarray:
-    return encoder.encode(texts, batch_size=config.text.batch_size)
+    def embed(texts: list[str]) -> np.ndarray:
+      return encoder.encode(texts, batch_size=config.text.batch_size)
 
-  tables = [CaptionTable.from_source(s, embed) for s in sources]
-  return (*tables, encoder.embed_dim)
+    built = [(CaptionTable.from_source(s, embed),
+              [record_caption_sources(s, i) for i in range(len(s))])
+             for s in sources]
+    dim = encoder.embed_dim
+  if not chosen:
+    return (*(table for table, _ in built), dim)
+  # The training source (the first) draws among the chosen caption sources;
+  # eval sets keep their own captions (caption 0), as they may have others.
+  (table, per_record), *others = built
+  table = table.select_sources(per_record, chosen, weighted,
+                               _record_label(sources[0]))
+  return (table, *(t for t, _ in others), dim)

@@ -191,7 +191,8 @@ def _assert_source_matches(source, want: dict[str, Want]) -> None:
   assert sorted(records) == sorted(want)
   for name, expected in want.items():
     record = records[name]
-    assert set(record) == {"name", "ir", "vis", "captions"}
+    assert set(record) == {"name", "ir", "vis", "captions", "caption_sources"}
+    assert record["caption_sources"] == ["default"] * len(record["captions"])
     assert record["ir"].dtype == np.uint8 and record["vis"].dtype == np.uint8
     np.testing.assert_array_equal(record["ir"], expected.ir, err_msg=name)
     np.testing.assert_array_equal(record["vis"], expected.vis, err_msg=name)
@@ -244,6 +245,47 @@ def test_record_source_is_a_sequence(tmp_path):
   assert source[-1]["name"] == source[2]["name"]
   with pytest.raises(IndexError):
     source[3]
+
+
+def test_jpeg_sources_keep_their_bytes_and_decode_to_the_same_pixels(
+    tmp_path):
+  root, data_dir = tmp_path / "src", tmp_path / "data"
+  wants = {
+      # LLVIP stores grey infrared as RGB JPEGs.
+      "j1": _add_pair(root, "ir/j1.jpg", "vi/j1.jpg", (40, 48), 50,
+                      ir_kind="rgb"),
+      "j2": _add_pair(root, "ir/j2.jpg", "vi/j2.jpg", (32, 40), 51,
+                      vis_kind="grey"),
+      "p16": _add_pair(root, "ir/p16.png", "vi/p16.jpg", (24, 32), 52,
+                       ir_kind="grey16"),
+  }
+  datasets.build("folders", manual_dir=root, data_dir=data_dir)
+  raw = datasets.load_source("folders", "train", data_dir)
+  by_name = {r["name"].decode(): r for r in raw}
+  for name in ("j1", "j2"):
+    for key, folder in (("ir", "ir"), ("vis", "vi")):
+      assert bytes(by_name[name][key]) == (root / folder /
+                                           f"{name}.jpg").read_bytes()
+  assert bytes(by_name["p16"]["vis"]) == (root / "vi/p16.jpg").read_bytes()
+  # 16-bit infrared is reduced when built and stored as an 8-bit PNG.
+  assert bytes(by_name["p16"]["ir"]).startswith(b"\x89PNG")
+  for name, want in wants.items():
+    assert by_name[name]["vis_was_grey"] == want.vis_was_grey, name
+    assert by_name[name]["ir_was_16bit"] == want.ir_was_16bit, name
+  for name, want in wants.items():
+    expected = layouts.read_pair(*(root / folder / f"{name}.{ext}"
+                                   for folder, ext in (
+                                       ("ir", "png" if name == "p16" else
+                                        "jpg"), ("vi", "jpg"))))
+    np.testing.assert_array_equal(expected.ir, want.ir)
+  _assert_source_matches(datasets.RecordSource(raw), wants)
+  # A crop decodes to the same window as the whole image.
+  for source in (datasets.RecordSource(raw), datasets.PairedFolderSource(root)):
+    for record in source:
+      for key in ("ir", "vis"):
+        whole = np.asarray(record[key])
+        np.testing.assert_array_equal(record[key].crop(3, 5, 16, 20),
+                                      whole[3:19, 5:25])
 
 
 # ------------------------------------------------------ shared sample folders
@@ -459,8 +501,11 @@ def test_folder_source_finds_truncated_pixels_on_read_or_when_asked(tmp_path):
   _truncated(root)  # the header is intact; the pixel data is cut
   source = datasets.PairedFolderSource(root)  # headers only
   assert [p.name for p in source.pairs] == ["g1", "g2", "g3", "trunc"]
+  record = source[3]  # images decode when used
   with pytest.raises(image_io.ImageReadError, match="trunc.png"):
-    source[3]
+    np.asarray(record["vis"])
+  with pytest.raises(image_io.ImageReadError, match="trunc.png"):
+    record["vis"].crop(0, 0, 8, 8)
   with pytest.raises(layouts.BadDataError, match="trunc.png"):
     datasets.PairedFolderSource(root, check_images=True)
 
@@ -643,3 +688,10 @@ def test_cli_error_and_skip(tmp_path):
   assert "train 3" in built.stdout
   assert "only_ir.png" in built.stdout and "only_vi.png" in built.stdout
   assert len(datasets.load_source("folders", "train", tmp_path / "b")) == 3
+
+
+def test_a_build_in_an_older_format_asks_for_a_rebuild(tmp_path):
+  (tmp_path / "ivf_pairs" / "folders" / "1.0.0").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r"format version\(s\) 1.0.0, "
+                     r"this code reads 2.0.0; rebuild it"):
+    datasets.load_source("folders", "train", tmp_path)

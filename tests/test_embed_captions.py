@@ -231,3 +231,36 @@ def test_store_errors(encoder, tmp_path):
   mapped = CaptionEmbeddings.load(tmp_path / "out", mmap=True)
   np.testing.assert_array_equal(mapped.lookup("custom", "a", 1),
                                 store.lookup("custom", "a", 1))
+
+
+def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tmp_path):
+  """captions.jsonl and captions_gen.jsonl of one dataset: one store, keys
+  'set' and 'set@gen'; training reads both sources' rows from it."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  root = _write_folder_dataset(tmp_path / "set", "ab", 0)
+  _write_jsonl(root / "captions_gen.jsonl",
+               [{"name": n, "captions": [f"gen {n} 1", f"gen {n} 2"]}
+                for n in "ab"])
+  files = [(None, root / "captions.jsonl"), (None, root / "captions_gen.jsonl")]
+  store = _run(encoder, files, tmp_path / "store")
+  assert store.datasets() == ["set", "set@gen"]
+  assert len(store.rows("set", "a")) == 1
+  assert len(store.rows("set", "a", "gen")) == 2
+  manifest_sources = {s["caption_source"] for s in store.manifest["sources"]}
+  assert manifest_sources == {"default", "gen"}
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.embeddings_dir = str(tmp_path / "store")
+  config.data.caption_sources = (("gen", 1.0),)
+  train_source, _ = sources.make_sources(config)
+  table, _, dim = sources.make_caption_tables(config, None, train_source,
+                                              train_source)
+  assert dim == encoder.embed_dim and table.source_names == ("gen",)
+  expected = encoder.encode(["gen a 1", "gen a 2"])
+  np.testing.assert_allclose(table.embeddings[table.rows[0]], expected,
+                             rtol=1e-5, atol=1e-6)

@@ -6,8 +6,8 @@ through XLA_FLAGS before JAX starts:
   two_process   2 processes x 4 devices, mesh data=4 x fsdp=2, 4 steps
   one_process   1 process x 8 devices, the same mesh and config
   resumed       step 2 of two_process, continued by 1 process on 2 devices
-                (data=2, fsdp=1) to step 4
-  fresh         1 process x 2 devices, data=2 x fsdp=1, 4 steps from scratch
+                (data=2, fsdp=1) to step 4; its losses are compared with the
+                uninterrupted runs' (other meshes agree to ~1e-5)
 
 Every launch has a deadline; on failure or timeout all its processes are
 killed, so a stuck coordinator cannot hang the suite.
@@ -112,7 +112,6 @@ def jobs(tmp_path_factory):
   shutil.rmtree(root / "resumed" / "checkpoints" / str(STEPS))
   (root / "resumed" / "metrics.jsonl").unlink()
   launch(_job(root / "resumed", 1, (2, 1), no_eval), devices=2)
-  launch(_job(root / "fresh", 1, (2, 1), no_eval), devices=2)
   return root
 
 
@@ -160,7 +159,8 @@ def test_only_process_zero_writes_outputs(jobs):
 
 
 def test_resume_on_another_mesh_and_process_count(jobs):
-  resumed, fresh = _train_log(jobs / "resumed"), _train_log(jobs / "fresh")
+  resumed = _train_log(jobs / "resumed")
+  fresh = _train_log(jobs / "one_process")  # uninterrupted, 4x2 mesh
   assert sorted(resumed) == [3, 4]  # started at the saved step, not at 0
   for step in (3, 4):
     # Same data position (global batch 2 onward) and state; only the mesh

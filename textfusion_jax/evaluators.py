@@ -135,11 +135,11 @@ class FusionEvaluator:
           image_io.write_png_atomic(out_dir / f"{name}.png", fused_u8[i])
           if len(samples) < self._save_images:
             samples.append(fused_u8[i])
-    result = {m: _mean_over_images(per_image[m]) for m in METHODS}
-    if per_image["model"]:
-      result[fusion_baselines.MEAN_RANK] = fusion_baselines.mean_ranks(
-          {m: result[m] for m in METHODS})
-    result["num_images"] = len(per_image["model"])
+    result = _summary(per_image)
+    by_dataset = _split_by_dataset(per_image)
+    if len(by_dataset) > 1:  # a mixture: each dataset's eval split apart
+      result["per_dataset"] = {name: _summary(images)
+                               for name, images in by_dataset.items()}
     result["per_image"] = per_image["model"]
     if restoration:
       result["restoration"] = _mean_over_images(restoration)
@@ -149,6 +149,29 @@ class FusionEvaluator:
                               json.dumps(result, indent=2, sort_keys=True))
     result["samples"] = samples
     return result
+
+
+def _summary(per_image: Mapping[str, Mapping[str, Mapping[str, float]]]
+             ) -> dict[str, Any]:
+  """Per method, the mean of each metric; mean ranks; the image count."""
+  result: dict[str, Any] = {m: _mean_over_images(per_image[m])
+                            for m in METHODS}
+  if per_image["model"]:
+    result[fusion_baselines.MEAN_RANK] = fusion_baselines.mean_ranks(
+        {m: result[m] for m in METHODS})
+  result["num_images"] = len(per_image["model"])
+  return result
+
+
+def _split_by_dataset(per_image: Mapping[str, Mapping[str, Any]]
+                      ) -> dict[str, dict[str, dict[str, Any]]]:
+  """per_image regrouped by the '<dataset>/' prefix of image names."""
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  for method, images in per_image.items():
+    for name, values in images.items():
+      dataset = name.split("/", 1)[0] if "/" in name else ""
+      out.setdefault(dataset, {m: {} for m in METHODS})[method][name] = values
+  return out
 
 
 def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,

@@ -166,6 +166,10 @@ def _eval_and_log(evaluator: evaluators.FusionEvaluator,
              for k, v in result[method].items()}
   scalars.update({f"eval/restoration/{k}": v
                   for k, v in result.get("restoration", {}).items()})
+  scalars.update({f"eval/{dataset}/{method}/{k}": v
+                  for dataset, summary in result.get("per_dataset", {}).items()
+                  for method in evaluators.METHODS
+                  for k, v in summary[method].items()})
   writer.write_scalars(step, scalars)
   # One entry per sample: eval images may differ in size.
   writer.write_images(step, {f"eval/fused/{i}": image[None]

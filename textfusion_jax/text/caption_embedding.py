@@ -34,18 +34,21 @@ SHARD_DIR = "shards"
 
 def plan(records: Sequence[caption_files.CaptionRecord]
          ) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
-  """Distinct captions in first-seen order, and (dataset, name) -> rows."""
+  """Distinct captions in first-seen order, and (store key, name) -> rows
+  (`caption_store.store_key`: the dataset, with '@<source>' for caption
+  files other than captions.jsonl)."""
   row_of: dict[str, int] = {}
   index: dict[str, dict[str, list[int]]] = {}
   seen: dict[tuple[str, str], str] = {}
   for record in records:
-    key = (record.dataset, record.name)
+    dataset = caption_store.store_key(record.dataset, record.source)
+    key = (dataset, record.name)
     if key in seen:
       raise caption_files.CaptionFileError(
-          f"{record.file}:{record.line}: {record.dataset}/{record.name} "
+          f"{record.file}:{record.line}: {dataset}/{record.name} "
           f"already came from {seen[key]}")
     seen[key] = f"{record.file}:{record.line}"
-    index.setdefault(record.dataset, {})[record.name] = [
+    index.setdefault(dataset, {})[record.name] = [
         row_of.setdefault(text, len(row_of)) for text in record.captions]
   return list(row_of), index
 
@@ -174,8 +177,9 @@ def _assemble(encoder, records, out: Path, texts: list[str],
       "num_captions": sum(len(rows) for names in index.values()
                           for rows in names.values()),
       "num_truncated": num_truncated,
-      "sources": [{"dataset": d, "file": str(Path(f).resolve())}
-                  for d, f in dict.fromkeys((r.dataset, r.file)
-                                            for r in records)],
+      "sources": [{"dataset": d, "caption_source": c,
+                   "file": str(Path(f).resolve())}
+                  for d, c, f in dict.fromkeys((r.dataset, r.source, r.file)
+                                               for r in records)],
   })
   return caption_store.CaptionEmbeddings.load(out)

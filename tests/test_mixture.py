@@ -1,0 +1,184 @@
+"""Weighted mixtures of datasets: sampling, exact resume, per-dataset eval,
+bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from input_pipeline import create_datasets
+from input_pipeline import datasets
+from input_pipeline import pipeline
+from input_pipeline import sources
+from input_pipeline.captions import CaptionTable
+from input_pipeline.errors import UserError
+from tests.test_train import _write_folder_dataset
+from textfusion_jax import train_loop
+from textfusion_jax.text import encoder as text_encoder
+
+
+def _with_generated_captions(folder: Path, names: str) -> Path:
+  """Adds the caption source 'gen' (captions_gen.jsonl, 2 per pair)."""
+  (folder / "captions_gen.jsonl").write_text("".join(
+      json.dumps({"name": n, "captions": [f"generated {n} a",
+                                          f"generated {n} b"]}) + "\n"
+      for n in names))
+  return folder
+
+
+def _tfds_dataset(folder: Path, data_dir: Path, config_name: str,
+                  names: str, seed: int) -> str:
+  """A 'folders' build with train/test splits and two caption sources."""
+  _with_generated_captions(_write_folder_dataset(folder, names, seed), names)
+  (folder / "splits.json").write_text(json.dumps(
+      {"train": list(names[:-2]), "test": list(names[-2:])}))
+  datasets.build(config_name, manual_dir=folder, data_dir=data_dir)
+  return f"tfds:ivf_pairs/{config_name}"
+
+
+@pytest.fixture(scope="module")
+def mixture_config(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mixture")
+  data_dir = root / "tfds"
+  big = _tfds_dataset(root / "a", data_dir, "folders", "abcdefghij", 0)
+  small = _with_generated_captions(
+      _write_folder_dataset(root / "msrs", "pqrs", 1), "pqrs")
+  config = tiny.get_config()
+  config.data.source = "mixture"
+  config.data.mixture = ((big, 3.0), (str(small), 1.0))
+  config.data.tfds_data_dir = str(data_dir)
+  config.data.caption_sources = (("default", 1.0), ("gen", 3.0))
+  config.data.caption_sampling = "weighted"
+  config.data.eval_dir = str(_write_folder_dataset(root / "held", "xy", 2))
+  config.train.batch_size = 4
+  config.eval.batch_size = 1
+  config.eval.pad_multiple = 32
+  return config
+
+
+def _datasets(config):
+  return create_datasets(config, lambda: text_encoder.from_config(config.text))
+
+
+
+def test_builds_and_folders_keep_every_caption_source(mixture_config):
+  data_dir = mixture_config.data.tfds_data_dir
+  record = datasets.RecordSource(datasets.load_source("folders", "train",
+                                                      data_dir))[0]
+  assert record["caption_sources"] == ["default", "gen", "gen"]
+  name = record["name"]
+  assert record["captions"] == [f"scene {name}", f"generated {name} a",
+                                f"generated {name} b"]
+  folder = datasets.PairedFolderSource(mixture_config.data.mixture[1][0])
+  assert folder.caption_sources(0) == ["default", "gen", "gen"]
+
+
+def test_captions_are_drawn_by_source_weight():
+  table = CaptionTable(np.eye(4, dtype=np.float32),
+                       (np.array([0, 1, 2]), np.array([3])))
+  table = table.select_sources([["default", "gen", "gen"], ["gen"]],
+                               [("default", 1.0), ("gen", 3.0)], True,
+                               lambda i: f"d/{i}")
+  np.testing.assert_allclose(table.caption_probabilities(0),
+                             [0.25, 0.375, 0.375])
+  np.testing.assert_allclose(table.caption_probabilities(1), [1.0])
+  draws = [pipeline.sample_caption_index(0, epoch, 0, 3,
+                                         table.caption_probabilities(0))
+           for epoch in range(2000)]
+  assert abs(np.mean(np.array(draws) == 0) - 0.25) < 0.03
+  uniform = CaptionTable(np.eye(4, dtype=np.float32),
+                         (np.array([0, 1, 2]), np.array([3])))
+  assert uniform.caption_probabilities(0) is None
+
+
+def test_mixture_samples_by_weight_and_resumes_exactly(mixture_config):
+  """Two datasets (TFDS and a folder) at 3:1, each with two caption
+  sources drawn 1:3."""
+  inputs = _datasets(mixture_config)
+  stream = inputs.train_iter_at(0)
+  batches = [next(stream) for _ in range(60)]
+  index = np.concatenate([b["record_index"] for b in batches])
+  # ConcatSource order: the 8 training records of 'folders', then 'msrs'.
+  share = np.mean(index < 8)
+  assert 0.68 <= share <= 0.82, share  # weights 3:1
+  assert set(index[index >= 8]) == {8, 9, 10, 11}
+  # Caption 0 is the 'default' source's; 1 and 2 are 'gen' (weight 3 of 4).
+  captions = np.concatenate([b["caption_index"] for b in batches])
+  assert 0.65 <= np.mean(captions > 0) <= 0.85
+  resumed = inputs.train_iter_at(37)
+  for expected in batches[37:41]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_weight_zero_drops_a_source(mixture_config):
+  config = mixture_config.copy_and_resolve_references()
+  config.data.mixture = (config.data.mixture[0][0], 1.0), (
+      config.data.mixture[1][0], 0)
+  stream = _datasets(config).train_iter_at(0)
+  index = np.concatenate([next(stream)["record_index"] for _ in range(10)])
+  assert index.max() < 8
+
+
+def test_each_dataset_is_evaluated_apart(mixture_config, tmp_path):
+  config = mixture_config.copy_and_resolve_references()
+  config.train.num_steps = 2
+  train_loop.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "eval" / "2" / "metrics.json").read_text())
+  per = saved["per_dataset"]
+  # The TFDS source's test split and the eval_dir folder.
+  assert {k: v["num_images"] for k, v in per.items()} == {"folders": 2,
+                                                         "held": 2}
+  assert saved["num_images"] == 4
+  for method in ("model", "copy_vis"):
+    mean = np.mean([per[d][method]["EN"] for d in per])
+    assert saved[method]["EN"] == pytest.approx(mean, rel=1e-6)
+
+
+@pytest.mark.parametrize("weight, message", [
+    (-1.0, "weight -1.0 must be a finite number >= 0"),
+    (float("nan"), "weight nan must be a finite number >= 0"),
+    ("3", "weight '3' must be a finite number >= 0"),
+])
+def test_bad_weights_name_the_source(weight, message):
+  with pytest.raises(UserError, match=r"config.data.mixture: /data/msrs: " +
+                     message.replace("(", r"\(")):
+    sources.check_mixture((("tfds:ivf_pairs/llvip", 1.0),
+                           ("/data/msrs", weight)))
+  with pytest.raises(UserError, match="every weight is 0"):
+    sources.check_mixture((("/data/msrs", 0),))
+
+
+def test_a_missing_caption_source_names_the_dataset(mixture_config):
+  config = mixture_config.copy_and_resolve_references()
+  config.data.caption_sources = (("default", 1.0), ("blip", 1.0))
+  with pytest.raises(UserError, match=r"config.data.caption_sources: folders "
+                     r"has no caption source 'blip' \(its sources: default, "
+                     r"gen\)"):
+    _datasets(config)
+  config.data.caption_sources = (("gen", -2),)
+  with pytest.raises(UserError, match="gen: weight -2 must be"):
+    _datasets(config)
+
+
+def test_missing_folder_and_mismatched_sources_give_one_line(mixture_config,
+                                                             tmp_path):
+  config = mixture_config.copy_and_resolve_references()
+  config.data.mixture = ((str(tmp_path / "nowhere"), 1.0),)
+  with pytest.raises(UserError, match=r"nowhere: no such folder"):
+    _datasets(config)
+  config.data.mixture = (("tfds:ivf_pairs/folders", 1.0),)
+  config.data.tfds_data_dir = ""
+  with pytest.raises(UserError, match=r"tfds:ivf_pairs/folders: no data dir"):
+    _datasets(config)
+  grey = {"ir": np.zeros((4, 4, 1), np.uint8), "vis": np.zeros((4, 4, 3),
+                                                               np.uint8)}
+  with pytest.raises(UserError, match="b has vis channels 1 but a has 3"):
+    sources.check_compatible([("a", [grey]), ("b", [dict(grey, vis=grey["ir"])])])
+  with pytest.raises(UserError, match="b has text dimension 8 but a has 4"):
+    sources.check_compatible([
+        ("a", [dict(grey, text_emb=np.zeros((1, 4)))]),
+        ("b", [dict(grey, text_emb=np.zeros((2, 8)))])])

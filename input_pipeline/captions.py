@@ -164,7 +164,8 @@ class CaptionTable:
       if not keep:
         raise UserError(
             f"config.data.caption_sources: {record_label(i)} has no captions "
-            f"from {', '.join(names)} (it has {', '.join(sorted(set(sources))) or 'none'})")
+            f"from {', '.join(names)} (it has "
+            f"{', '.join(sorted(set(sources))) or 'none'})")
       rows.append(record_rows[keep])
       ids.append(np.array([names.index(sources[k]) for k in keep], np.int32))
     for dataset, present in found.items():

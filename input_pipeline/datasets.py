@@ -10,13 +10,13 @@ layout it expects. Build with `build(...)` or
 Stored features (version 2.0.0):
 
   'name':          the pair's file stem
-  'ir', 'vis':     encoded image bytes: an 8-bit JPEG source's own bytes (no
-                   re-encoding: the same pixels on decode, a fraction of
-                   a PNG's size), else a PNG of the converted uint8 image (lossless
-                   sources, 16-bit infrared, palettes). Decoded by
-                   `to_record` as uint8 ir (H, W, 1) and vis (H, W, 3), by
-                   `layouts.read_pair`'s rules; grey visible images are
-                   replicated
+  'ir', 'vis':     encoded image bytes: an 8-bit JPEG source's own bytes
+                   (no re-encoding: the same pixels on decode, a fraction
+                   of a PNG's size), else a PNG of the converted uint8
+                   image (lossless sources, 16-bit infrared, palettes).
+                   Decoded by `to_record` as uint8 ir (H, W, 1) and vis
+                   (H, W, 3), by `layouts.read_pair`'s rules; grey visible
+                   images are replicated
   'vis_was_grey':  bool
   'ir_was_16bit':  bool; 16-bit infrared is stretched per image ('minmax')
   'captions':      list of text, possibly empty: every caption file's

@@ -38,10 +38,10 @@ Prompt-following targets (config.data.degradations.renamed_prob): a share
 of training crops is prompted with another sentence, whose underexposure or
 haze level is changed (`rename_one_level`; noise keeps its true level), and
 the target is what that sentence asks for (`prompted_target`): the degraded
-crop with the named gain and haze undone instead of the true ones. Trained only on true
-sentences, the network learned to read brightness from the pixels (real
-scenes are mostly well exposed) and half-ignored the words; with renamed
-prompts the words decide how far it corrects.
+crop with the named gain and haze undone instead of the true ones. Trained
+only on true sentences, the network learned to read brightness from the
+pixels (real scenes are mostly well exposed) and half-ignored the words; with
+renamed prompts the words decide how far it corrects.
 """
 
 from __future__ import annotations

@@ -132,12 +132,13 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
       batch = sharding_lib.global_batch(
           random_batch(batch_size, crop, 512), trainer.batch_sharding)
       rng = jax.random.key(1)
-      compiled = trainer.jitted_train_step.lower(state, batch, rng).compile()
+      compiled = trainer.jitted_train_step.lower(state, batch, rng,
+                                                  None).compile()
       flops, _ = cost_of(compiled)
       holder = {"state": state}
 
       def step():
-        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        holder["state"], metrics = compiled(holder["state"], batch, rng, None)
         return metrics.loss.compute()
 
       best, median = time_calls(step, 2 if smoke else 20)

@@ -75,7 +75,7 @@ def _compile(config, mesh_shape):
              for k, v in batch.items()}
     rng = jax.random.key(1)
     return trainer, mesh, trainer.jitted_train_step.lower(
-        state, batch, rng).compile()
+        state, batch, rng, None).compile()
 
 
 def weak_worker() -> dict:
@@ -96,7 +96,7 @@ def weak_worker() -> dict:
 
     def step():
       holder["state"], metrics = trainer.jitted_train_step(
-          holder["state"], batch, rng)
+          holder["state"], batch, rng, None)
       return metrics.loss.compute()
 
     best, median = time_calls(step, 5)

@@ -48,15 +48,15 @@ def main(argv):
     rng = jax.random.key(1)
     step_fn = trainer.jitted_train_step
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rng).compile()
+    compiled = step_fn.lower(state, batch, rng, None).compile()
     compile_s = time.perf_counter() - start
     flops, bytes_accessed = cost_of(compiled)
-    state, metrics = step_fn(state, batch, rng)  # warm-up
+    state, metrics = step_fn(state, batch, rng, None)  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(_STEPS.value):
       start = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng)
+      state, metrics = step_fn(state, batch, rng, None)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
   best, median = min(times), statistics.median(times)

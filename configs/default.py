@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ssim = 1.0  # 1 - SSIM against IR and visible Y.
   config.loss.color = 12.0  # L1 of fused CbCr to visible CbCr (Text-IF: 12).
   config.loss.complementarity = 2.0  # 2 - SCD of each crop (see losses.py).
+  config.loss.reference = 0.0  # L1 to train.reference_from's fusion of the clean target under "clean visible image" (needs degradations).
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # Peak AdamW learning rate.
@@ -76,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 200  # Steps between evaluations (0 = only at the end).
   config.train.stop_after_steps = 0  # Stop this run after N steps, checkpointed (0 = run to num_steps).
   config.train.init_from = ""  # Bundle or workdir whose params start a fresh run (fine-tuning; new optimizer, step 0).
+  config.train.reference_from = ""  # Frozen bundle or workdir for loss.reference (same model config and text encoder).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8  # Eval batch size (a multiple of the device count).

@@ -60,6 +60,12 @@ def create_datasets(config: ml_collections.ConfigDict,
     raise UserError("config.data.degradations.enabled needs real pairs "
                     "(config.data.source 'folder' or 'tfds'): synthetic "
                     "scenes come degraded and captioned already")
+  reference = config.get("loss", {}).get("reference", 0.0)
+  if reference and not degrade:
+    raise UserError(f"config.loss.reference={reference!r} needs "
+                    "config.data.degradations.enabled=True: the reference is "
+                    "the fusion of the clean crop under \"clean visible "
+                    "image\"")
   train_source, eval_source = sources.make_sources(config)
   table_train, table_eval, text_dim = sources.make_caption_tables(
       config, make_encoder, train_source, eval_source)

@@ -19,7 +19,8 @@ shard count):
   'text_emb'      float32 (b, D)   embedding of the sampled caption
   'caption_index' int32 (b,)       which caption of the record was used
   'record_index'  int32 (b,)       index of the record in the source
-  with a DegradationSpec also 'condition_index' int32 (b,)
+  with a DegradationSpec also 'condition_index' int32 (b,) and
+  'text_emb_clean' float32 (b, D), the embedding of "clean visible image"
 
 Example e of epoch k is built from record r = shuffle_k(e): its crop window,
 flip and caption are pure functions of (seed, k, r), so they do not depend on
@@ -62,6 +63,7 @@ _IMAGE_KEYS = ("vis", "ir", "vis_clean")
 # e.g. changing the crop size does not change which captions are sampled.
 _SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM, _DEGRADE_STREAM = 0, 1, 2, 3
 _RENAME_STREAM = 4
+_CLEAN_ROW = degradations.levels_index((0, 0, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +224,7 @@ class _TrainExample:
                        self._as_float)
     row = degradations.levels_index(named)
     example["text_emb"] = self._degradation.condition_table[row]
+    example["text_emb_clean"] = self._degradation.condition_table[_CLEAN_ROW]
     example["condition_index"] = np.int32(row)
     return example
 

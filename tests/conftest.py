@@ -54,3 +54,19 @@ def tiny_workdir(tmp_path_factory) -> Path:
   config.eval.batch_size = 2
   train_loop.train_and_evaluate(config, str(path))
   return path
+
+
+# Test files that take minutes (subprocess launches, compiling the train step
+# on fake multi-device meshes), slowest first. They are collected first so
+# that `pytest -n 2 --dist loadfile` (README's test command) starts them
+# first and the short files fill in around them; the order of the tests
+# inside each file is unchanged.
+_SLOW_FILES_FIRST = ("test_multihost.py", "test_sharding.py", "test_train.py",
+                     "test_fuse.py", "test_degradations.py",
+                     "test_benchmarks.py", "test_streaming.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -53,7 +53,7 @@ def run(config, mesh, steps):
         grads = _gradients(trainer, state.params, batch)
         # Compiled once: its HLO is inspected and it runs every step.
         compiled = trainer.jitted_train_step.lower(
-            state, batch, jax.random.key(1)).compile()
+            state, batch, jax.random.key(1), None).compile()
         facts = {
             "batch_spec": [list(a) if isinstance(a, tuple) else a
                            for a in batch["vis"].sharding.spec],
@@ -61,7 +61,7 @@ def run(config, mesh, steps):
                 {s.data.shape[0] for s in batch["vis"].addressable_shards}),
             "hlo_ops": collective_ops(compiled.as_text()),
         }
-      state, metrics = compiled(state, batch, jax.random.key(1))
+      state, metrics = compiled(state, batch, jax.random.key(1), None)
       for key, value in metrics.compute().items():
         if key in seen:
           seen[key].append(float(value))

@@ -151,6 +151,10 @@ def test_pipeline_degrades_the_crop_keeps_it_clean_and_prompts_its_levels():
   assert not np.array_equal(batch["vis"], batch["vis_clean"])
   np.testing.assert_array_equal(
       batch["text_emb"], spec.condition_table[batch["condition_index"]])
+  # The reference loss's prompt: "clean visible image" (row 0) for every crop.
+  np.testing.assert_array_equal(
+      batch["text_emb_clean"],
+      np.broadcast_to(spec.condition_table[0], batch["text_emb"].shape))
 
 
 def test_renamed_prompts_ask_for_what_they_name():
@@ -173,8 +177,72 @@ def test_renamed_prompts_ask_for_what_they_name():
     assert not np.array_equal(batch["vis_clean"][i], plain["vis_clean"][i])
 
 
+def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
+  """With config.loss.reference the train step's target is the *reference*
+  model's fusion of the clean crop under the clean prompt, held fixed: its
+  gradient and logged term equal those computed by hand, and differ from
+  what the model's own clean fusion as target would give."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import optax
+  from textfusion_jax import losses
+  from textfusion_jax import sharding as sharding_lib
+  from textfusion_jax import train_step
+  config = tiny.get_config()
+  config.loss.reference = 5.0
+  mesh = sharding_lib.make_mesh(config.mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)
+  rng = np.random.default_rng(0)
+  size, count = config.data.crop_size, config.train.batch_size
+  dim = config.model.text_dim
+  batch = {"vis": rng.random((count, size, size, 3), np.float32) * 0.3,
+           "vis_clean": rng.random((count, size, size, 3), np.float32),
+           "ir": rng.random((count, size, size, 1), np.float32),
+           "text_emb": rng.standard_normal((count, dim)).astype(np.float32),
+           "text_emb_clean": np.repeat(
+               rng.standard_normal((1, dim)).astype(np.float32), count, 0)}
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(jax.random.key(0))
+    params = jax.tree.map(np.asarray, state.params)
+    frozen = jax.tree.map(np.asarray,
+                          trainer.init_state(jax.random.key(7)).params)
+
+    def loss_with(reference_of):
+      def loss_fn(p):
+        fused = trainer.apply(p, batch["vis"], batch["ir"], batch["text_emb"])
+        reference = trainer.apply(reference_of(p), batch["vis_clean"],
+                                  batch["ir"], batch["text_emb_clean"])
+        return losses.fusion_loss(fused, batch["vis"], batch["ir"],
+                                  trainer.loss_weights,
+                                  vis_target=batch["vis_clean"],
+                                  reference=reference)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (_, parts), grads = loss_with(lambda p: frozen)
+    (_, own_parts), own_grads = loss_with(lambda p: p)
+    _, metrics = trainer.jitted_train_step(
+        state, sharding_lib.global_batch(batch, trainer.batch_sharding),
+        jax.random.key(1), trainer.place_params(frozen))
+    logged = metrics.compute()
+  np.testing.assert_allclose(float(logged["loss_reference"]),
+                             float(parts["reference"]), rtol=1e-4)
+  np.testing.assert_allclose(float(logged["grad_norm"]),
+                             float(optax.tree.norm(grads)), rtol=1e-4)
+  # The model's own clean fusion as target would be off by well over the
+  # tolerances above (rtol 1e-4).
+  assert abs(float(own_parts["reference"]) / float(parts["reference"]) -
+             1) > 1e-3
+  assert abs(float(optax.tree.norm(own_grads)) /
+             float(optax.tree.norm(grads)) - 1) > 1e-3
+
+
 def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config = tiny.get_config()
+  config.loss.reference = 2.0
+  with pytest.raises(UserError, match=r"config.loss.reference=2.0 needs "
+                     r"config.data.degradations.enabled"):
+    create_datasets(config, lambda: None)
+  config.loss.reference = 0.0
   config.data.degradations.enabled = True
   with pytest.raises(UserError, match="needs real pairs"):
     create_datasets(config, lambda: None)

@@ -2,7 +2,8 @@
 
 `textfusion_jax` (model, training, evaluation) may import `input_pipeline`
 (data, files, errors); `input_pipeline` must never import `textfusion_jax`.
-Read from the source with `ast`, so nothing is imported or executed.
+Read from the source with `ast`, so nothing is imported or executed. Also:
+every config in configs/ names its command and only default.py's fields.
 """
 
 import ast
@@ -105,3 +106,27 @@ def test_console_scripts_answer_help_with_their_flags():
     flags_listed = [l for l in proc.stdout.splitlines()
                     if l.startswith("  --")]
     assert len(flags_listed) >= 2, (script, proc.stdout)
+
+
+def _flat_keys(config, prefix: str = "") -> set[str]:
+  keys = set()
+  for key, value in config.items():
+    keys |= (_flat_keys(value, f"{prefix}{key}.") if hasattr(value, "items")
+             else {prefix + key})
+  return keys
+
+
+@pytest.mark.parametrize("path", sorted(
+    p for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__"),
+                         ids=lambda p: p.stem)
+def test_each_config_names_its_command_and_only_default_fields(path):
+  """Variant configs override default's fields (a new field goes to
+  configs/default.py, with its comment), and the docstring holds the
+  command that runs the config."""
+  # pylint: disable=g-import-not-at-top
+  import importlib
+  from configs import default
+  module = importlib.import_module(f"configs.{path.stem}")
+  assert f"--config configs/{path.name}" in (module.__doc__ or "")
+  extra = _flat_keys(module.get_config()) ^ _flat_keys(default.get_config())
+  assert not extra, f"{path.name}: fields not in default.py: {sorted(extra)}"

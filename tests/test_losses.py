@@ -60,7 +60,7 @@ def test_intensity_and_colour_vanish_on_the_max_intensity_grey_image():
 
 def test_parts_are_positive_and_weighted_into_the_total():
   fused, vis, ir = _images()
-  total, parts = losses.fusion_loss(fused, vis, ir, WEIGHTS)
+  total, parts = losses.fusion_loss(fused, vis, ir, WEIGHTS, reference=vis)
   assert set(parts) == set(losses.LOSS_TERMS)
   for name, value in parts.items():
     assert value.dtype == jnp.float32 and value.shape == ()
@@ -70,7 +70,7 @@ def test_parts_are_positive_and_weighted_into_the_total():
   # Weights are read from the mapping, not fixed.
   heavier = default.get_config().loss
   heavier.ssim = 100.0
-  total_heavy, _ = losses.fusion_loss(fused, vis, ir, heavier)
+  total_heavy, _ = losses.fusion_loss(fused, vis, ir, heavier, reference=vis)
   np.testing.assert_allclose(float(total_heavy - total),
                              99.0 * float(parts["ssim"]), rtol=1e-4)
 
@@ -90,6 +90,23 @@ def test_vis_target_replaces_the_visible_input_in_the_targets():
   np.testing.assert_allclose(float(with_target["ssim"]),
                              float(ir_only["ssim"]), rtol=1e-6)
   assert float(without["ssim"]) > float(with_target["ssim"]) + 1e-3
+
+
+def test_reference_term_is_the_rgb_l1_to_the_reference_fusion():
+  fused, vis, ir = _images()
+  _, parts = losses.fusion_loss(fused, vis, ir, WEIGHTS, reference=vis)
+  np.testing.assert_allclose(float(parts["reference"]),
+                             float(jnp.mean(jnp.abs(fused - vis))), rtol=1e-6)
+  _, same = losses.fusion_loss(fused, vis, ir, WEIGHTS, reference=fused)
+  assert float(same["reference"]) == 0.0
+  # No reference (clean or synthetic training): the term is 0 and so is its
+  # share of the total, whatever the weight.
+  weighted = default.get_config().loss
+  weighted.reference = 10.0
+  total, parts = losses.fusion_loss(fused, vis, ir, weighted)
+  total_0, _ = losses.fusion_loss(fused, vis, ir, WEIGHTS)
+  assert float(parts["reference"]) == 0.0
+  np.testing.assert_allclose(float(total), float(total_0), rtol=1e-6)
 
 
 def test_sobel_magnitude_on_a_step_edge():

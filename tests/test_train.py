@@ -248,3 +248,22 @@ def test_init_from_errors_are_one_line(full_run, tmp_path):
   lines = out.stderr.strip().splitlines()
   assert out.returncode != 0 and len(lines) == 1, out.stderr
   assert "model.dim" in lines[0] and "init_from" in lines[0]
+
+
+def test_reference_model_errors_name_the_field(full_run, tmp_path):
+  source, _ = full_run
+  config = tiny.get_config()
+  config.loss.reference = 10.0
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"config.loss.reference=10.0 needs "
+                     r"config.train.reference_from"):
+    train_loop.check_param_sources(config)
+  config.train.reference_from = str(tmp_path / "missing")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"config.train.reference_from=.*missing.*: no such"):
+    train_loop.check_param_sources(config)
+  config.train.reference_from = str(source)
+  config.model.dim = 16
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"model.dim.*reference_from"):
+    train_loop.check_param_sources(config)

@@ -16,20 +16,21 @@ computed in float32, and are means over pixels and the batch:
   crop (Pearson correlations over its pixels), i.e. 2 minus the crop's SCD:
   0 when the fused image carries all of both sources' variation (Y_f = IR +
   Y_vis + c), about 1.1-1.3 for a copy of either source.
-
-Why the last term: the first three reward copying. Each is a sum or mean over
-the two sources, and on real training crops all three fall when the IR is
-faded out of the fusion (total -10% at IR gain 0.6 against 1, visible gain
-1; see model.fuse_luma), just as the sum-over-sources metrics (MI, VIF, SSIM,
-Qabf) rank a copy of the visible image first. Trained with them alone, the
-fusion head halved the IR's share on held-out TNO (CC_ir 0.41 -> 0.28). The
-complementarity term is lowest with both gains at 1, and weight 2 keeps both
-sources in the fusion.
+* reference: L1 between the fused RGB image and a reference fusion, which
+  the train step makes with a frozen trained model (config.train.
+  reference_from) from the target visible crop and the prompt "clean visible
+  image"; 0 when no reference is given. Degraded training only.
 
 When the data provide a clean visible image (`vis_target`, e.g. for a
 low-light or degraded input), it replaces `vis` in every target, SSIM
 included: SSIM's luminance and contrast terms against the dark, noisy
 recording would pull the output back towards the degradation.
+
+Why the reference term: on a degraded input the other terms are minimised by
+another mix of the sources than on the clean pair (the dark, noisy visible
+image is trusted less), so the fusion under the true condition sentence
+drifted from what the model makes of the clean pair. "The prompt names what
+to undo" means: fuse as if the visible image were clean.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import numpy as np
 from textfusion_jax import color
 from textfusion_jax.errors import UserError
 
-LOSS_TERMS = ("intensity", "gradient", "ssim", "color", "complementarity")
+LOSS_TERMS = ("intensity", "gradient", "ssim", "color", "complementarity",
+              "reference")
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_C1 = 0.01**2
@@ -131,7 +133,8 @@ def _check_weights(weights: Mapping[str, float]) -> None:
 
 def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
                 weights: Mapping[str, float],
-                vis_target: jax.Array | None = None
+                vis_target: jax.Array | None = None,
+                reference: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted fusion loss and its unweighted parts.
 
@@ -142,6 +145,8 @@ def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
     weights: a weight for each of LOSS_TERMS (`config.loss`, configs/default.py).
     vis_target: optional clean (B, H, W, 3) visible image that replaces `vis`
       in every target (the scene the caption describes, before degradation).
+    reference: optional (B, H, W, 3) reference fusion for the 'reference'
+      term (its part is 0 without one).
 
   Returns:
     (total, parts): the float32 scalar sum of weight * part, and a dict of the
@@ -162,6 +167,9 @@ def fusion_loss(fused_rgb: jax.Array, vis: jax.Array, ir: jax.Array,
                                    ssim(fused_y, vis_y)),
       "color": 2.0 * jnp.mean(jnp.abs(fused[..., 1:] - source[..., 1:])),
       "complementarity": jnp.mean(complementarity(fused_y, ir, vis_y)),
+      "reference": (jnp.zeros((), jnp.float32) if reference is None else
+                    jnp.mean(jnp.abs(fused_rgb.astype(jnp.float32) -
+                                     reference.astype(jnp.float32)))),
   }
   total = sum(weights[name] * parts[name] for name in LOSS_TERMS)
   return jnp.asarray(total, jnp.float32), parts

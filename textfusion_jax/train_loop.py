@@ -105,37 +105,61 @@ def resume_batch(position: Mapping[str, int] | None, step: int,
 _TEXT_PROBE = "a person walking on a road at night"
 
 
-def check_init_from(config: ml_collections.ConfigDict) -> None:
-  """Fails early (before data or workdir are touched) on a bad init_from."""
-  path = config.train.get("init_from")
-  if not path:
-    return
-  if not Path(path).exists():
+# Fields naming a bundle or workdir whose parameters a run loads.
+_PARAM_SOURCES = ("init_from", "reference_from")
+
+
+def check_param_sources(config: ml_collections.ConfigDict) -> None:
+  """Fails early (before data or workdir are touched) on a bad init_from or
+  reference_from, or a reference loss without its reference model."""
+  weight = config.loss.get("reference", 0.0)
+  if weight and not config.train.get("reference_from"):
     raise checkpointing.CheckpointError(
-        f"config.train.init_from={path!r}: no such bundle or workdir")
-  saved = (bundle.load_config(path) if bundle.is_bundle(path)
-           else checkpointing.load_saved_config(path))
-  checkpointing.check_compatible(
-      saved, config, path,
-      remedy="config.train.init_from needs the same model config")
+        f"config.loss.reference={weight!r} needs config.train.reference_from "
+        "(the bundle or workdir whose clean-input fusion is the target)")
+  for field in _PARAM_SOURCES:
+    path = config.train.get(field)
+    if not path:
+      continue
+    if not Path(path).exists():
+      raise checkpointing.CheckpointError(
+          f"config.train.{field}={path!r}: no such bundle or workdir")
+    saved = (bundle.load_config(path) if bundle.is_bundle(path)
+             else checkpointing.load_saved_config(path))
+    checkpointing.check_compatible(
+        saved, config, path,
+        remedy=f"config.train.{field} needs the same model config")
+
+
+def load_source_params(config: ml_collections.ConfigDict, field: str) -> Any:
+  """Host params of config.train.<field>, which must embed text as this
+  run's encoder does (the prompts it is given come from this encoder)."""
+  path = config.train[field]
+  source = inference.Fuser.load(path)
+  ours = text_encoder.from_config(config.text).encode([_TEXT_PROBE])
+  theirs = source.encoder.encode([_TEXT_PROBE])
+  if not np.allclose(ours, theirs, atol=1e-4):
+    raise checkpointing.CheckpointError(
+        f"config.train.{field}={path!r} was trained with another text "
+        f"encoder than config.text.encoder={config.text.encoder!r} (they embed"
+        " the same sentence differently); use its encoder")
+  log.info("config.train.%s: %s (step %d)", field, path, source.step)
+  return source.params
 
 
 def init_from_pretrained(trainer: train_step.ShardedTrainer,
                          config: ml_collections.ConfigDict
                          ) -> train_step.TrainState:
   """Fine-tuning: the params of config.train.init_from, a fresh optimizer."""
-  path = config.train.init_from
-  check_init_from(config)
-  source = inference.Fuser.load(path)
-  ours = text_encoder.from_config(config.text).encode([_TEXT_PROBE])
-  theirs = source.encoder.encode([_TEXT_PROBE])
-  if not np.allclose(ours, theirs, atol=1e-4):
-    raise checkpointing.CheckpointError(
-        f"config.train.init_from={path!r} was trained with another text "
-        f"encoder than config.text.encoder={config.text.encoder!r} (they embed"
-        " the same sentence differently); use its encoder")
-  log.info("Initialised from %s (step %d)", path, source.step)
-  return trainer.state_from_params(source.params)
+  return trainer.state_from_params(load_source_params(config, "init_from"))
+
+
+def reference_params(trainer: train_step.ShardedTrainer,
+                     config: ml_collections.ConfigDict) -> Any:
+  """The frozen reference model's params in their shards, or None."""
+  if not config.loss.get("reference", 0.0):
+    return None
+  return trainer.place_params(load_source_params(config, "reference_from"))
 
 
 def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
@@ -189,7 +213,7 @@ def _check_finite(loss: Any, step: int, manager: Any, workdir: Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates."""
-  check_init_from(config)
+  check_param_sources(config)
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
@@ -200,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                    config)
+  reference = reference_params(trainer, config)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
   writer = metric_writer.MetricWriter(workdir_path)
@@ -231,10 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                           trainer.batch_sharding)
         if step_fn is None:
           # Compiled ahead, then all processes start it together.
-          step_fn = trainer.jitted_train_step.lower(state, batch,
-                                                    base_rng).compile()
+          step_fn = trainer.jitted_train_step.lower(
+              state, batch, base_rng, reference).compile()
           distributed.barrier("train_step_compiled")
-        state, step_metrics = step_fn(state, batch, base_rng)
+        state, step_metrics = step_fn(state, batch, base_rng, reference)
         step += 1
         batches_seen += 1
         # Checking the previous step's loss keeps one step in flight.

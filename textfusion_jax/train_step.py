@@ -42,6 +42,7 @@ class TrainMetrics(clu_metrics.Collection):
   loss_color: clu_metrics.Average.from_output("loss_color")
   loss_complementarity: clu_metrics.Average.from_output(
       "loss_complementarity")
+  loss_reference: clu_metrics.Average.from_output("loss_reference")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
   param_norm: clu_metrics.LastValue.from_output("param_norm")
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
@@ -91,6 +92,10 @@ class ShardedTrainer:
             abstract_opt, rules, mesh)))
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
     self.loss_weights = dict(config.loss)
+    # The frozen reference model (config.train.reference_from) is a 4th
+    # argument of the train step, sharded like the params; None without it.
+    self.reference_shardings = (self.state_shardings.params
+                                if self.loss_weights.get("reference") else None)
 
   # -- state ------------------------------------------------------------------
 
@@ -122,6 +127,11 @@ class ShardedTrainer:
 
     return jax.jit(init, out_shardings=self.state_shardings)(params)
 
+  def place_params(self, params: PyTree) -> PyTree:
+    """Host params (e.g. a loaded bundle's) in this trainer's param shards."""
+    return jax.jit(lambda p: p,
+                   out_shardings=self.state_shardings.params)(params)
+
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings, as orbax restore targets."""
     shapes = jax.eval_shape(self.init_state, jax.random.key(0))
@@ -138,14 +148,16 @@ class ShardedTrainer:
 
   @functools.cached_property
   def jitted_train_step(self) -> Callable[..., tuple[TrainState, TrainMetrics]]:
-    """`train_step` bound to this model, jitted with shardings and donation."""
+    """`train_step` bound to this model, jitted with shardings and donation:
+    (state, batch, rng, reference_params) -> (state, metrics)."""
     replicated = sharding_lib.replicated(self.mesh)
     return jax.jit(
         functools.partial(train_step, graphdef=self.graphdef,
                           optimizer=self.optimizer,
                           schedule=learning_rate_schedule(self.config),
                           loss_weights=self.loss_weights),
-        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+        in_shardings=(self.state_shardings, self.batch_sharding, replicated,
+                      self.reference_shardings),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
 
@@ -158,7 +170,8 @@ def apply(graphdef: nnx.GraphDef, params: PyTree, vis: jax.Array,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               rng: jax.Array, *, graphdef: nnx.GraphDef,
+               rng: jax.Array, reference_params: PyTree | None = None, *,
+               graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, loss_weights: Mapping[str, float]
                ) -> tuple[TrainState, TrainMetrics]:
@@ -167,14 +180,26 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   rng is the run's base key; the step's own key is fold_in(rng, step), so it
   does not depend on restarts. The model is deterministic today; the key is
   there for stochastic layers (drop-path, noise augmentation).
+
+  reference_params: a frozen model (same graph) for the 'reference' loss
+  term; its fusion of the target crop under "clean visible image" is the
+  target. A frozen model, not this one: pulled towards its own clean-input
+  fusion, a model learns to ignore the visible input, which makes the two
+  equal (measured: the intensity loss doubled within 1000 steps).
   """
   del rng  # jax.random.fold_in(rng, state.step) once a layer needs it
 
   def loss_fn(params):
     fused = apply(graphdef, params, batch["vis"], batch["ir"],
                   batch["text_emb"])
+    reference = None
+    if loss_weights.get("reference"):  # a static float: no extra pass at 0
+      reference = jax.lax.stop_gradient(apply(
+          graphdef, reference_params, batch["vis_clean"], batch["ir"],
+          batch["text_emb_clean"]))
     return losses.fusion_loss(fused, batch["vis"], batch["ir"], loss_weights,
-                              vis_target=batch.get("vis_clean"))
+                              vis_target=batch.get("vis_clean"),
+                              reference=reference)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

@@ -266,6 +266,7 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
   """A real-format (Hugging Face) CLIP directory, saved here, drives
   degraded training and then `fuse`, which warns once on other prompts."""
   # pylint: disable=g-import-not-at-top
+  import json
   import os
   import subprocess
   import sys
@@ -287,6 +288,16 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
   config.eval.batch_size = 1
   workdir = tmp_path / "run"
   train_loop.train_and_evaluate(config, str(workdir))
+  # Stage 2 (configs/real_pairs_degraded_refine.py): the reference loss
+  # against that run, frozen, loaded from its workdir.
+  config.loss.reference = 10.0
+  config.train.init_from = config.train.reference_from = str(workdir)
+  config.eval.at_end = False
+  train_loop.train_and_evaluate(config, str(tmp_path / "refined"))
+  logged = [json.loads(line) for line in
+            (tmp_path / "refined" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["train/loss_reference"] > 0 for l in logged
+          if "train/loss_reference" in l] == [True]
   fuser = inference.Fuser.load(str(workdir))
   assert fuser.trained_on_condition_sentences
   assert fuser.config.text.encoder == str(clip_dir)

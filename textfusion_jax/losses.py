@@ -21,6 +21,15 @@ computed in float32, and are means over pixels and the batch:
   reference_from) from the target visible crop and the prompt "clean visible
   image"; 0 when no reference is given. Degraded training only.
 
+Why the complementarity term: the first three reward copying. Each is a sum
+or mean over the two sources, and on real training crops all three fall when
+the IR is faded out of the fusion (total -10% at IR gain 0.6 against 1,
+visible gain 1; see model.fuse_luma), just as the sum-over-sources metrics
+(MI, VIF, SSIM, Qabf) rank a copy of the visible image first. Trained with
+them alone, the fusion head halved the IR's share on held-out TNO (CC_ir
+0.41 -> 0.28). The complementarity term is lowest with both gains at 1, and
+weight 2 keeps both sources in the fusion.
+
 When the data provide a clean visible image (`vis_target`, e.g. for a
 low-light or degraded input), it replaces `vis` in every target, SSIM
 included: SSIM's luminance and contrast terms against the dark, noisy

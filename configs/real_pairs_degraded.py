@@ -18,4 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = real_pairs.get_config()
   config.data.degradations.enabled = True
   config.data.degradations.renamed_prob = 0.4
+  # Smoothed visible copies for the head to mix in where the prompt names
+  # noise (textfusion_jax/model.py).
+  config.model.vis_smoothing_sigmas = (1.0, 2.0, 4.0)
   return config

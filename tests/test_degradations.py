@@ -283,6 +283,9 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
   config.data.eval_dir = str(_write_folder_dataset(tmp_path / "held",
                                                    ["p"], 1))
   config.data.degradations.enabled = True
+  # As configs/real_pairs_degraded.py: the head's smoothed visible copies
+  # travel through checkpoints, the frozen reference and `fuse`.
+  config.model.vis_smoothing_sigmas = (1.0, 2.0)
   config.text.encoder = str(clip_dir)
   config.train.num_steps = 2
   config.eval.batch_size = 1
@@ -299,6 +302,7 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
   assert [l["train/loss_reference"] > 0 for l in logged
           if "train/loss_reference" in l] == [True]
   fuser = inference.Fuser.load(str(workdir))
+  assert tuple(fuser.config.model.vis_smoothing_sigmas) == (1.0, 2.0)
   assert fuser.trained_on_condition_sentences
   assert fuser.config.text.encoder == str(clip_dir)
   emb = fuser.encoder.encode(["heavily underexposed visible image"])[0]
@@ -351,5 +355,5 @@ def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):
   grey = lambda rgb: rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
   brighter = grey(fuser.fuse(bad, ir, under)).mean()
   darker = grey(fuser.fuse(bad, ir, clean)).mean()
-  # Measured +43 grey levels on average over 20 degraded pairs.
+  # Measured +46.6 grey levels on average over 20 degraded pairs.
   assert brighter > darker + 10, (brighter, darker)

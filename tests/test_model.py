@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from textfusion_jax import color
+from textfusion_jax import gaussian
 from textfusion_jax import layers
 from configs import default
 from textfusion_jax import losses
@@ -92,6 +93,52 @@ def test_input_stride_runs_at_half_resolution_with_full_size_output():
   assert fused.shape == (BATCH, HEIGHT, WIDTH, 3)
   assert model.vis_encoder.embed.in_features == 12
   assert model.head.out_features == 3 * 4
+
+
+def test_gaussian_blur_matches_scipys_mirrored_filter():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).uniform(size=(2, 29, 31, 3)).astype(np.float32)
+  for sigma in (1.0, 2.0, 4.0):
+    want = ndimage.gaussian_filter(x, (0, sigma, sigma, 0), mode="mirror",
+                                   truncate=3.0)
+    np.testing.assert_allclose(gaussian.blur(jnp.asarray(x), sigma), want,
+                               atol=2e-6)
+  # Smaller than the window: edge padding, and a flat image stays flat.
+  flat = jnp.full((1, 5, 4, 1), 0.3)
+  np.testing.assert_allclose(gaussian.blur(flat, 4.0), flat, atol=1e-6)
+
+
+def test_visible_smoothing_follows_the_head_logits():
+  vis, _, _ = _inputs(height=24, width=20)
+  sigmas = (1.0, 3.0)
+  logits = lambda a, b: jnp.broadcast_to(jnp.array([a, b], jnp.float32),
+                                         vis.shape[:3] + (2,))
+  smooth = lambda l: model_lib.smooth_visible(vis, l, sigmas)
+  np.testing.assert_allclose(smooth(logits(-60, -60)), vis, atol=1e-6)
+  np.testing.assert_allclose(smooth(logits(-60, 60)),
+                             gaussian.blur(vis, 3.0), atol=1e-6)
+  # Zero logits (an untrained head): mostly the sharp image.
+  w_sharp = 1 / (1 + 2 * np.exp(-3.0))
+  want = (w_sharp * vis + (1 - w_sharp) / 2 *
+          (gaussian.blur(vis, 1.0) + gaussian.blur(vis, 3.0)))
+  np.testing.assert_allclose(smooth(logits(0, 0)), want, atol=1e-6)
+  # Per pixel: left half sharp, right half the widest blur.
+  left = jnp.arange(vis.shape[2]) < 10
+  mixed = smooth(jnp.where(left[None, None, :, None], -60.0, 60.0) *
+                 jnp.array([0.0, 1.0]) - 60.0 * jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(mixed[:, :, :10], vis[:, :, :10], atol=1e-6)
+  np.testing.assert_allclose(mixed[:, :, 10:],
+                             gaussian.blur(vis, 3.0)[:, :, 10:], atol=1e-6)
+
+
+def test_smoothing_adds_one_head_channel_per_sigma_at_full_resolution():
+  config = _config(input_stride=2, vis_smoothing_sigmas=(1.0, 2.0, 4.0))
+  model = model_lib.FusionNet(config, rngs=nnx.Rngs(0))
+  assert model.head.out_features == (3 + 3) * 4
+  vis, ir, text = _inputs()
+  fused = _forward(model, vis, ir, text)
+  assert fused.shape == (BATCH, HEIGHT, WIDTH, 3)
+  assert bool(jnp.all(jnp.isfinite(fused)))
 
 
 def test_kv_pooling_equals_attention_to_a_pooled_context():
@@ -272,6 +319,8 @@ def test_count_params_matches_concrete_model(tiny):
     (dict(dtype="float16"), "dtype"),
     (dict(ffn="mlp"), "FFN kind"),
     (dict(dim=5, heads=(1, 1, 1)), "even"),
+    (dict(vis_smoothing_sigmas=(1.0,), output="rgb"), "needs output 'fusion'"),
+    (dict(vis_smoothing_sigmas=(2.0, 0.0)), "must be > 0"),
 ])
 def test_bad_configs_are_rejected(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -321,6 +321,7 @@ def test_count_params_matches_concrete_model(tiny):
     (dict(dim=5, heads=(1, 1, 1)), "even"),
     (dict(vis_smoothing_sigmas=(1.0,), output="rgb"), "needs output 'fusion'"),
     (dict(vis_smoothing_sigmas=(2.0, 0.0)), "must be > 0"),
+    (dict(vis_smoothing_sigmas=("wide",)), "must be > 0"),
 ])
 def test_bad_configs_are_rejected(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -215,10 +215,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"output must be one of {OUTPUT_MODES}, got "
                      f"{config.output!r}")
   sigmas = tuple(config.get("vis_smoothing_sigmas", ()) or ())
+  try:
+    positive = all(float(s) > 0 for s in sigmas)
+  except (TypeError, ValueError):
+    positive = False
   if sigmas and config.output != "fusion":
     raise UserError(f"vis_smoothing_sigmas={sigmas} needs output 'fusion', "
                     f"got {config.output!r}")
-  if any(not float(s) > 0 for s in sigmas):
+  if not positive:
     raise UserError(f"vis_smoothing_sigmas={sigmas}: each sigma must be > 0")
   if config.dtype not in COMPUTE_DTYPES:
     raise UserError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got "

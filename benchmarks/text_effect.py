@@ -17,6 +17,9 @@ On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno:
 4. Per pair: PSNR (RGB, 8-bit) of each fusion to the reference, and the 8
    ranked metrics (EN, SD, SF, MI, SCD, VIF, Qabf, SSIM) against the clean
    sources; printed as paired differences with standard errors.
+   The reference itself is scored too: it is what the true sentence asks
+   for, so where it loses a metric to the shuffled prompts, the true prompt
+   can win that metric only by beating its own target.
 5. Prompt control: every degraded pair fused under "heavily underexposed
    visible image" and under "clean visible image"; the first should be the
    brighter (mean grey level).
@@ -152,10 +155,11 @@ def main(argv) -> None:
       dst = out / "sources" / kind / Path(src).name
       dst.parent.mkdir(parents=True, exist_ok=True)
       dst.write_bytes(Path(src).read_bytes())
+  scored = (*prompts, "reference")
   result = score_folders.evaluate_folders(
       out / "sources" / "ir", out / "sources" / "vi",
-      [out / k for k in prompts])["methods"]
-  per_image = {k: dict(result[k]["per_image"]) for k in prompts}
+      [out / k for k in scored])["methods"]
+  per_image = {k: dict(result[k]["per_image"]) for k in scored}
   for k in prompts:
     for name in names:
       per_image[k][name]["PSNR_ref"] = psnr(fused[k][name],
@@ -181,6 +185,15 @@ def main(argv) -> None:
               f"1 dB or more on {by_1db}/{len(names)}",
               f"- true better on {len(wins)}/8 metrics: "
               f"{', '.join(wins) or 'none'}", ""]
+  ceiling = paired_comparison.paired_differences(
+      per_image["reference"], per_image["shuffled"],
+      fusion_baselines.RANKED_METRICS)
+  lines += ["Clean-input reference (what the true sentence asks for) minus "
+            "shuffled prompts, against the same clean sources: " + ", ".join(
+                f"{m} {r['diff']:+.3g} (s.e. {r['stderr']:.2g})"
+                for m, r in ceiling.items()),
+            f"- the reference itself beats the shuffled prompts on "
+            f"{sum(r['diff'] > 0 for r in ceiling.values())}/8 metrics", ""]
   brighter = np.array(brighter)
   lines.append(
       f"Prompt control: under \"{BRIGHT_PROMPT}\" the fusion is brighter than "

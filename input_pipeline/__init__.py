@@ -125,7 +125,12 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
       not 0.0 <= renamed_prob <= 1.0):
     raise UserError(f"config.data.degradations.renamed_prob={renamed_prob!r}:"
                     " give a probability in [0, 1]")
-  spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob))
+  wiener_target = config.data.degradations.get("wiener_target", False)
+  if not isinstance(wiener_target, bool):
+    raise UserError("config.data.degradations.wiener_target="
+                    f"{wiener_target!r}: give True or False")
+  spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
+                                  wiener_target)
   clean = table[degradations.levels_index((0, 0, 0))][None]
   eval_table = CaptionTable(clean, tuple(np.zeros(1, np.int32)
                                          for _ in range(num_eval)),

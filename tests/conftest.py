@@ -63,11 +63,11 @@ def tiny_workdir(tmp_path_factory) -> Path:
 # most tests first, which left these few-test, slowest files for the end)
 # starts them first and the short files fill in around them; the order of the
 # tests inside each file is unchanged.
-_SLOW_FILES_FIRST = ("test_multihost.py", "test_train.py",
-                     "test_degradations.py", "test_fuse.py",
-                     "test_sharding.py", "test_model.py",
-                     "test_benchmarks.py", "test_streaming.py",
-                     "test_export.py", "test_metrics.py", "test_mixture.py")
+_SLOW_FILES_FIRST = ("test_multihost.py", "test_train.py", "test_fuse.py",
+                     "test_degradations.py", "test_sharding.py",
+                     "test_model.py", "test_benchmarks.py", "test_export.py",
+                     "test_streaming.py", "test_metrics.py",
+                     "test_embed_captions.py", "test_mixture.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

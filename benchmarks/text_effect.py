@@ -1,7 +1,8 @@
 """Does the prompt steer the fusion? True vs shuffled vs empty condition prompts.
 
   python benchmarks/text_effect.py --checkpoint pretrained/textfusion-small-degraded \
-      [--out runs/text_effect] [--seed 0] [--report R.md] [--figure docs/prompt_control.png]
+      [--out runs/text_effect] [--seed 0] [--shuffle_seed S] [--report R.md] \
+      [--figure docs/prompt_control.png]
 
 On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno:
 
@@ -24,6 +25,11 @@ On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno:
    of the clean visible image with its contrast scaled by the degraded
    input's Wiener gain S / (S + N) (`degradations.wiener_gain`, over the
    whole image): what survives the noise, the most a restorer can hope for.
+   Means of every fusion, with the trivial rows (copies of each clean
+   source, mean and max rules, a copy of the degraded visible image).
+   Per source: MI, VIF, Qabf and SSIM are sums of a part against each
+   source, and a fusion nearer a copy of either scores higher; their
+   parts, true (and reference) minus shuffled, say which source each keeps.
 5. Prompt control: every degraded pair fused under "heavily underexposed
    visible image" and under "clean visible image"; the first should be the
    brighter (mean grey level).
@@ -53,10 +59,16 @@ from textfusion_jax import score_folders
 
 TNO = Path(__file__).resolve().parents[2] / "shared/data/ivf_samples/tno"
 BRIGHT_PROMPT = "heavily underexposed visible image"
+# The ranked metrics that sum a part per source (textfusion_jax/metrics.py).
+SUMMED_METRICS = ("MI", "VIF", "Qabf", "SSIM")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle or workdir.")
 _OUT = flags.DEFINE_string("out", "runs/text_effect", "Output folder.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the degradations.")
+_SHUFFLE_SEED = flags.DEFINE_integer(
+    "shuffle_seed", None, "Seed of the derangement (default: --seed); to see "
+    "how much the true-vs-shuffled figures depend on which wrong sentences "
+    "were drawn.")
 _REPORT = flags.DEFINE_string("report", None, "Write the report here.")
 _FIGURE = flags.DEFINE_string("figure", None, "Write the figure here.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pairs (a smoke "
@@ -100,6 +112,30 @@ def grey_mean(rgb: np.ndarray) -> float:
   return float(image_io.rgb_to_grey_u8(rgb).mean())
 
 
+def per_source_lines(per_image: dict[str, dict], key: str,
+                     what: str) -> list[str]:
+  """`key`'s fusions minus the shuffled prompts' on each part of the summed
+  metrics.
+
+  MI, VIF, Qabf and SSIM add a fused-vs-infrared part to a
+  fused-vs-visible part, so a fusion nearer a copy of either source scores
+  higher. The parts say which source a prompt's fusion keeps.
+  """
+  parts = [f"{m}_{s}" for s in ("vis", "ir") for m in SUMMED_METRICS]
+  rows = paired_comparison.paired_differences(per_image[key],
+                                              per_image["shuffled"], parts)
+  wins = {s: [m for m in SUMMED_METRICS if rows[f"{m}_{s}"]["diff"] > 0]
+          for s in ("vis", "ir")}
+  return [f"{what} minus shuffled prompts per source (X_vis: fusion against "
+          "the clean visible image, X_ir: against the infrared; MI, VIF, "
+          "Qabf and SSIM are their sums):", "",
+          paired_comparison.markdown_table(rows, (key, "shuffled"),
+                                           subject=key), "",
+          *(f"- {source} parts: {key} better on {len(wins[s])}/"
+            f"{len(SUMMED_METRICS)} ({', '.join(wins[s]) or 'none'})"
+            for s, source in (("vis", "visible"), ("ir", "infrared"))), ""]
+
+
 def main(argv) -> None:
   del argv
   if not TNO.is_dir():
@@ -116,7 +152,9 @@ def main(argv) -> None:
   names = [p.name for p in pairs]
   levels = degraded_levels(len(pairs), _SEED.value)
   true = [degradations.condition_sentence(l) for l in levels]
-  shuffled = shuffled_sentences(true, _SEED.value)
+  shuffle_seed = (_SEED.value if _SHUFFLE_SEED.value is None
+                  else _SHUFFLE_SEED.value)
+  shuffled = shuffled_sentences(true, shuffle_seed)
   encoder = fuser.encoder
   embed = lambda texts: encoder.encode(texts)
   empty = encoder.encode_ids(encoder.tokenize([""])[0])[0]
@@ -167,9 +205,12 @@ def main(argv) -> None:
       dst.write_bytes(Path(src).read_bytes())
   ceilings = ("reference", "wiener_target")
   scored = (*prompts, *ceilings)
-  result = score_folders.evaluate_folders(
+  # With the trivial fusions of the clean sources and a copy of the
+  # degraded visible image: the rows every quality table shows.
+  evaluation = score_folders.evaluate_folders(
       out / "sources" / "ir", out / "sources" / "vi",
-      [out / k for k in scored])["methods"]
+      [out / k for k in (*scored, "degraded_vi")], baselines=True)
+  result = evaluation["methods"]
   per_image = {k: dict(result[k]["per_image"]) for k in scored}
   for k in prompts:
     for name in names:
@@ -177,7 +218,9 @@ def main(argv) -> None:
                                             fused["reference"][name])
   metrics = ("PSNR_ref",) + fusion_baselines.RANKED_METRICS
   lines = [f"### Text effect on {len(pairs)} degraded TNO pairs (checkpoint "
-           f"`{_CHECKPOINT.value}`, seed {_SEED.value})", "",
+           f"`{_CHECKPOINT.value}`, seed {_SEED.value}"
+           + ("" if shuffle_seed == _SEED.value
+              else f", derangement seed {shuffle_seed}") + ")", "",
            "Levels (underexposure, noise, haze) per pair: " + ", ".join(
                f"{n} {l}" for n, l in zip(names, levels)), ""]
   for other in ("shuffled", "empty"):
@@ -196,6 +239,12 @@ def main(argv) -> None:
               f"1 dB or more on {by_1db}/{len(names)}",
               f"- true better on {len(wins)}/8 metrics: "
               f"{', '.join(wins) or 'none'}", ""]
+  lines += ["Means over the pairs against the clean sources (degraded_vi: "
+            "a copy of the degraded visible image; copy_*, rule_*: trivial "
+            "fusions of the clean sources):", "",
+            score_folders.markdown_table(evaluation), ""]
+  lines += per_source_lines(per_image, "true", "True sentence")
+  lines += per_source_lines(per_image, "reference", "Clean-input reference")
   for key, what in (("reference", "Clean-input reference (what the true "
                      "sentence asks for)"),
                     ("wiener_target", "Wiener target (the clean visible "

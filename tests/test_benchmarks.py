@@ -30,3 +30,49 @@ def test_accelerator_suite_names_the_wheels_to_carry():
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "ml_collections==" in out.stdout and "clu==" in out.stdout
+
+
+def _table_rows(report: str, first_cell: str) -> dict[str, list[str]]:
+  """Rows of the markdown table whose header starts with `first_cell`."""
+  lines = report.splitlines()
+  start = next(i for i, line in enumerate(lines)
+               if line.startswith(f"| {first_cell} |"))
+  header = [c.strip() for c in lines[start].strip("|").split("|")]
+  rows = {}
+  for line in lines[start + 2:]:
+    if not line.startswith("| "):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows[cells[0]] = dict(zip(header, cells))
+  return rows
+
+
+def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
+                                                             tmp_path):
+  del shared_dir  # the TNO pairs it degrades
+  report = tmp_path / "report.md"
+  out = subprocess.run(
+      [sys.executable, "benchmarks/text_effect.py",
+       "--checkpoint=pretrained/textfusion-small-degraded", "--limit=2",
+       f"--out={tmp_path / 'out'}", f"--report={report}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = report.read_text()
+  means = _table_rows(text, "method")
+  for row in ("true", "shuffled", "empty", "reference", "wiener_target",
+              "degraded_vi", "copy_vis", "copy_ir", "rule_mean", "rule_max"):
+    assert row in means, (row, text)
+  assert "SCD" in means["true"] and "CC" in means["true"]
+  # The per-source table of the true sentence: its parts add up to the
+  # summed metric of the means table (both printed to 4 significant digits).
+  source_table = text[text.index("True sentence minus shuffled"):]
+  parts = {k.split()[0]: v for k, v in
+           _table_rows(source_table, "number").items()}
+  for metric in ("MI", "VIF", "Qabf", "SSIM"):
+    total = float(parts[f"{metric}_vis"]["true"]) + float(
+        parts[f"{metric}_ir"]["true"])
+    assert abs(total - float(means["true"][metric])) < 2e-3 * max(
+        1.0, abs(total)), (metric, total, means["true"][metric])
+  assert "visible parts: true better on" in text
+  assert "infrared parts: reference better on" in text

@@ -49,12 +49,13 @@ def paired_differences(true: PerImage, shuffled: PerImage,
 
 
 def markdown_table(rows: Mapping[str, dict],
-                   labels: tuple[str, str] = ("true captions", "shuffled")
-                   ) -> str:
-  """The rows of `paired_differences`, in their order, as markdown."""
+                   labels: tuple[str, str] = ("true captions", "shuffled"),
+                   subject: str = "true") -> str:
+  """The rows of `paired_differences`, in their order, as markdown;
+  `subject` names the first run in the difference columns."""
   first, second = labels
-  lines = [f"| number | {first} | {second} | true - {second} (s.e.) "
-           "| images where true is better |", "|---|---|---|---|---|"]
+  lines = [f"| number | {first} | {second} | {subject} - {second} (s.e.) "
+           f"| images where {subject} is better |", "|---|---|---|---|---|"]
   for metric, r in rows.items():
     arrow = "lower" if r["lower_is_better"] else "higher"
     lines.append(f"| {metric} ({arrow} is better) | {r['true']:.4g} | "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -201,11 +202,49 @@ def test_incompatible_checkpoint_is_one_line(full_run):
   assert (workdir / "config.json").read_text() == config_before
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
+    tmp_path, monkeypatch):
   config = tiny.get_config()
   config.train.stop_after_steps = 3
   train_loop.train_and_evaluate(config, str(tmp_path))
   config.train.stop_after_steps = 0
+
+  # A finite loss whose gradient is NaN (an overflow in the backward pass).
+  @jax.custom_vjp
+  def nan_gradient(x):
+    return x
+
+  nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
+  fusion_loss = train_step.losses.fusion_loss
+  with monkeypatch.context() as patch:
+    patch.setattr(train_step.losses, "fusion_loss",
+                  lambda *a, **k: (lambda total, parts: (
+                      nan_gradient(total), parts))(*fusion_loss(*a, **k)))
+    with pytest.raises(train_loop.NonFiniteLossError,
+                       match=r"non-finite gradient norm nan \(loss [0-9.]+\)"):
+      train_loop.train_and_evaluate(config, str(tmp_path))
+    # The step itself skips that update (not only the loop's check).
+    mesh = sharding_lib.make_mesh(config.mesh)
+    trainer = train_step.ShardedTrainer(config, mesh)
+    rng = np.random.default_rng(0)
+    size, count = config.data.crop_size, config.train.batch_size
+    batch = {"vis": rng.random((count, size, size, 3), np.float32),
+             "ir": rng.random((count, size, size, 1), np.float32),
+             "text_emb": rng.standard_normal(
+                 (count, config.model.text_dim)).astype(np.float32)}
+    with jax.set_mesh(mesh):
+      state = trainer.init_state(jax.random.key(0))
+      before = jax.device_get(state.params)
+      state, metrics = trainer.jitted_train_step(
+          state, sharding_lib.global_batch(batch, trainer.batch_sharding),
+          jax.random.key(1), None)
+      logged = metrics.compute()
+    assert np.isfinite(float(logged["loss"]))
+    assert np.isnan(float(logged["grad_norm"]))
+    assert int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                 before)
+
   config.optim.learning_rate = 1e30  # Diverges at once.
   config.optim.grad_clip_norm = 1e30
   config.optim.warmup_steps = 0

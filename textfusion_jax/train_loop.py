@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(errors.UserError):
-  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+  """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
 
 
 # -- phases -------------------------------------------------------------------
@@ -201,11 +201,14 @@ def _eval_and_log(evaluator: evaluators.FusionEvaluator,
   return result
 
 
-def _check_finite(loss: Any, step: int, manager: Any, workdir: Path) -> None:
-  value = float(loss)
-  if not math.isfinite(value):
+def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
+                  manager: Any, workdir: Path) -> None:
+  loss, grad_norm = (float(x) for x in loss_and_grad_norm)
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    what = (f"loss {loss}" if not math.isfinite(loss) else
+            f"gradient norm {grad_norm} (loss {loss})")
     raise NonFiniteLossError(
-        f"non-finite loss {value} at step {step}; stopped without applying it."
+        f"non-finite {what} at step {step}; stopped without applying it."
         f" Last good checkpoint: step {manager.latest_step()} in "
         f"{workdir / 'checkpoints'}")
 
@@ -249,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress = tqdm(total=num_steps, initial=start_step, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     step = start_step
-    previous_loss = None
+    last_loss_and_grad_norm = None
     try:
       while step < stop_at:
         batch = sharding_lib.global_batch(next(train_iter),
@@ -263,15 +266,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         batches_seen += 1
         # Checking the previous step's loss keeps one step in flight.
-        if previous_loss is not None:
-          _check_finite(previous_loss, step - 1, manager, workdir_path)
-        previous_loss = step_metrics.loss.compute()
+        if last_loss_and_grad_norm is not None:
+          _check_finite(last_loss_and_grad_norm, step - 1, manager,
+                        workdir_path)
+        last_loss_and_grad_norm = (step_metrics.loss.compute(),
+                                   step_metrics.grad_norm.compute())
         pending = (step_metrics if pending is None else
                    pending.merge(step_metrics))
         progress.update(1)
         is_log_step = step % config.train.log_every == 0 or step == num_steps
         if is_log_step or manager.should_save(step):
-          _check_finite(previous_loss, step, manager, workdir_path)
+          _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
         if is_log_step:
           now = time.time()
           rate = (step - last_log_step) / max(now - last_log_time, 1e-9)

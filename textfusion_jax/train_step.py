@@ -188,7 +188,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, loss_weights: Mapping[str, float]
                ) -> tuple[TrainState, TrainMetrics]:
-  """One AdamW step. A non-finite loss leaves the state unchanged.
+  """One AdamW step. A non-finite loss or gradient leaves the state unchanged.
 
   rng is the run's base key; the step's own key is fold_in(rng, step), so it
   does not depend on restarts. The model is deterministic today; the key is
@@ -219,7 +219,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
       state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss)
+  grad_norm = optax.tree.norm(grads)
+  # A finite loss can still have inf/NaN gradients (an overflow in the
+  # backward pass); applying them would poison every later step.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(
       lambda new, old: jnp.where(finite, new, old),
       TrainState(step=state.step + 1, params=params, opt_state=opt_state),
@@ -227,7 +230,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   metrics = TrainMetrics.single_from_model_output(
       loss=loss,
       **{f"loss_{name}": value for name, value in parts.items()},
-      grad_norm=optax.tree.norm(grads),
+      grad_norm=grad_norm,
       param_norm=optax.tree.norm(state.params),
       learning_rate=schedule(state.step))
   return new_state, metrics

@@ -1,8 +1,8 @@
 """Caption embedding throughput: JAX `TextEncoder` vs PyTorch CLIP (HF).
 
   python benchmarks/bench_text.py [--num_captions 512] [--batch_size 64]
-      [--dtype float32|bfloat16] [--repeats 3] [--torch-attention sdpa|eager]
-      [--checkpoint DIR] [--no-torch]
+      [--dtype float32|bfloat16] [--repeats 3] [--torch_attention sdpa|eager]
+      [--checkpoint DIR] [--no_torch]
 
 Both run the CLIP ViT-B/32 text architecture (width 512, 12 layers, 8 heads,
 MLP 2048, projection 512, vocab 49408) with the same random weights (written

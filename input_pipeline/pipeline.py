@@ -32,10 +32,12 @@ after the other) is split round-robin over processes (process p takes global
 positions p, p + P, ...), so the union of the P per-process batches of a step
 is the global batch a single process would have produced.
 
-Checkpointing: `iter(dataset)` is a `grain.DatasetIterator`; its JSON-able
-`get_state()` / `set_state()` resume exactly (`grain.checkpoint.CheckpointSave`
-/ `CheckpointRestore` wrap them for Orbax). The batches do not depend on
-`worker_count`, but the state's layout does: restore with the same count.
+Checkpointing: training checkpoints store only the number of examples seen
+(`checkpointing.save`'s data position); the stream is a pure function of the
+position, so `train_iter_at` rebuilds it there exactly, whatever the
+worker count. (`iter(dataset)` is also a `grain.DatasetIterator` whose
+`get_state()` / `set_state()` resume exactly, but that state's layout
+depends on `worker_count`.)
 
 Evaluation batches (`make_eval_batches`) use whole images, group records of
 equal size and pad the last batch of each size, adding 'name' (list[str]) and

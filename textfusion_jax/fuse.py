@@ -8,7 +8,7 @@
 --checkpoint is a model bundle (`python -m textfusion_jax.export`, e.g. the
 shipped pretrained/textfusion-small), verified against its manifest before
 anything is loaded, or a training workdir. Directories are matched by file
-stem. With --captions, each pair uses its own caption (index --caption-index
+stem. With --captions, each pair uses its own caption (index --caption_index
 of its captions.jsonl line); --text gives one prompt for all. Images up to
 --tile pixels a side run whole, padded into a few bucket shapes (one
 compilation each, whatever the mix of sizes); larger ones are fused in

@@ -16,6 +16,7 @@ from PIL import Image
 from textfusion_jax import errors
 from textfusion_jax import score_folders
 from input_pipeline import image_io
+from input_pipeline import layouts
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
 from textfusion_jax import tiling
@@ -117,8 +118,10 @@ def args_for(root: Path, *extra: str, fused=("fused",)) -> list[str]:
 
 
 def oracle(root: Path, fused: str, stem: str) -> dict[str, float]:
+  # 16-bit infrared is stretched per image, as training and fuse read it.
   grey = lambda d: image_io.as_grey_u8(image_io.read_image(
-      image_io.list_images(root / d)[stem]))
+      image_io.list_images(root / d)[stem],
+      layouts.IR_16BIT_RULE if d == "ir" else layouts.VIS_16BIT_RULE))
   return metrics_reference.all_metrics(grey(fused), grey("ir"), grey("vis"))
 
 

@@ -4,7 +4,9 @@ The library behind `python -m textfusion_jax.evaluate` (see there for flags).
 
 Images are matched by file stem across the folders (PNG, JPG, BMP, TIFF;
 grey or colour, colour turned to grey by OpenCV's rule; 16-bit scaled to 8
-bits by the "full" rule, and the files this happened to are listed). The 12
+bits by the rules training and `fuse` read them with, `input_pipeline.
+layouts`: infrared stretched per image ('minmax'), the rest by 'full'; the
+files this happened to are listed). The 12
 metrics of `textfusion_jax.metrics` are computed on device by one jitted,
 batched function. Images keep their size (no resizing): they are zero-padded
 into a few bucket shapes and the metrics ignore the padding, so a folder of
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -44,6 +47,7 @@ from textfusion_jax import errors
 from textfusion_jax import fusion_baselines
 from input_pipeline import files
 from input_pipeline import image_io
+from input_pipeline import layouts
 from textfusion_jax import metrics
 from textfusion_jax import tiling
 
@@ -81,7 +85,13 @@ class _Inputs:
   def grey(self, path: Path) -> np.ndarray:
     """The decoded grey image, from the cache (once) or decoded again."""
     cached = self.cache.pop(path, None)
-    return cached if cached is not None else _read_grey(path)[0]
+    if cached is not None:
+      return cached
+    return _read_grey(path, path in self._ir_paths)[0]
+
+  @functools.cached_property
+  def _ir_paths(self) -> frozenset[Path]:
+    return frozenset(self.ir.values())
 
 
 def _method_names(fused_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
@@ -94,8 +104,10 @@ def _method_names(fused_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
   return names, problems
 
 
-def _read_grey(path: Path) -> tuple[np.ndarray, bool]:
-  image, info = image_io.read_image_with_info(path, "full")
+def _read_grey(path: Path, is_ir: bool) -> tuple[np.ndarray, bool]:
+  # The rules the model saw the sources by (training, evaluation, fuse).
+  rule = layouts.IR_16BIT_RULE if is_ir else layouts.VIS_16BIT_RULE
+  image, info = image_io.read_image_with_info(path, rule)
   return image_io.as_grey_u8(image), info.was_16bit
 
 
@@ -142,7 +154,7 @@ def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
       if stem not in files:
         continue
       try:
-        grey, was_16bit = _read_grey(files[stem])
+        grey, was_16bit = _read_grey(files[stem], label == "IR")
       except image_io.ImageReadError as error:
         problems.append(str(error))
         continue
@@ -310,7 +322,8 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
                                   out_problems, baselines=baselines)
   if sixteen_bit:
     print(f"note: {len(sixteen_bit)} 16-bit image(s) scaled to 8 bits "
-          "(v8 = round(v16 * 255 / 65535)): " + ", ".join(sixteen_bit))
+          "(infrared: v8 = round(255 (v - min) / (max - min)) per image; "
+          "others: v8 = round(v16 * 255 / 65535)): " + ", ".join(sixteen_bit))
   print(markdown_table(result))
   print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
         "their mean):")

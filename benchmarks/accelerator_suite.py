@@ -41,11 +41,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from textfusion_jax import errors
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU-sized run of every part.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table here.")
@@ -300,4 +300,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

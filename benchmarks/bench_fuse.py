@@ -23,11 +23,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from textfusion_jax import inference
 from textfusion_jax import tiling
 
@@ -109,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
@@ -133,4 +133,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

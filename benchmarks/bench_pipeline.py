@@ -62,12 +62,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app
 from absl import flags
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from input_pipeline import datasets
 from input_pipeline import layouts
 from input_pipeline import pipeline
@@ -514,4 +514,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

@@ -29,11 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app
 from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from textfusion_jax import errors  # pylint: disable=wrong-import-position
 
 _OUT = flags.DEFINE_string("out", None, "Also write the tables here.")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer variants (smoke test).")
@@ -185,4 +185,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from input_pipeline import caption_files
 from textfusion_jax.text import tiny_clip
 from textfusion_jax.text.encoder import TextEncoder
@@ -173,4 +173,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from bench_common import cost_of
 from bench_common import random_batch
 from textfusion_jax import sharding as sharding_lib
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_cli(main)

@@ -44,11 +44,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from input_pipeline import degradations
 from input_pipeline import image_io
 from input_pipeline.captions import derangement
@@ -310,4 +310,4 @@ def write_figure(path: Path, name: str, images: list[np.ndarray],  # pylint: dis
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("checkpoint")
-  app.run(main)
+  errors.run_cli(main)

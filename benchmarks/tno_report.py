@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app
 from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import errors
 from textfusion_jax import score_folders
 from textfusion_jax import inference
 from textfusion_jax import fusion_baselines
@@ -194,4 +194,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("checkpoint")
-  app.run(main)
+  errors.run_cli(main)

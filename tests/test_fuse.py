@@ -127,9 +127,22 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "empty_text",
-                                  "bad_jsonl"])
+                                  "bad_jsonl", "out_is_input", "out_is_a_file"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
+  if case in ("out_is_input", "out_is_a_file"):
+    _write_pair(tmp_path, "a")
+    before = (tmp_path / "vi" / "a.jpg").read_bytes()
+    out = _fuse("--checkpoint", str(workdir), "--ir", str(tmp_path / "ir"),
+                "--vis", str(tmp_path / "vi"), "--text", "x", "--out",
+                str(tmp_path / ("vi" if case == "out_is_input" else
+                                "vi/a.jpg")))
+    assert out.returncode != 0
+    assert ("overwrite" if case == "out_is_input" else "is a file") in (
+        _single_error_line(out.stderr))
+    assert (tmp_path / "vi" / "a.jpg").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "vi").iterdir()) == ["a.jpg"]
+    return
   if case == "size":
     _write_pair(tmp_path, "a", size=(40, 30), ir_size=(41, 30))
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
@@ -161,6 +174,36 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   assert out.returncode != 0
   assert expect in _single_error_line(out.stderr), out.stderr[-2000:]
   assert not (tmp_path / "out").exists()
+
+
+def test_fuse_corrupt_pair_fuses_the_others_and_names_it(workdir, tmp_path):
+  for name in ("a", "b", "c"):
+    _write_pair(tmp_path, name)
+  # b's visible image: a valid header, truncated data (passes the size
+  # check, fails to decode).
+  Image.fromarray(np.random.default_rng(1).integers(
+      0, 255, (30, 40, 3), np.uint8)).save(tmp_path / "vi" / "b.png")
+  (tmp_path / "vi" / "b.jpg").unlink()
+  data = (tmp_path / "vi" / "b.png").read_bytes()
+  (tmp_path / "vi" / "b.png").write_bytes(data[:len(data) // 2])
+  out_dir = tmp_path / "out"
+  out_dir.mkdir()
+  old = {n: np.full((30, 40, 3), 7, np.uint8) for n in "abc"}
+  for name, image in old.items():
+    Image.fromarray(image).save(out_dir / f"{name}.png")
+  out = _fuse("--checkpoint", str(workdir), "--ir", str(tmp_path / "ir"),
+              "--vis", str(tmp_path / "vi"), "--text", "x", "--out",
+              str(out_dir))
+  assert out.returncode == 2
+  line = _single_error_line(out.stderr)
+  assert "1 of 3 pair(s) not fused" in line and "b.png" in line, line
+  assert "fused 2 pair(s)" in out.stdout
+  for name in "ac":  # fused, although a pair before c failed
+    assert not np.array_equal(image_io.read_image(out_dir / f"{name}.png"),
+                              old[name])
+  np.testing.assert_array_equal(image_io.read_image(out_dir / "b.png"),
+                                old["b"])
+  assert not [p for p in out_dir.iterdir() if ".tmp" in p.name]
 
 
 def test_fuse_unknown_checkpoint_is_one_line(tmp_path):

@@ -324,7 +324,8 @@ def test_count_params_matches_concrete_model(tiny):
     (dict(dtype="float16"), "dtype"),
     (dict(ffn="mlp"), "FFN kind"),
     (dict(dim=5, heads=(1, 1)), "even"),
-    (dict(vis_smoothing_sigmas=(1.0,), output="rgb"), "needs output 'fusion'"),
+    (dict(vis_smoothing_sigmas=(1.0,), output="rgb"),
+     "needs config.model.output='fusion'"),
     (dict(vis_smoothing_sigmas=(2.0, 0.0)), "must be > 0"),
     (dict(vis_smoothing_sigmas=("wide",)), "must be > 0"),
 ])

@@ -181,6 +181,26 @@ def test_unknown_config_key_is_one_line(tmp_path):
   assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.parametrize("args, expect", [
+    (("--config.train.log_every=0",), "config.train.log_every=0"),
+    (("--config.train.batch_size=-2",), "config.train.batch_size=-2"),
+    (("--config.model.dim=7",), "config.model.dim=7"),
+    (("--config", "configs/missing.py"), "--config configs/missing.py"),
+    # Passes the config checks, fails reading the data.
+    (("--config.data.source=folder", "--config.data.train_dir=/nonexistent"),
+     "/nonexistent"),
+])
+def test_bad_config_values_are_one_line_and_write_nothing(tmp_path, args,
+                                                          expect):
+  out = _train_cli("--workdir", str(tmp_path / "run"), *args)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and expect in lines[0], out.stderr[-2000:]
+  # No config.json: a corrected command in the same workdir is not refused
+  # as "written by an incompatible config".
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
@@ -287,6 +307,15 @@ def test_init_from_errors_are_one_line(full_run, tmp_path):
   lines = out.stderr.strip().splitlines()
   assert out.returncode != 0 and len(lines) == 1, out.stderr
   assert "model.dim" in lines[0] and "init_from" in lines[0]
+  # A workdir whose run never checkpointed: refused before anything is read.
+  empty = tmp_path / "never_ran"
+  empty.mkdir()
+  (empty / "config.json").write_text((source / "config.json").read_text())
+  out = _train_cli("--workdir", str(tmp_path / "c"),
+                   f"--config.train.init_from={empty}")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode != 0 and len(lines) == 1, out.stderr
+  assert "no checkpoint" in lines[0] and not (tmp_path / "c").exists()
 
 
 def test_reference_model_errors_name_the_field(full_run, tmp_path):

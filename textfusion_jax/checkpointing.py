@@ -23,6 +23,7 @@ from input_pipeline import files
 from textfusion_jax import errors
 
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"  # Orbax step folders, under the workdir.
 # Config sections whose change makes old parameters unusable.
 ARCHITECTURE_KEYS = ("model",)
 
@@ -62,6 +63,8 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config saved beside a workdir's checkpoints."""
   path = Path(workdir) / CONFIG_FILE
+  if not Path(workdir).exists():
+    raise CheckpointError(f"{workdir}: no such bundle or workdir")
   if not path.is_file():
     raise CheckpointError(f"{workdir}: no {CONFIG_FILE}; not a textfusion "
                           "training workdir")
@@ -105,7 +108,7 @@ def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,
       enable_async_checkpointing=async_save,
       create=True)
   return ocp.CheckpointManager(
-      Path(workdir).absolute() / "checkpoints", options=options)
+      Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,

@@ -71,18 +71,33 @@ def main(argv: Sequence[str]) -> None:
   fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value)
   _warn_if_off_grammar(fuser, prompts)
   embeddings = fuser.encoder.encode(prompts)
-  timings = []
+  timings, failed = [], []
   for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair"):
-    vis, ir = inference.load_pair(pair)
+    # Headers were checked up front; a file whose data is corrupt fails
+    # here. The other pairs are still fused, so the folder is not left
+    # half old and half new, and every failure is listed at the end.
+    try:
+      vis, ir = inference.load_pair(pair)
+    except errors.UserError as error:
+      failed.append(str(error))
+      continue
     start = time.perf_counter()
     fused = fuser.fuse(vis, ir, emb, tile=_TILE.value, overlap=_OVERLAP.value,
                        pad_to=shapes[pair.name])
     timings.append(time.perf_counter() - start)
-    image_io.write_png_atomic(pair.out, fused)
-  steady = timings[1:] or timings
-  print(f"fused {len(pairs)} pair(s) with checkpoint step {fuser.step} -> "
-        f"{_OUT.value}; {1000 * np.mean(steady):.1f} ms/pair "
-        f"(first, with compilation: {1000 * timings[0]:.1f} ms)")
+    try:
+      image_io.write_png_atomic(pair.out, fused)
+    except OSError as error:
+      reason = error.strerror or str(error)
+      raise errors.UserError(f"{pair.out}: cannot write ({reason})") from error
+  if timings:
+    steady = timings[1:] or timings
+    print(f"fused {len(timings)} pair(s) with checkpoint step {fuser.step} "
+          f"-> {_OUT.value}; {1000 * np.mean(steady):.1f} ms/pair "
+          f"(first, with compilation: {1000 * timings[0]:.1f} ms)")
+  if failed:
+    raise errors.UserError(f"{len(failed)} of {len(pairs)} pair(s) not fused "
+                           f"(unreadable): " + "; ".join(failed))
 
 
 def _warn_if_off_grammar(fuser: inference.Fuser, prompts: list[str]) -> None:

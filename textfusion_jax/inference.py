@@ -57,6 +57,7 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
   if ir_path.is_dir() != vis_path.is_dir():
     raise errors.UserError(f"--ir {ir} and --vis {vis} must both be files or "
                            "both directories")
+  _check_out(ir_path, vis_path, out_path)
   if not ir_path.is_dir():
     for path in (ir_path, vis_path):
       if not path.exists():
@@ -78,6 +79,24 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
           for s in sorted(ir_files, key=_natural_key)]
 
 
+def _check_out(ir: Path, vis: Path, out: Path) -> None:
+  """Refuses an --out that would overwrite an input or cannot be written."""
+  for flag, path in (("--ir", ir), ("--vis", vis)):
+    if out.resolve() == path.resolve():
+      raise errors.UserError(f"--out {out} is the {flag} input; fusing would "
+                             "overwrite it: choose another path")
+  folder = ir.is_dir()
+  if out.exists() and out.is_dir() != folder:
+    raise errors.UserError(
+        f"--out {out} exists and is {'a file' if folder else 'a directory'}; "
+        f"give {'a directory' if folder else 'a .png file path'}")
+  existing = next(p for p in (out if folder else out.parent, *out.parents)
+                  if p.exists())
+  if not existing.is_dir():
+    raise errors.UserError(f"--out {out}: {existing} is a file, not a "
+                           "directory")
+
+
 def _natural_key(stem: str) -> tuple:
   return tuple(int(t) if t.isdigit() else t for t in
                re.split(r"(\d+)", stem))
@@ -97,20 +116,22 @@ def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
 def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
   """Pair name -> (H, W) from headers; one error listing every mismatch."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  problems = []
+  mismatched, unreadable = [], []
   sizes = {}
   for pair in pairs:
     try:
       with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
         if ir.size != vis.size:
-          problems.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
-                          f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
+          mismatched.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
+                            f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
         sizes[pair.name] = (vis.size[1], vis.size[0])
     except OSError as error:
-      problems.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
+      unreadable.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
+  problems = unreadable + (["; ".join(mismatched) + " (pairs must be "
+                            "registered and equal in size)"]
+                           if mismatched else [])
   if problems:
-    raise errors.UserError("; ".join(problems) + " (pairs must be registered "
-                           "and equal in size)")
+    raise errors.UserError("; ".join(problems))
   return sizes
 
 

@@ -197,39 +197,44 @@ PRESETS = ("tiny", "small", "base", "large")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first inconsistent field of `config`."""
+  """Raises UserError naming the first inconsistent config.model field."""
   levels = len(config.num_blocks)
   if levels < 2:
-    raise UserError("num_blocks needs at least 2 levels")
+    raise UserError(f"config.model.num_blocks={tuple(config.num_blocks)}: "
+                    "needs at least 2 levels")
   if config.dim % 2:
-    raise UserError("dim must be even (downsampling halves, then "
-                     "pixel-unshuffles the channels)")
+    raise UserError(f"config.model.dim={config.dim} must be even "
+                    "(downsampling halves, then pixel-unshuffles the channels)")
   if len(config.heads) != levels:
-    raise UserError(f"heads has {len(config.heads)} entries, num_blocks "
-                     f"{levels}")
+    raise UserError(f"config.model.heads={tuple(config.heads)} has "
+                    f"{len(config.heads)} entries, config.model.num_blocks "
+                    f"{levels}")
   for level, heads in enumerate(config.heads):
     channels = config.dim * 2**level
     if channels % heads:
-      raise UserError(f"level {level}: {channels} channels do not split "
-                       f"into {heads} heads")
+      raise UserError(f"config.model.heads={tuple(config.heads)}: level "
+                      f"{level}'s {channels} channels (config.model.dim="
+                      f"{config.dim}) do not split into {heads} heads")
   if 2 * config.dim % config.heads[0]:
-    raise UserError("2 * dim must split into heads[0] heads")
+    raise UserError(f"config.model.heads={tuple(config.heads)}: 2 * dim = "
+                    f"{2 * config.dim} must split into heads[0] heads")
   if config.output not in OUTPUT_MODES:
-    raise UserError(f"output must be one of {OUTPUT_MODES}, got "
-                     f"{config.output!r}")
+    raise UserError(f"config.model.output={config.output!r}: must be one of "
+                    f"{OUTPUT_MODES}")
   sigmas = tuple(config.get("vis_smoothing_sigmas", ()) or ())
   try:
     positive = all(float(s) > 0 for s in sigmas)
   except (TypeError, ValueError):
     positive = False
   if sigmas and config.output != "fusion":
-    raise UserError(f"vis_smoothing_sigmas={sigmas} needs output 'fusion', "
-                    f"got {config.output!r}")
+    raise UserError(f"config.model.vis_smoothing_sigmas={sigmas} needs "
+                    f"config.model.output='fusion', got {config.output!r}")
   if not positive:
-    raise UserError(f"vis_smoothing_sigmas={sigmas}: each sigma must be > 0")
+    raise UserError(f"config.model.vis_smoothing_sigmas={sigmas}: each sigma "
+                    "must be > 0")
   if config.dtype not in COMPUTE_DTYPES:
-    raise UserError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got "
-                     f"{config.dtype!r}")
+    raise UserError(f"config.model.dtype={config.dtype!r}: must be one of "
+                    f"{tuple(COMPUTE_DTYPES)}")
 
 
 class Encoder(nnx.Module):

@@ -56,7 +56,20 @@ def main(argv: Sequence[str]) -> None:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, auto=_MULTIHOST.value,
                          timeout_s=_INIT_TIMEOUT.value)
-  train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_loop.train_and_evaluate(_config(), _WORKDIR.value)
+
+
+def _config():
+  # ml_collections defers a config file's load error to the first attribute
+  # access (a traceback naming 'config_config'); name the file instead.
+  config = _CONFIG.value
+  try:
+    config.get("train")
+  except OSError as error:
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    raise errors.UserError(f"--config {flags.FLAGS['config'].config_filename}"
+                           f": cannot load it ({lines[-1]})") from None
+  return config
 
 
 def run() -> None:

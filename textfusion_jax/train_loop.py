@@ -1,7 +1,8 @@
 """Training and evaluation loop, split into plainly named phases.
 
-  setup_workdir -> make_mesh -> create_datasets -> build_trainer -> restore_or_init
-  -> train loop (log, checkpoint, evaluate) -> final evaluation
+  check_config -> setup_workdir -> make_mesh -> create_datasets -> build_trainer
+  -> restore_or_init -> record_config -> train loop (log, checkpoint,
+  evaluate) -> final evaluation
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 import input_pipeline
+from input_pipeline import degradations
 from textfusion_jax import bundle
 from textfusion_jax import checkpointing
 from textfusion_jax import distributed
 from textfusion_jax import evaluators
 from textfusion_jax import inference
 from textfusion_jax import metric_writer
+from textfusion_jax import model as model_lib
 from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import train_step
@@ -41,15 +44,45 @@ class NonFiniteLossError(errors.UserError):
 # -- phases -------------------------------------------------------------------
 
 
+# train.* fields that must be positive / non-negative integers.
+_POSITIVE_TRAIN_FIELDS = ("num_steps", "batch_size", "log_every",
+                          "checkpoint_every")
+_NON_NEGATIVE_TRAIN_FIELDS = ("eval_every", "stop_after_steps")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for bad values, before anything is read or written."""
+  model_lib.validate_config(config.model)
+  for fields, least in ((_POSITIVE_TRAIN_FIELDS, 1),
+                        (_NON_NEGATIVE_TRAIN_FIELDS, 0)):
+    for field in fields:
+      value = config.train.get(field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise errors.UserError(
+            f"config.train.{field}={value!r}: must be an integer >= {least}")
+  if config.data.get("degradations", {}).get("enabled"):
+    degradations.check_level_probs(config.data.degradations.level_probs,
+                                   "config.data.degradations.level_probs")
+  check_param_sources(config)
+
+
 def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
-  """Checks the workdir and a previous run's config before touching anything."""
+  """Checks the workdir and a previous run's config; writes nothing there
+  but the directory itself (`record_config` writes the config once the run
+  has started)."""
   path = checkpointing.ensure_writable_workdir(workdir)
   if (path / checkpointing.CONFIG_FILE).exists():
     saved = checkpointing.load_saved_config(path)
     checkpointing.check_compatible(saved, config, path)
-  if jax.process_index() == 0:
-    checkpointing.write_config(path, config)
   return path
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """config.json, written only after data, model and state are ready: a
+  run that fails before its first step leaves an earlier run's config (the
+  one its checkpoints were written by) as it was."""
+  if jax.process_index() == 0:
+    checkpointing.write_config(workdir, config)
 
 
 def create_datasets(config: ml_collections.ConfigDict
@@ -124,8 +157,15 @@ def check_param_sources(config: ml_collections.ConfigDict) -> None:
     if not Path(path).exists():
       raise checkpointing.CheckpointError(
           f"config.train.{field}={path!r}: no such bundle or workdir")
-    saved = (bundle.load_config(path) if bundle.is_bundle(path)
-             else checkpointing.load_saved_config(path))
+    if bundle.is_bundle(path):
+      saved = bundle.load_config(path)
+    else:
+      saved = checkpointing.load_saved_config(path)
+      steps = Path(path) / checkpointing.CHECKPOINT_DIR
+      if not (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
+        raise checkpointing.CheckpointError(
+            f"config.train.{field}={path!r}: a workdir with no checkpoint "
+            f"in {steps}")
     checkpointing.check_compatible(
         saved, config, path,
         remedy=f"config.train.{field} needs the same model config")
@@ -216,7 +256,7 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates."""
-  check_param_sources(config)
+  check_config(config)
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
@@ -227,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                    config)
+  record_config(config, workdir_path)
   reference = reference_params(trainer, config)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size

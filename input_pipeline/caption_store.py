@@ -117,6 +117,36 @@ class CaptionEmbeddings:
     """The path or hub id of the text encoder that produced the store."""
     return self.manifest["encoder"]
 
+  def first_texts(self, count: int) -> list[str]:
+    """The captions of the table's first `count` rows (texts.json)."""
+    try:
+      texts = json.loads((Path(self.directory) / TEXTS_FILE).read_text())
+    except (OSError, ValueError) as e:
+      raise CaptionStoreError(f"{self.directory}: unreadable {TEXTS_FILE} "
+                              f"({e})") from None
+    return list(texts[:count])
+
+  def check_encoder(self, name: str, encoder: Any, count: int = 8,
+                    min_cosine: float = 0.99) -> None:
+    """Raises CaptionStoreError unless `encoder` (configured as `name`)
+    embeds the store's first captions as its rows hold them: a store from
+    another encoder of the same width would train the model in another
+    embedding space than the prompts fuse and export use."""
+    texts = self.first_texts(count)
+    if not texts:
+      return
+    ours = np.asarray(encoder.encode(texts), np.float64)
+    theirs = np.asarray(self.table[:len(texts)], np.float64)
+    cosine = np.sum(ours * theirs, axis=1) / np.maximum(
+        np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1), 1e-12)
+    if float(cosine.min()) < min_cosine:
+      raise CaptionStoreError(
+          f"{self.directory}: made by encoder {self.encoder!r}, and "
+          f"config.text.encoder={name!r} embeds its captions differently "
+          f"(cosine {float(cosine.min()):.3f} on its first {len(texts)}); "
+          "rebuild it with python -m textfusion_jax.text.embed_captions "
+          f"--encoder {name}")
+
   def check_dim(self, dim: int) -> None:
     """Raises CaptionStoreError unless the embeddings are `dim` wide."""
     if dim != self.dim:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +234,8 @@ def test_store_errors(encoder, tmp_path):
                                 store.lookup("custom", "a", 1))
 
 
-def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tmp_path):
+def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
+                                                            tmp_path):
   """captions.jsonl and captions_gen.jsonl of one dataset: one store, keys
   'set' and 'set@gen'; training reads both sources' rows from it."""
   # pylint: disable=g-import-not-at-top
@@ -256,6 +258,7 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tmp_path):
   config.data.source = "folder"
   config.data.train_dir = config.data.eval_dir = str(root)
   config.text.embeddings_dir = str(tmp_path / "store")
+  config.text.encoder = str(tiny_dir)  # the store's: not re-embedded
   config.data.caption_sources = (("gen", 1.0),)
   train_source, _ = sources.make_sources(config)
   table, _, dim = sources.make_caption_tables(config, None, train_source,
@@ -264,3 +267,35 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tmp_path):
   expected = encoder.encode(["gen a 1", "gen a 2"])
   np.testing.assert_allclose(table.embeddings[table.rows[0]], expected,
                              rtol=1e-5, atol=1e-6)
+
+
+def test_store_from_another_encoder_is_refused(encoder, tiny_dir, tmp_path):
+  """Same width, other weights: training on it would put the model in
+  another embedding space than its prompts; named the same way through
+  another path, the same encoder passes."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import caption_store
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  root = _write_folder_dataset(tmp_path / "set", "ab", 0)
+  _run(encoder, [(None, root / "captions.jsonl")], tmp_path / "store")
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.embeddings_dir = str(tmp_path / "store")
+  train_source, _ = sources.make_sources(config)
+  other_dir = tiny_clip.save_tiny_random_clip(tmp_path / "other", seed=1)
+  copy_dir = tmp_path / "copy"
+  shutil.copytree(tiny_dir, copy_dir)
+  for name, refused in ((str(other_dir), True), (str(copy_dir), False)):
+    config.text.encoder = name
+    make = lambda name=name: TextEncoder.from_pretrained(name)
+    if refused:
+      with pytest.raises(caption_store.CaptionStoreError,
+                         match=r"config.text.encoder=.*other.* embeds its "
+                         r"captions differently \(cosine"):
+        sources.make_caption_tables(config, make, train_source)
+    else:
+      sources.make_caption_tables(config, make, train_source)

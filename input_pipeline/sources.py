@@ -321,7 +321,7 @@ class TextEncoderLike(Protocol):
   def encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
 
 
-def _same_encoder(a: str, b: str) -> bool:
+def same_text_encoder(a: str, b: str) -> bool:
   """The same hub id or name, or the same local directory."""
   if a == b:
     return True
@@ -350,7 +350,7 @@ def make_caption_tables(config: ml_collections.ConfigDict,
     from input_pipeline.caption_store import CaptionEmbeddings  # pylint: disable=g-import-not-at-top
     store = CaptionEmbeddings.load(config.text.embeddings_dir)
     store.check_dim(config.model.text_dim)
-    if not _same_encoder(store.encoder, config.text.encoder):
+    if not same_text_encoder(store.encoder, config.text.encoder):
       store.check_encoder(config.text.encoder, make_encoder())
     built = [_table_from_store(s, store) for s in sources]
     dim = store.dim

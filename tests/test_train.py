@@ -214,12 +214,15 @@ def test_incompatible_checkpoint_is_one_line(full_run):
   workdir, _ = full_run
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   config_before = (workdir / "config.json").read_text()
-  out = _train_cli("--workdir", str(workdir), "--config.model.dim=16")
-  assert out.returncode != 0
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and "model.dim" in lines[0], out.stderr
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
-  assert (workdir / "config.json").read_text() == config_before
+  for override, expect in (("--config.model.dim=16", "model.dim"),
+                           ("--config.text.encoder=openai/clip-vit-base-patch32",
+                            "trained with text encoder 'tiny-random'")):
+    out = _train_cli("--workdir", str(workdir), override)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], out.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert (workdir / "config.json").read_text() == config_before
 
 
 def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(

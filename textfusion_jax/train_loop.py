@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import input_pipeline
 from input_pipeline import degradations
+from input_pipeline import sources
 from textfusion_jax import bundle
 from textfusion_jax import checkpointing
 from textfusion_jax import distributed
@@ -74,6 +75,14 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   if (path / checkpointing.CONFIG_FILE).exists():
     saved = checkpointing.load_saved_config(path)
     checkpointing.check_compatible(saved, config, path)
+    # The model's text MLPs were trained on this encoder's embeddings.
+    was = saved.get("text", {}).get("encoder")
+    if was is not None and not sources.same_text_encoder(
+        was, config.text.encoder):
+      raise checkpointing.CheckpointError(
+          f"checkpoint in {path} was trained with text encoder {was!r}, not "
+          f"config.text.encoder={config.text.encoder!r}; resume with the "
+          "same encoder or use a fresh --workdir")
   return path
 
 

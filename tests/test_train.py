@@ -166,6 +166,19 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   assert logged == [2, 4, 6]  # a restart from 0 would log step 2 twice
 
 
+def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
+  from textfusion_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
+                          for s in (2, 4, 6, 8)) + '{"step": 1')  # torn line
+  writer = metric_writer.MetricWriter(tmp_path, start_step=4)
+  writer.write_scalars(6, {"train/loss": 0.5})
+  writer.close()
+  logged = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r["train/loss"]) for r in logged] == [
+      (2, 1.0), (4, 1.0), (6, 0.5)]
+
+
 def _train_cli(*args, env=None):
   return subprocess.run(
       [sys.executable, "train.py", "--config", "configs/tiny.py", *args],

@@ -14,19 +14,24 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from input_pipeline import files
+
 
 class MetricWriter:
   """Writes to `<workdir>/tensorboard/` and `<workdir>/metrics.jsonl`."""
 
-  def __init__(self, workdir: str | Path):
+  def __init__(self, workdir: str | Path, start_step: int = 0):
+    """start_step: the step a run resumes from. Lines a crashed run logged
+    after it (steps it will log again) are dropped from metrics.jsonl."""
     self._enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-      self._jsonl = open(Path(workdir) / "metrics.jsonl", "a",
-                         encoding="utf-8")
+      path = Path(workdir) / "metrics.jsonl"
+      _drop_after(path, start_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -56,3 +61,20 @@ class MetricWriter:
     if self._enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _drop_after(path: Path, step: int) -> None:
+  """Rewrites the JSONL at `path` (atomically) without records past `step`."""
+  if not path.exists():
+    return
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+  def keep(line: str) -> bool:
+    try:
+      return int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      return False  # a torn last line from a crash
+
+  kept = [line for line in lines if keep(line)]
+  if len(kept) != len(lines):
+    files.write_text_atomic(path, "".join(kept))

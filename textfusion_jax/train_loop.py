@@ -280,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   reference = reference_params(trainer, config)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
-  writer = metric_writer.MetricWriter(workdir_path)
+  writer = metric_writer.MetricWriter(workdir_path, start_step)
   evaluator = evaluators.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
       save_images=config.eval.save_images,

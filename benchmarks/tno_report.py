@@ -40,6 +40,7 @@ from textfusion_jax import score_folders
 from textfusion_jax import inference
 from textfusion_jax import fusion_baselines
 from input_pipeline import image_io
+from input_pipeline.captions import derangement
 from textfusion_jax import metrics
 from textfusion_jax import paired_comparison
 
@@ -61,15 +62,6 @@ _PROMPT = flags.DEFINE_string(
     "prompt", None, "One prompt for every pair instead of its caption (e.g. "
     "'clean visible image' for a model trained on condition sentences); "
     "skips the shuffled-caption comparison.")
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-  """A permutation of range(n) with no fixed point."""
-  rng = np.random.default_rng(seed)
-  while True:
-    order = rng.permutation(n)
-    if n < 2 or not np.any(order == np.arange(n)):
-      return order
 
 
 def fuse_folder(fuser: inference.Fuser, pairs, prompts, out: Path) -> list[float]:

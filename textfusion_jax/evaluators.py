@@ -27,6 +27,7 @@ from input_pipeline import files
 from input_pipeline import image_io
 from textfusion_jax import metrics as metrics_lib
 from textfusion_jax import sharding as sharding_lib
+from textfusion_jax import tiling
 
 METHODS = ("model",) + fusion_baselines.TRIVIAL_RULES
 
@@ -200,14 +201,10 @@ def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,
 
 
 def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:
-  """(B, H, W, C) symmetric-padded (edge pixel repeated) at the bottom/right
-  to multiples."""
+  """(B, H, W, C) padded at the bottom/right to multiples, as fuse pads."""
   height, width = images.shape[1:3]
-  pad_h, pad_w = -height % multiple, -width % multiple
-  if not pad_h and not pad_w:
-    return images
-  return np.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
-                mode="symmetric")
+  return tiling.pad_to(images, height + -height % multiple,
+                       width + -width % multiple)
 
 
 def _mean_over_images(per_image: Mapping[str, Mapping[str, float]]

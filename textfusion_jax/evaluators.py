@@ -203,8 +203,8 @@ def _restoration_errors(fused_u8: np.ndarray, ir: np.ndarray,
 def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:
   """(B, H, W, C) padded at the bottom/right to multiples, as fuse pads."""
   height, width = images.shape[1:3]
-  return tiling.pad_to(images, height + -height % multiple,
-                       width + -width % multiple)
+  return tiling.pad_bottom_right(images, height + -height % multiple,
+                                 width + -width % multiple)
 
 
 def _mean_over_images(per_image: Mapping[str, Mapping[str, float]]

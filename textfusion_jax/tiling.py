@@ -44,7 +44,7 @@ def _ramp(tile: int, overlap: int) -> np.ndarray:
   return weights
 
 
-def pad_to(images: np.ndarray, height: int, width: int) -> np.ndarray:
+def pad_bottom_right(images: np.ndarray, height: int, width: int) -> np.ndarray:
   """(..., H, W, C) padded at the bottom/right to (height, width), mirroring
   the image as the model's own padding does (a 1-pixel axis repeats)."""
   pad_h, pad_w = height - images.shape[-3], width - images.shape[-2]
@@ -124,14 +124,15 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
                        f"{(height, width)}")
     padded_h, padded_w = pad_to or (-(-height // pad_multiple) * pad_multiple,
                                     -(-width // pad_multiple) * pad_multiple)
-    out = fuse_batch(pad_to(vis, padded_h, padded_w)[None],
-                     pad_to(ir, padded_h, padded_w)[None],
+    out = fuse_batch(pad_bottom_right(vis, padded_h, padded_w)[None],
+                     pad_bottom_right(ir, padded_h, padded_w)[None],
                      np.array([[height, width]], np.int32), means)
     return out[0, :height, :width]
 
   # Pad so every tile fits inside the image.
   full_h, full_w = max(height, tile), max(width, tile)
-  vis_p, ir_p = pad_to(vis, full_h, full_w), pad_to(ir, full_h, full_w)
+  vis_p = pad_bottom_right(vis, full_h, full_w)
+  ir_p = pad_bottom_right(ir, full_h, full_w)
   stride = tile - overlap
   corners = [(y, x) for y in _starts(full_h, tile, stride)
              for x in _starts(full_w, tile, stride)]

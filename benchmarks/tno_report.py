@@ -135,6 +135,8 @@ def main(argv):
   prompts = ([_PROMPT.value] * len(names) if _PROMPT.value else
              inference.read_captions(str(TNO / "captions.jsonl"), names,
                                      _CAPTION_INDEX.value))
+  if _PROMPT.value:
+    fuser.encoder.check_fits([_PROMPT.value], ["--prompt"])
   seconds = fuse_folder(fuser, pairs, prompts, out / "model")
   scored = [out / "model", SEAFUSION]
   if not _PROMPT.value:

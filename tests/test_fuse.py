@@ -127,7 +127,8 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "empty_text",
-                                  "bad_jsonl", "out_is_input", "out_is_a_file"])
+                                  "bad_jsonl", "out_is_input", "out_is_a_file",
+                                  "long_text"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
@@ -158,6 +159,11 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi")]
     expect = "--text or --captions"
+  elif case == "long_text":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "a warm pedestrian on a dark road " * 20]
+    expect = "--text is 142 tokens"
   elif case == "empty_text":
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),

@@ -69,6 +69,10 @@ def main(argv: Sequence[str]) -> None:
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
                                      _CAPTION_INDEX.value))
   fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value)
+  fuser.encoder.check_fits(prompts, (
+      ["--text"] * len(prompts) if _TEXT.value else
+      [f"{_CAPTIONS.value}: caption {_CAPTION_INDEX.value} of {p.name!r}"
+       for p in pairs]))
   _warn_if_off_grammar(fuser, prompts)
   embeddings = fuser.encoder.encode(prompts)
   timings, failed = [], []

@@ -170,6 +170,19 @@ class TextEncoder:
         num_truncated += 1
     return ids, num_truncated
 
+  def check_fits(self, texts: Sequence[str], what: Sequence[str]) -> None:
+    """Raises UserError naming the first text (described by `what`) longer
+    than max_length tokens: typed prompts are refused, not truncated."""
+    if not texts:
+      return
+    ids = self.tokenizer(list(texts), add_special_tokens=True,
+                         verbose=False)["input_ids"]
+    for text, row, name in zip(texts, ids, what):
+      if len(row) > self.max_length:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise UserError(f"{name} is {len(row)} tokens ({shown!r}); the text "
+                        f"encoder takes at most {self.max_length}: shorten it")
+
   def encode(self, texts: Sequence[str], batch_size: int = 64, *,
              warn_truncated: bool = True) -> np.ndarray:
     """Projected (not normalised) embeddings, float32 (len(texts), embed_dim).

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from input_pipeline import files
+from input_pipeline import captions
 from input_pipeline.caption_files import DEFAULT_SOURCE
 from input_pipeline.errors import UserError
 
@@ -126,8 +127,7 @@ class CaptionEmbeddings:
                               f"({e})") from None
     return list(texts[:count])
 
-  def check_encoder(self, name: str, encoder: Any, count: int = 8,
-                    min_cosine: float = 0.99) -> None:
+  def check_encoder(self, name: str, encoder: Any, count: int = 8) -> None:
     """Raises CaptionStoreError unless `encoder` (configured as `name`)
     embeds the store's first captions as its rows hold them: a store from
     another encoder of the same width would train the model in another
@@ -135,11 +135,9 @@ class CaptionEmbeddings:
     texts = self.first_texts(count)
     if not texts:
       return
-    ours = np.asarray(encoder.encode(texts), np.float64)
-    theirs = np.asarray(self.table[:len(texts)], np.float64)
-    cosine = np.sum(ours * theirs, axis=1) / np.maximum(
-        np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1), 1e-12)
-    if float(cosine.min()) < min_cosine:
+    cosine = captions.embedding_cosines(encoder.encode(texts),
+                                        self.table[:len(texts)])
+    if float(cosine.min()) < captions.SAME_EMBEDDING_COSINE:
       raise CaptionStoreError(
           f"{self.directory}: made by encoder {self.encoder!r}, and "
           f"config.text.encoder={name!r} embeds its captions differently "

@@ -42,6 +42,18 @@ def decode_captions(value: Any) -> list[str]:
   return [to_str(v) for v in value]
 
 
+# Two encoders embed a caption alike (float32 vs bfloat16, say) above this
+# cosine; another encoder's weights give far less.
+SAME_EMBEDDING_COSINE = 0.99
+
+
+def embedding_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Row-wise cosine similarity of two (N, D) embedding arrays."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.sum(a * b, axis=-1) / np.maximum(
+      np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 def record_captions(source: Sequence[Any], index: int) -> list[str]:
   """Captions of record `index`, without rendering images when the source
   offers a `captions(index)` method (e.g. `SyntheticPairs`)."""

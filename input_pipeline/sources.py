@@ -28,10 +28,14 @@ from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
+from absl import logging as _log
 
 from input_pipeline import image_io
 from input_pipeline.captions import CaptionTable
+from input_pipeline.captions import SAME_EMBEDDING_COSINE
+from input_pipeline.captions import embedding_cosines
 from input_pipeline.captions import record_caption_sources
+from input_pipeline.captions import record_captions
 from input_pipeline.errors import UserError
 
 # Eval scenes are drawn from a disjoint seed stream.
@@ -321,6 +325,31 @@ class TextEncoderLike(Protocol):
   def encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
 
 
+def _baked_table(source: Sequence[Any], encoder: TextEncoderLike
+                 ) -> CaptionTable | None:
+  """The caption embeddings the records carry ('text_emb', copied from a
+  caption store by `build_dataset --text_emb`), so that a large dataset is
+  not embedded again at every start; None (embed the captions) when they
+  are absent, incomplete, or not what `encoder` makes of the first record's
+  captions (a store from another encoder)."""
+  if not len(source) or "text_emb" not in source[0]:
+    return None
+  baked = np.asarray(source[0]["text_emb"], np.float32)
+  captions = record_captions(source, 0)
+  if (baked.ndim != 2 or baked.shape[0] != len(captions) or
+      not len(baked) or baked.shape[1] != encoder.embed_dim):
+    return None
+  probe = encoder.encode(captions, batch_size=len(baked))
+  if float(embedding_cosines(probe, baked).min()) < SAME_EMBEDDING_COSINE:
+    _log.warning("the records' caption embeddings were made by another text "
+                 "encoder than config.text.encoder; embedding the captions")
+    return None
+  try:
+    return CaptionTable.from_source(source)
+  except ValueError:  # a record without captions or embeddings
+    return None
+
+
 def same_text_encoder(a: str, b: str) -> bool:
   """The same hub id or name, or the same local directory."""
   if a == b:
@@ -360,7 +389,7 @@ def make_caption_tables(config: ml_collections.ConfigDict,
     def embed(texts: list[str]) -> np.ndarray:
       return encoder.encode(texts, batch_size=config.text.batch_size)
 
-    built = [(CaptionTable.from_source(s, embed),
+    built = [(_baked_table(s, encoder) or CaptionTable.from_source(s, embed),
               [record_caption_sources(s, i) for i in range(len(s))])
              for s in sources]
     dim = encoder.embed_dim

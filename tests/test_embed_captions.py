@@ -299,3 +299,37 @@ def test_store_from_another_encoder_is_refused(encoder, tiny_dir, tmp_path):
         sources.make_caption_tables(config, make, train_source)
     else:
       sources.make_caption_tables(config, make, train_source)
+
+
+def test_records_carrying_embeddings_are_not_embedded_again(encoder, tmp_path):
+  """Records built with a caption store's rows (`build_dataset --text_emb`,
+  or a folder source given one) use them: only one record's captions are
+  embedded, as a probe; from another encoder, every caption is embedded."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import datasets
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  root = _write_folder_dataset(tmp_path / "set", "abc", 0)
+  store = _run(encoder, [(None, root / "captions.jsonl")], tmp_path / "store")
+  source = datasets.PairedFolderSource(root, text_emb=tmp_path / "store")
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  class Counting(CountingEncoder):
+    def encode(self, texts, batch_size=64):
+      self.calls.append(len(texts))
+      return self.inner.encode(texts, batch_size)
+
+  counting = Counting(encoder)
+  table, dim = sources.make_caption_tables(config, lambda: counting, source)
+  assert counting.calls == [1] and dim == encoder.embed_dim
+  for i, name in enumerate(source.record_name(k) for k in range(3)):
+    np.testing.assert_array_equal(table.embedding(i, 0),
+                                  store.table[store.rows("set", name)[0]])
+  other = Counting(TextEncoder.from_pretrained(
+      tiny_clip.save_tiny_random_clip(tmp_path / "other", seed=1)))
+  table, _ = sources.make_caption_tables(config, lambda: other, source)
+  assert other.calls == [1, 3]  # the probe, then every caption
+  np.testing.assert_allclose(table.embedding(0, 0),
+                             other.inner.encode([source.captions(0)[0]])[0],
+                             rtol=1e-5, atol=1e-6)

@@ -13,7 +13,10 @@ of its captions.jsonl line); --text gives one prompt for all. Images up to
 --tile pixels a side run whole, padded into a few bucket shapes (one
 compilation each, whatever the mix of sizes); larger ones are fused in
 overlapping tiles, so memory stays bounded. Output: colour PNGs the size of
-the visible input, each written atomically.
+the visible input, each written atomically. --out may not be an input. A pair
+whose file does not decode is skipped; the others are fused, and the skipped
+ones are named in one error line (exit status 2). A prompt longer than the
+text encoder's limit (77 tokens) is refused.
 """
 
 from __future__ import annotations

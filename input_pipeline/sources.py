@@ -389,8 +389,13 @@ def make_caption_tables(config: ml_collections.ConfigDict,
     def embed(texts: list[str]) -> np.ndarray:
       return encoder.encode(texts, batch_size=config.text.batch_size)
 
-    built = [(_baked_table(s, encoder) or CaptionTable.from_source(s, embed),
-              [record_caption_sources(s, i) for i in range(len(s))])
+    def table_of(source: Sequence[Any]) -> CaptionTable:
+      baked = _baked_table(source, encoder)
+      return (CaptionTable.from_source(source, embed) if baked is None
+              else baked)
+
+    built = [(table_of(s), [record_caption_sources(s, i)
+                            for i in range(len(s))])
              for s in sources]
     dim = encoder.embed_dim
   if not chosen:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(errors.UserError):
-  """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+  """A NaN/Inf loss or gradient; the last good checkpoint is kept."""
 
 
 # -- phases -------------------------------------------------------------------
@@ -252,14 +252,15 @@ def _eval_and_log(evaluator: evaluators.FusionEvaluator,
 
 def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
                   manager: Any, workdir: Path) -> None:
-  loss, grad_norm = (float(x) for x in loss_and_grad_norm)
+  # One transfer of both scalars (the previous step's: already computed).
+  loss, grad_norm = (float(x) for x in jax.device_get(loss_and_grad_norm))
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
     what = (f"loss {loss}" if not math.isfinite(loss) else
             f"gradient norm {grad_norm} (loss {loss})")
     raise NonFiniteLossError(
         f"non-finite {what} at step {step}; stopped without applying it."
         f" Last good checkpoint: step {manager.latest_step()} in "
-        f"{workdir / 'checkpoints'}")
+        f"{workdir / checkpointing.CHECKPOINT_DIR}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

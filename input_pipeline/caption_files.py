@@ -1,8 +1,11 @@
 """Reading caption files: one JSON object per line, {"name", "captions"}.
 
 The format of `<dataset>/captions.jsonl` in the sample data: `name` is the
-image file stem, `captions` a list of any number of non-empty strings. Every
-problem is reported as one line naming the file and line number.
+image file stem, `captions` a list of any number of non-empty strings, and an
+optional `split` names the split the line is for, where a stem repeats across
+splits (datasets that number each split's frames from 1); a line without it
+is for the stem in every split. A (split, name) appears once per file.
+Every problem is reported as one line naming the file and line number.
 
 Caption sources: a dataset may have several caption files, one per source
 (hand-written, or a captioning model's): `captions.jsonl` is the source
@@ -17,7 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 from input_pipeline.errors import UserError
 
 
@@ -59,6 +62,7 @@ class CaptionRecord:
   file: str
   line: int
   source: str = DEFAULT_SOURCE
+  split: str | None = None  # None: the line is for the stem in every split
 
 
 def default_dataset(path: str | os.PathLike) -> str:
@@ -66,44 +70,81 @@ def default_dataset(path: str | os.PathLike) -> str:
   return Path(path).resolve().parent.name
 
 
-def read_caption_file(path: str | os.PathLike,
-                      dataset: str | None = None) -> list[CaptionRecord]:
-  """The records of one caption file, in file order (blank lines skipped)."""
+@dataclasses.dataclass(frozen=True)
+class CaptionLine:
+  """One parsed line: its number, and the pair (split, name) it captions."""
+  number: int
+  name: str
+  captions: tuple[str, ...]
+  split: str | None
+
+
+def parse_line(text: str) -> tuple[str | None, str, tuple[str, ...]]:
+  """(split, name, captions) of one line; ValueError says what is wrong
+  (callers add the file and line)."""
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"malformed JSON ({e.msg})") from None
+  if not isinstance(obj, dict):
+    raise ValueError("expected a JSON object")
+  name, captions, split = obj.get("name"), obj.get("captions"), obj.get("split")
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"'name' must be a non-empty string, got {name!r}")
+  if split is not None and not (isinstance(split, str) and split):
+    raise ValueError(f"'split' must be a non-empty string, got {split!r}")
+  if not isinstance(captions, list):
+    raise ValueError(f"'captions' of {name!r} must be a list")
+  for i, caption in enumerate(captions):
+    if not isinstance(caption, str):
+      raise ValueError(f"caption {i} of {name!r} is not a string: "
+                       f"{caption!r}")
+    if not caption.strip():
+      raise ValueError(f"caption {i} of {name!r} is empty")
+  return split, name, tuple(captions)
+
+
+def parse_lines(path: str | os.PathLike
+                ) -> Iterator[CaptionLine | tuple[int, str]]:
+  """Each non-blank line of a caption file, in order: a CaptionLine, or
+  (line number, what is wrong) for a malformed line or a second line for
+  the same (split, name). An unreadable file raises CaptionFileError."""
   path = Path(path)
-  dataset = default_dataset(path) if dataset is None else dataset
   try:
     lines = path.read_text(encoding="utf-8").splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise CaptionFileError(f"{path}: cannot read ({e})") from None
-  records, first_line = [], {}
-  for number, line in enumerate(lines, start=1):
-    if not line.strip():
+  first_line: dict[tuple[str | None, str], int] = {}
+  for number, text in enumerate(lines, start=1):
+    if not text.strip():
       continue
-    where = f"{path}:{number}"
     try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise CaptionFileError(f"{where}: malformed JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-      raise CaptionFileError(f"{where}: expected a JSON object")
-    name, captions = obj.get("name"), obj.get("captions")
-    if not isinstance(name, str) or not name:
-      raise CaptionFileError(f"{where}: 'name' must be a non-empty string, "
-                             f"got {name!r}")
-    if not isinstance(captions, list):
-      raise CaptionFileError(f"{where}: 'captions' must be a list")
-    for i, caption in enumerate(captions):
-      if not isinstance(caption, str):
-        raise CaptionFileError(
-            f"{where}: caption {i} of {name!r} is not a string: {caption!r}")
-      if not caption.strip():
-        raise CaptionFileError(f"{where}: caption {i} of {name!r} is empty")
-    if name in first_line:
-      raise CaptionFileError(
-          f"{where}: name {name!r} already appeared on line {first_line[name]}")
-    first_line[name] = number
-    records.append(CaptionRecord(dataset, name, tuple(captions), str(path),
-                                 number, source_of(path)))
+      split, name, captions = parse_line(text)
+    except ValueError as e:
+      yield number, str(e)
+      continue
+    if (split, name) in first_line:
+      in_split = "" if split is None else f" in split {split!r}"
+      yield number, (f"name {name!r}{in_split} already appeared on line "
+                     f"{first_line[split, name]}")
+      continue
+    first_line[split, name] = number
+    yield CaptionLine(number, name, captions, split)
+
+
+def read_caption_file(path: str | os.PathLike,
+                      dataset: str | None = None) -> list[CaptionRecord]:
+  """The records of one caption file, in file order (blank lines skipped);
+  the first bad line raises CaptionFileError naming the file and line."""
+  path = Path(path)
+  dataset = default_dataset(path) if dataset is None else dataset
+  records = []
+  for line in parse_lines(path):
+    if not isinstance(line, CaptionLine):
+      raise CaptionFileError(f"{path}:{line[0]}: {line[1]}")
+    records.append(CaptionRecord(dataset, line.name, line.captions,
+                                 str(path), line.number, source_of(path),
+                                 line.split))
   return records
 
 

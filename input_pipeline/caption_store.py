@@ -6,13 +6,16 @@ A store is a directory written by `textfusion_jax.text.embed_captions`:
                    source files; written last, so its presence means complete
   embeddings.npy   (num_unique, dim) float32, one row per distinct caption
   index.json       {dataset: {name: [row of caption 0, row of caption 1, ...]}}
+                   ('<split>/<name>' for a caption line tagged with a split)
   texts.json       the distinct captions, row order (for inspection only)
 
 Identical captions share a row. `dataset` is the caption file's parent
 directory name unless given, e.g. 'llvip'. Caption sources other than
 'default' (`caption_files.source_of`: captions_<source>.jsonl) are keyed
 '<dataset>@<source>' in index.json (`store_key`), so a store of one source
-reads as before.
+reads as before. A caption line tagged with a split (`caption_files`) is
+keyed '<split>/<name>' (`name_key`; stems hold no '/'); `rows` prefers it to
+the untagged line, as the caption files' readers do.
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ TEXTS_FILE = "texts.json"
 def store_key(dataset: str, source: str = DEFAULT_SOURCE) -> str:
   """index.json's key of a dataset's caption source."""
   return dataset if source == DEFAULT_SOURCE else f"{dataset}@{source}"
+
+
+def name_key(name: str, split: str | None = None) -> str:
+  """index.json's key of a pair's captions: the name, or '<split>/<name>'
+  for a caption line tagged with a split."""
+  return name if split is None else f"{split}/{name}"
+
+
+def stem_of(key: str) -> str:
+  """The pair name of an index key (the inverse of `name_key`'s prefix)."""
+  return key.rpartition("/")[2]
 
 
 class CaptionStoreError(UserError):
@@ -158,7 +172,17 @@ class CaptionEmbeddings:
     return sorted(self.index)
 
   def names(self, dataset: str, source: str = DEFAULT_SOURCE) -> list[str]:
+    """The index keys of a dataset's caption source (`name_key`)."""
     return list(self._dataset(store_key(dataset, source)))
+
+  def find(self, dataset: str, name: str, source: str = DEFAULT_SOURCE,
+           split: str | None = None) -> list[int] | None:
+    """`rows`, or None where the store has no captions for the pair."""
+    names = self.index.get(store_key(dataset, source), {})
+    for key in ((name_key(name, split), name) if split else (name,)):
+      if key in names:
+        return list(names[key])
+    return None
 
   def has(self, dataset: str, source: str = DEFAULT_SOURCE) -> bool:
     return store_key(dataset, source) in self.index
@@ -171,20 +195,24 @@ class CaptionEmbeddings:
           f"{self.directory}: no dataset {key!r} (has "
           f"{', '.join(self.datasets()) or 'none'})") from None
 
-  def rows(self, dataset: str, name: str,
-           source: str = DEFAULT_SOURCE) -> list[int]:
-    """Table rows of `name`'s captions, one per caption index."""
+  def rows(self, dataset: str, name: str, source: str = DEFAULT_SOURCE,
+           split: str | None = None) -> list[int]:
+    """Table rows of `name`'s captions, one per caption index: those of its
+    line for `split` where the store has one, else of its untagged line."""
     key = store_key(dataset, source)
-    try:
-      return list(self._dataset(key)[name])
-    except KeyError:
+    self._dataset(key)  # an unknown dataset: one line naming those it has
+    found = self.find(dataset, name, source, split)
+    if found is None:
+      in_split = "" if split is None else f" (split {split!r})"
       raise CaptionStoreError(
           f"{self.directory}: dataset {key!r} has no captions for "
-          f"{name!r}") from None
+          f"{name!r}{in_split}")
+    return found
 
-  def lookup(self, dataset: str, name: str, caption_index: int) -> np.ndarray:
-    """The (dim,) float32 embedding of one caption."""
-    rows = self.rows(dataset, name)
+  def lookup(self, dataset: str, name: str, caption_index: int,
+             split: str | None = None) -> np.ndarray:
+    """The (dim,) float32 embedding of one caption (see `rows`)."""
+    rows = self.rows(dataset, name, split=split)
     if not 0 <= caption_index < len(rows):
       raise CaptionStoreError(
           f"{self.directory}: {dataset}/{name} has {len(rows)} caption(s), "

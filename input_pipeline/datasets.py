@@ -322,16 +322,26 @@ def to_record(example: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RecordSource(Sequence):
-  """A random-access source of raw tfds records, in the common format."""
+  """A random-access source of raw tfds records, in the common format.
 
-  def __init__(self, source: Sequence[Mapping[str, Any]]):
+  `split`: the split the records were built as (a caption store's lines
+  tagged with a split are looked up by it).
+  """
+
+  def __init__(self, source: Sequence[Mapping[str, Any]],
+               split: str | None = None):
     self._source = source
+    self._split = split
 
   def __len__(self) -> int:
     return len(self._source)
 
   def record_name(self, index: int) -> str:
     return _text(self._source[index]["name"])
+
+  def record_split(self, index: int) -> str | None:
+    del index
+    return self._split
 
   def captions(self, index: int) -> list[str]:
     return [_text(c) for c in self._source[index]["captions"]]
@@ -381,6 +391,9 @@ class PairedFolderSource(Sequence):
 
   def record_name(self, index: int) -> str:
     return self.pairs[index].name
+
+  def record_split(self, index: int) -> str:
+    return self.pairs[index].split
 
   def captions(self, index: int) -> list[str]:
     return list(self.pairs[index].captions)

@@ -31,9 +31,9 @@ Side files in the root, all optional:
   'm3fd', 'roadscene', 'tno'); without it every pair is in 'train'.
 * text embeddings (only when given): a caption store written by
   `python -m textfusion_jax.text.embed_captions`; the pair `stem` gets rows
-  `CaptionEmbeddings.load(store).rows(dataset, stem)`, one per caption, where
-  `dataset` defaults to the captions file's folder name (embed_captions'
-  default key).
+  `CaptionEmbeddings.load(store).rows(dataset, stem, source, split)`, one per
+  caption, where `dataset` defaults to the captions file's folder name
+  (embed_captions' default key).
 """
 
 from __future__ import annotations
@@ -391,47 +391,27 @@ def _read_captions(path: Path, pairs: set[tuple[str, str]], stems: set[str]
   """Parses captions.jsonl into (split or None, stem) -> captions.
 
   `pairs` holds every (split, stem); `stems` every paired stem, including
-  those a split file failed to place.
+  those a split file failed to place. The lines are checked by
+  `caption_files.parse_lines` (whose reader stops at the first bad line; a
+  build lists them all).
   """
-  captions, first_line, problems = {}, {}, []
-  with path.open(encoding="utf-8") as lines:
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        entry = json.loads(line)
-      except ValueError as error:
-        problems.append(Problem("malformed_caption", (where,),
-                                f"not JSON ({error})"))
-        continue
-      # The same rules as input_pipeline.caption_files, which raises at
-      # the first bad line; a build must list them all.
-      if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-              and entry["name"] and isinstance(entry.get("captions"), list)
-              and all(isinstance(c, str) and c.strip()
-                      for c in entry["captions"])
-              and isinstance(entry.get("split", ""), str)):
-        problems.append(Problem(
-            "malformed_caption", (where,),
-            'expected {"name": non-empty str, "captions": [non-empty str, '
-            '...]} (optionally "split": str)'))
-        continue
-      key = (entry.get("split"), entry["name"])
-      if key in first_line:
-        problems.append(Problem(
-            "malformed_caption", (where,),
-            f"second line for {key[1]!r} (first at line {first_line[key]}); "
-            "the first is used"))
-        continue
-      if (key not in pairs) if key[0] is not None else (key[1] not in stems):
-        in_split = f" in split {key[0]!r}" if key[0] is not None else ""
-        problems.append(Problem("caption_without_pair", (where,),
-                                f"captions for {key[1]!r}, but there is no "
-                                f"such pair{in_split}"))
-        continue
-      first_line[key] = number
-      captions[key] = tuple(entry["captions"])
+  captions, problems = {}, []
+  for line in caption_files.parse_lines(path):
+    if not isinstance(line, caption_files.CaptionLine):
+      number, detail = line
+      problems.append(Problem("malformed_caption", (f"{path}:{number}",),
+                              detail))
+      continue
+    key = (line.split, line.name)
+    if (key not in pairs) if line.split is not None else (
+        line.name not in stems):
+      in_split = f" in split {line.split!r}" if line.split is not None else ""
+      problems.append(Problem("caption_without_pair",
+                              (f"{path}:{line.number}",),
+                              f"captions for {line.name!r}, but there is no "
+                              f"such pair{in_split}"))
+      continue
+    captions[key] = line.captions
   return captions, problems
 
 
@@ -447,22 +427,23 @@ def _attach_text_emb(path: Path, dataset: str, pairs: list[Pair],
   names = set(store.names(dataset)) if store.has(dataset) else set()
   where = (f"{path}[{dataset}]",)
   problems = [Problem("text_emb", where,
-                      f"rows for {stem!r}, but there is no such pair")
-              for stem in sorted(names - stems)]
+                      f"rows for {key!r}, but there is no such pair")
+              for key in sorted(names)
+              if caption_store.stem_of(key) not in stems]
   out = []
   for pair in pairs:
-    rows = []
     sources = list(dict.fromkeys(pair.caption_sources))
-    missing = [s for s in sources if not store.has(dataset, s) or
-               pair.name not in store.index[caption_store.store_key(dataset,
-                                                                    s)]]
+    # Per source, the line for the pair's split if the store has one, else
+    # the untagged line: the rule `scan` reads the caption files by.
+    found = {s: store.find(dataset, pair.name, s, pair.split)
+             for s in sources}
+    missing = [s for s, rows in found.items() if rows is None]
     if missing:
       problems.append(Problem(
           "text_emb", where, f"no rows for {pair.name!r} (caption source(s) "
           f"{', '.join(missing)})", pair.split, pair.name))
       continue
-    for source in sources:
-      rows += store.rows(dataset, pair.name, source)
+    rows = [row for s in sources for row in found[s]]
     if len(rows) != len(pair.captions):
       problems.append(Problem(
           "text_emb", where,

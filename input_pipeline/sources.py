@@ -77,6 +77,11 @@ class ConcatSource(Sequence):
     dataset, part, local = self._part(index)
     return dataset, part.record_name(local)
 
+  def record_split(self, index: int) -> str | None:
+    """The split a record was read from (None where its part cannot say)."""
+    _, part, local = self._part(index)
+    return part.record_split(local) if hasattr(part, "record_split") else None
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < len(self):
       raise IndexError(index)
@@ -190,10 +195,10 @@ def _mixture_part(spec: str, config: ml_collections.ConfigDict
     label = Path(data_dir).name if data_dir else name.rpartition("/")[2]
     data_dir = data_dir or data.tfds_data_dir
     train = datasets.RecordSource(datasets.load_source(
-        name, data.train_split, data_dir))
+        name, data.train_split, data_dir), data.train_split)
     try:
       evaluation = datasets.RecordSource(datasets.load_source(
-          name, data.eval_split, data_dir))
+          name, data.eval_split, data_dir), data.eval_split)
     except (KeyError, ValueError):  # built without that split
       evaluation = None
     return label, train, evaluation
@@ -268,7 +273,7 @@ def make_sources(config: ml_collections.ConfigDict
     from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
     return tuple(
         datasets.RecordSource(datasets.load_source(
-            data.tfds_name, split, data.tfds_data_dir))
+            data.tfds_name, split, data.tfds_data_dir), split)
         for split in (data.train_split, data.eval_split))
   raise UserError(f"config.data.source={data.source!r}: use 'synthetic', "
                    "'folder', 'tfds' or 'mixture'")
@@ -284,9 +289,10 @@ def _table_from_store(source: Sequence[Any], store: Any
   rows, per_record = [], []
   for i in range(len(source)):
     dataset, name = source.dataset_and_name(i)
+    split = source.record_split(i)
     record_rows, record_sources = [], []
     for caption_source in dict.fromkeys(record_caption_sources(source, i)):
-      found = store.rows(dataset, name, caption_source)
+      found = store.rows(dataset, name, caption_source, split)
       record_rows += found
       record_sources += [caption_source] * len(found)
     rows.append(np.asarray(record_rows, np.int32))

@@ -183,7 +183,9 @@ def test_processes_embed_disjoint_shards(encoder, tmp_path):
     ('{"name": "b", "captions": ["ok", ""]}', "caption 1 of 'b' is empty"),
     ('{"name": "b", "captions": ["ok", 3]}',
      "caption 1 of 'b' is not a string: 3"),
-    ('{"name": "b", "captions": "ok"}', "'captions' must be a list"),
+    ('{"name": "b", "captions": "ok"}', "'captions' of 'b' must be a list"),
+    ('{"name": "b", "captions": ["ok"], "split": ""}',
+     "'split' must be a non-empty string"),
     ('{"captions": ["ok"]}', "'name' must be a non-empty string"),
     ('{"name": "a", "captions": ["again"]}', "name 'a' already appeared on "
      "line 1"),
@@ -333,3 +335,92 @@ def test_records_carrying_embeddings_are_not_embedded_again(encoder, tmp_path):
   np.testing.assert_allclose(table.embedding(0, 0),
                              other.inner.encode([source.captions(0)[0]])[0],
                              rtol=1e-5, atol=1e-6)
+
+
+def _write_split_pairs(root: Path) -> None:
+  """split_folders layout: train/ and test/ both hold a pair named '1'."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, names in (("train", ("1", "2")), ("test", ("1",))):
+    for name in names:
+      for kind, channels in (("ir", 1), ("vi", 3)):
+        path = root / split / kind / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (8, 8, channels), np.uint8)
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else
+                        pixels).save(path)
+
+
+def test_captions_tagged_with_a_split_keep_their_own_embeddings(
+    encoder, tmp_path):
+  """A stem in two splits, captioned per split ("split": name) and for
+  every split (no "split"): the store, a folder source, the training table
+  and fuse each take the line of the pair's split, else the untagged one."""
+  # pylint: disable=g-import-not-at-top
+  from input_pipeline import datasets
+  from input_pipeline import sources
+  from textfusion_jax import inference
+  root = tmp_path / "set"
+  _write_split_pairs(root)
+  captions = _write_jsonl(root / "captions.jsonl", [
+      {"name": "1", "split": "train", "captions": ["a day road"]},
+      {"name": "1", "split": "test", "captions": ["a night road", "rain"]},
+      {"name": "2", "captions": ["a field"]},
+      {"name": "2", "split": "train", "captions": ["a meadow"]},
+  ])
+  records = caption_files.read_caption_file(captions)
+  assert [(r.split, r.name) for r in records] == [
+      ("train", "1"), ("test", "1"), (None, "2"), ("train", "2")]
+  store = _run(encoder, [("set", captions)], tmp_path / "store")
+  table = {text: row for row, text in enumerate(
+      ["a day road", "a night road", "rain", "a field", "a meadow"])}
+  assert store.rows("set", "1", split="test") == [table["a night road"],
+                                                  table["rain"]]
+  assert store.rows("set", "2", split="train") == [table["a meadow"]]
+  assert store.rows("set", "2", split="test") == [table["a field"]]
+  assert store.rows("set", "2") == [table["a field"]]
+  with pytest.raises(CaptionStoreError, match=r"no captions for '1' \(split "
+                     r"'val'\)"):
+    store.rows("set", "1", split="val")
+
+  # A folder source, and a TFDS build (embeddings baked into its records):
+  # each split's pair, its own captions and rows.
+  want = {"train": {"1": ["a day road"], "2": ["a meadow"]},
+          "test": {"1": ["a night road", "rain"]}}
+  data_dir = tmp_path / "tfds"
+  datasets.build("split_folders", manual_dir=root, data_dir=data_dir,
+                 text_emb=store.directory)
+  for split, names in want.items():
+    built = datasets.RecordSource(
+        datasets.load_source("split_folders", split, data_dir), split)
+    for source in (datasets.PairedFolderSource(
+        root, layout="split_folders", split=split, text_emb=store.directory),
+                   built):
+      got = {r["name"]: r for r in source}
+      assert sorted(got) == sorted(names)
+      for name, texts in names.items():
+        assert got[name]["captions"] == texts
+        np.testing.assert_allclose(got[name]["text_emb"],
+                                   encoder.encode(texts), atol=1e-6)
+    # Training's table from the store (config.text.embeddings_dir), for a
+    # folder and for a TFDS part of a mixture.
+    for part in (datasets.PairedFolderSource(root, layout="split_folders",
+                                             split=split), built):
+      concat = sources.ConcatSource([("set", part)])
+      caption_table, _ = sources._table_from_store(concat, store)
+      for i in range(len(concat)):
+        texts = names[concat.dataset_and_name(i)[1]]
+        np.testing.assert_allclose(
+            caption_table.embeddings[caption_table.rows[i]],
+            encoder.encode(texts), atol=1e-6)
+
+  # fuse --captions: the line of --caption_split, else the untagged one.
+  assert inference.read_captions(str(captions), ["1"], 1, "test") == ["rain"]
+  assert inference.read_captions(str(captions), ["1", "2"], 0, "test") == [
+      "a night road", "a field"]
+  assert inference.read_captions(str(captions), ["2"], 0) == ["a field"]
+  with pytest.raises(inference.errors.UserError,
+                     match=r"no caption 0 for pair\(s\) 1 \(it has lines "
+                     r"for split\(s\) test, train: choose one with "
+                     r"--caption_split\)"):
+    inference.read_captions(str(captions), ["1", "2"], 0)

@@ -128,7 +128,8 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "empty_text",
                                   "bad_jsonl", "out_is_input", "out_is_a_file",
-                                  "long_text"])
+                                  "long_text", "caption_split_only",
+                                  "caption_split_without_captions"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
@@ -169,6 +170,17 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--text", "  "]
     expect = "--text is empty"
+  elif case.startswith("caption_split"):
+    _write_pair(tmp_path, "a")
+    tagged = tmp_path / "c.jsonl"
+    tagged.write_text('{"name": "a", "split": "test", "captions": ["ok"]}\n')
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi")]
+    if case == "caption_split_only":
+      args += ["--captions", str(tagged)]
+      expect = "lines for split(s) test: choose one with --caption_split"
+    else:
+      args += ["--text", "x", "--caption_split", "test"]
+      expect = "--caption_split needs --captions"
   else:
     _write_pair(tmp_path, "a")
     bad = tmp_path / "c.jsonl"

@@ -9,7 +9,8 @@
 shipped pretrained/textfusion-small), verified against its manifest before
 anything is loaded, or a training workdir. Directories are matched by file
 stem. With --captions, each pair uses its own caption (index --caption_index
-of its captions.jsonl line); --text gives one prompt for all. Images up to
+of its captions.jsonl line; with --caption_split S, of its line tagged
+"split": S where it has one); --text gives one prompt for all. Images up to
 --tile pixels a side run whole, padded into a few bucket shapes (one
 compilation each, whatever the mix of sizes); larger ones are fused in
 overlapping tiles, so memory stays bounded. Output: colour PNGs the size of
@@ -46,6 +47,9 @@ _CAPTIONS = flags.DEFINE_string("captions", None,
                                 "captions.jsonl with a caption per pair.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
                                       "Which caption of each line to use.")
+_CAPTION_SPLIT = flags.DEFINE_string(
+    "caption_split", None, "Use the --captions lines tagged with this "
+    "\"split\" (else the untagged ones).")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (or directory).")
 _TILE = flags.DEFINE_integer(
     "tile", inference.DEFAULT_TILE, "Images up to this size run whole; larger"
@@ -66,11 +70,14 @@ def main(argv: Sequence[str]) -> None:
                            f"{degradations.CLEAN!r} or a scene description")
   if bool(_TEXT.value) == bool(_CAPTIONS.value):
     raise errors.UserError("give exactly one of --text or --captions")
+  if _CAPTION_SPLIT.value is not None and not _CAPTIONS.value:
+    raise errors.UserError("--caption_split needs --captions")
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
   shapes = inference.bucket_shapes(inference.check_sizes(pairs), _TILE.value)
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
-                                     _CAPTION_INDEX.value))
+                                     _CAPTION_INDEX.value,
+                                     _CAPTION_SPLIT.value))
   fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value)
   fuser.encoder.check_fits(prompts, (
       ["--text"] * len(prompts) if _TEXT.value else

@@ -102,14 +102,27 @@ def _natural_key(stem: str) -> tuple:
                re.split(r"(\d+)", stem))
 
 
-def read_captions(path: str, names: Sequence[str], index: int) -> list[str]:
-  """The `index`-th caption of each pair from a captions.jsonl."""
-  by_name = {r.name: r.captions
-             for r in caption_files.read_caption_file(path, dataset="")}
+def read_captions(path: str, names: Sequence[str], index: int,
+                  split: str | None = None) -> list[str]:
+  """The `index`-th caption of each pair from a captions.jsonl.
+
+  A pair's line for `split` wins over its untagged line; lines tagged with
+  another split are not used. A pair that has only lines for other splits is
+  named in the error with those splits.
+  """
+  lines = caption_files.read_caption_file(path, dataset="")
+  by_name = {r.name: r.captions for r in lines if r.split is None}
+  by_name.update({r.name: r.captions for r in lines
+                  if split is not None and r.split == split})
   problems = [n for n in names if len(by_name.get(n, ())) <= index]
   if problems:
+    other = sorted({r.split for r in lines if r.name in problems and
+                    r.name not in by_name and r.split is not None})
+    hint = (f" (it has lines for split(s) {', '.join(other)}: choose one "
+            "with --caption_split)" if other else "")
     raise errors.UserError(
-        f"{path}: no caption {index} for pair(s) {', '.join(problems)}")
+        f"{path}: no caption {index} for pair(s) {', '.join(problems)}"
+        + (f" in split {split!r}" if split is not None else "") + hint)
   return [by_name[n][index] for n in names]
 
 

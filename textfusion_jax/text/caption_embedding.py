@@ -34,21 +34,22 @@ SHARD_DIR = "shards"
 
 def plan(records: Sequence[caption_files.CaptionRecord]
          ) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
-  """Distinct captions in first-seen order, and (store key, name) -> rows
-  (`caption_store.store_key`: the dataset, with '@<source>' for caption
-  files other than captions.jsonl)."""
+  """Distinct captions in first-seen order, and (store key, name key) ->
+  rows (`caption_store.store_key`: the dataset, with '@<source>' for caption
+  files other than captions.jsonl; `caption_store.name_key`: the name, as
+  '<split>/<name>' for a line tagged with a split)."""
   row_of: dict[str, int] = {}
   index: dict[str, dict[str, list[int]]] = {}
   seen: dict[tuple[str, str], str] = {}
   for record in records:
     dataset = caption_store.store_key(record.dataset, record.source)
-    key = (dataset, record.name)
-    if key in seen:
+    name = caption_store.name_key(record.name, record.split)
+    if (dataset, name) in seen:
       raise caption_files.CaptionFileError(
-          f"{record.file}:{record.line}: {dataset}/{record.name} "
-          f"already came from {seen[key]}")
-    seen[key] = f"{record.file}:{record.line}"
-    index.setdefault(dataset, {})[record.name] = [
+          f"{record.file}:{record.line}: {dataset}/{name} "
+          f"already came from {seen[dataset, name]}")
+    seen[dataset, name] = f"{record.file}:{record.line}"
+    index.setdefault(dataset, {})[name] = [
         row_of.setdefault(text, len(row_of)) for text in record.captions]
   return list(row_of), index
 

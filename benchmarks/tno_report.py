@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +63,12 @@ _PROMPT = flags.DEFINE_string(
     "skips the shuffled-caption comparison.")
 
 
-def fuse_folder(fuser: inference.Fuser, pairs, prompts, out: Path) -> list[float]:
-  """Fuses every pair into out/; returns the per-pair seconds."""
-  shapes = inference.bucket_shapes(inference.check_sizes(pairs), 1536)
-  embeddings = fuser.encoder.encode(prompts)
-  seconds = []
-  for pair, emb in zip(pairs, embeddings):
-    vis, ir = inference.load_pair(pair)
-    start = time.perf_counter()
-    fused = fuser.fuse(vis, ir, emb, pad_to=shapes[pair.name])
-    seconds.append(time.perf_counter() - start)
-    image_io.write_png_atomic(out / f"{pair.name}.png", fused)
-  return seconds
+def fuse_folder(fuser: inference.Fuser, pairs, prompts) -> list[float]:
+  """Fuses every pair; returns the per-pair seconds."""
+  result = inference.fuse_pairs(fuser, pairs, fuser.encoder.encode(prompts))
+  if result.failed:
+    raise errors.UserError("; ".join(result.failed))
+  return result.seconds
 
 
 def checks(rows: dict) -> str:
@@ -137,13 +130,13 @@ def main(argv):
                                      _CAPTION_INDEX.value))
   if _PROMPT.value:
     fuser.encoder.check_fits([_PROMPT.value], ["--prompt"])
-  seconds = fuse_folder(fuser, pairs, prompts, out / "model")
+  seconds = fuse_folder(fuser, pairs, prompts)
   scored = [out / "model", SEAFUSION]
   if not _PROMPT.value:
     shuffled = [prompts[i] for i in derangement(len(prompts), _SEED.value)]
     shuffled_pairs = inference.collect_pairs(
         str(TNO / "ir"), str(TNO / "vi"), str(out / "shuffled"))
-    fuse_folder(fuser, shuffled_pairs, shuffled, out / "shuffled")
+    fuse_folder(fuser, shuffled_pairs, shuffled)
     scored.append(out / "shuffled")
 
   result = score_folders.evaluate_folders(TNO / "ir", TNO / "vi", scored,

@@ -23,17 +23,14 @@ text encoder's limit (77 tokens) is refused.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
 from absl import logging
-from tqdm import tqdm
 
 from textfusion_jax import errors
 from input_pipeline import degradations
-from input_pipeline import image_io
 from textfusion_jax import inference
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -73,7 +70,7 @@ def main(argv: Sequence[str]) -> None:
   if _CAPTION_SPLIT.value is not None and not _CAPTIONS.value:
     raise errors.UserError("--caption_split needs --captions")
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
-  shapes = inference.bucket_shapes(inference.check_sizes(pairs), _TILE.value)
+  inference.check_sizes(pairs)  # before the model loads
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
                                      _CAPTION_INDEX.value,
@@ -84,34 +81,18 @@ def main(argv: Sequence[str]) -> None:
       [f"{_CAPTIONS.value}: caption {_CAPTION_INDEX.value} of {p.name!r}"
        for p in pairs]))
   _warn_if_off_grammar(fuser, prompts)
-  embeddings = fuser.encoder.encode(prompts)
-  timings, failed = [], []
-  for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair"):
-    # Headers were checked up front; a file whose data is corrupt fails
-    # here. The other pairs are still fused, so the folder is not left
-    # half old and half new, and every failure is listed at the end.
-    try:
-      vis, ir = inference.load_pair(pair)
-    except errors.UserError as error:
-      failed.append(str(error))
-      continue
-    start = time.perf_counter()
-    fused = fuser.fuse(vis, ir, emb, tile=_TILE.value, overlap=_OVERLAP.value,
-                       pad_to=shapes[pair.name])
-    timings.append(time.perf_counter() - start)
-    try:
-      image_io.write_png_atomic(pair.out, fused)
-    except OSError as error:
-      reason = error.strerror or str(error)
-      raise errors.UserError(f"{pair.out}: cannot write ({reason})") from error
-  if timings:
-    steady = timings[1:] or timings
-    print(f"fused {len(timings)} pair(s) with checkpoint step {fuser.step} "
-          f"-> {_OUT.value}; {1000 * np.mean(steady):.1f} ms/pair "
-          f"(first, with compilation: {1000 * timings[0]:.1f} ms)")
-  if failed:
-    raise errors.UserError(f"{len(failed)} of {len(pairs)} pair(s) not fused "
-                           f"(unreadable): " + "; ".join(failed))
+  result = inference.fuse_pairs(fuser, pairs, fuser.encoder.encode(prompts),
+                                tile=_TILE.value, overlap=_OVERLAP.value,
+                                progress=True)
+  if result.seconds:
+    steady = result.seconds[1:] or result.seconds
+    print(f"fused {len(result.seconds)} pair(s) with checkpoint step "
+          f"{fuser.step} -> {_OUT.value}; {1000 * np.mean(steady):.1f} "
+          f"ms/pair (first, with compilation: "
+          f"{1000 * result.seconds[0]:.1f} ms)")
+  if result.failed:
+    raise errors.UserError(f"{len(result.failed)} of {len(pairs)} pair(s) not "
+                           "fused (unreadable): " + "; ".join(result.failed))
 
 
 def _warn_if_off_grammar(fuser: inference.Fuser, prompts: list[str]) -> None:

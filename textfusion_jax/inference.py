@@ -9,6 +9,8 @@ command-line flags here.
   for any mix of sizes (one compilation each); larger images run in tiles.
 * `Fuser`: a model from a bundle (verified against its manifest first) or a
   training workdir; `fuse` returns the uint8 colour image.
+* `fuse_pairs`: fuse files to files, each output written atomically; a pair
+  that does not decode is skipped and reported, the others still fused.
 
 The fusion rule's image means are taken over each image's own pixels, not
 its padding; channel attention does see the mirror padding, so one pair fused
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -269,3 +272,41 @@ class Fuser:
     return np.clip(np.rint(fused * 255.0), 0, 255).astype(np.uint8)
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPairs:
+  seconds: list[float]  # per fused pair, the first with compilation
+  failed: list[str]  # one line per pair that did not decode
+
+
+def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
+               tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+               progress: bool = False) -> FusedPairs:
+  """Fuses each pair under its row of `embeddings` into `pair.out`.
+
+  Headers were checked up front (`check_sizes`); a file whose data is
+  corrupt fails here. The other pairs are still fused, so an output folder is
+  not left half old and half new, and every failure is returned. A write
+  that fails raises UserError naming the file.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  shapes = bucket_shapes(check_sizes(pairs), tile)
+  seconds, failed = [], []
+  for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair",
+                        disable=not progress):
+    try:
+      vis, ir = load_pair(pair)
+    except errors.UserError as error:
+      failed.append(str(error))
+      continue
+    start = time.perf_counter()
+    fused = fuser.fuse(vis, ir, emb, tile=tile, overlap=overlap,
+                       pad_to=shapes[pair.name])
+    seconds.append(time.perf_counter() - start)
+    try:
+      image_io.write_png_atomic(pair.out, fused)
+    except OSError as error:
+      reason = error.strerror or str(error)
+      raise errors.UserError(f"{pair.out}: cannot write ({reason})") from error
+  return FusedPairs(seconds, failed)

@@ -31,6 +31,21 @@ def _render(source, scene, index):
   return synthetic.render_scene(scene, rng)
 
 
+def _drawn_people(source, scene, index):
+  """(full render, person, render without them, pixels they cover) for each
+  person visible in the clean image, after checking each is warm in the
+  infrared however dark in the visible image."""
+  full = _render(source, scene, index)
+  for k, person in enumerate(scene.people):
+    without = _render(source, dataclasses.replace(
+        scene, people=scene.people[:k] + scene.people[k + 1:]), index)
+    drawn = np.any(full["vis_clean"] != without["vis_clean"], axis=-1)
+    if drawn.sum() < 10:  # hidden behind nearer objects
+      continue
+    assert full["ir"][drawn].mean() > full["ir"].mean() + 30
+    yield full, person, without, drawn
+
+
 def _counts_by_third(phrase_match) -> list[int]:
   """Counts per image third from a parsed 'N nouns (where...)' phrase."""
   counts = [0, 0, 0]
@@ -93,16 +108,8 @@ def test_people_captions_match_drawn_people():
       assert "nobody" in hidden
       continue
     with_people += 1
-    full = _render(source, scene, i)
     thirds = [0, 0, 0]
-    for k, p in enumerate(scene.people):
-      without = _render(source, dataclasses.replace(
-          scene, people=scene.people[:k] + scene.people[k + 1:]), i)
-      drawn = np.any(full["vis_clean"] != without["vis_clean"], axis=-1)
-      if drawn.sum() < 10:  # hidden behind nearer objects
-        continue
-      # Warm in infrared however dark in the visible image.
-      assert full["ir"][drawn].mean() > full["ir"].mean() + 30
+    for _, p, _, drawn in _drawn_people(source, scene, i):
       # The third the caption uses overlaps the drawn columns.
       third = min(2, int(3 * p.x / 96))
       cols = np.nonzero(drawn)[1]
@@ -225,15 +232,7 @@ def test_hidden_people_are_dark_in_visible_but_warm_in_ir():
     scene = source.scene(i)
     if not scene.people:
       continue
-    full = _render(source, scene, i)
-    for k, p in enumerate(scene.people):
-      without = _render(source, dataclasses.replace(
-          scene, people=scene.people[:k] + scene.people[k + 1:]), i)
-      drawn = np.any(full["vis_clean"] != without["vis_clean"], axis=-1)
-      if drawn.sum() < 10:  # hidden behind nearer objects
-        continue
-      # Warm in infrared however dark in the visible image.
-      assert full["ir"][drawn].mean() > full["ir"].mean() + 30
+    for full, p, without, _ in _drawn_people(source, scene, i):
       rows = slice(int(round(p.foot_y - 0.75 * p.height)),
                    int(round(p.foot_y - 0.45 * p.height)))
       cols = slice(int(round(p.x - 0.12 * p.height)),

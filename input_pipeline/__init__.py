@@ -40,6 +40,10 @@ class Datasets:
   eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
   text_dim: int
   text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
+  # The text encoder's `fingerprint` (what it computes), None when no encoder
+  # was built: the run records it, so that a changed checkpoint folder is
+  # not taken for the one it trained with.
+  text_encoder_fingerprint: str | None = None
 
 
 def create_datasets(config: ml_collections.ConfigDict,
@@ -67,19 +71,23 @@ def create_datasets(config: ml_collections.ConfigDict,
                     "the fusion of the clean crop under \"clean visible "
                     "image\"")
   train_source, eval_source = sources.make_sources(config)
-  table_train, table_eval, text_dim = sources.make_caption_tables(
-      config, make_encoder, train_source, eval_source)
+  if degrade:
+    # Every prompt is a condition sentence: the pairs' own captions are
+    # neither embedded nor needed (a pair may have none).
+    degradation, table_train, table_eval = _degradation_prompts(
+        config, make_encoder(), len(train_source), len(eval_source))
+    text_dim = table_train.dim
+    table = degradation.condition_table.astype(np.float64)
+    text_stats = (table.mean(0).astype(np.float32),
+                  table.std(0).astype(np.float32))
+  else:
+    table_train, table_eval, text_dim = sources.make_caption_tables(
+        config, make_encoder, train_source, eval_source)
+    degradation, text_stats = None, table_train.statistics()
   if text_dim != config.model.text_dim:
     raise TextDimError(
         f"config.model.text_dim={config.model.text_dim} but the text encoder "
         f"{config.text.encoder!r} gives {text_dim}-d embeddings")
-  degradation, text_stats = None, table_train.statistics()
-  if degrade:
-    degradation, table_eval = _degradation_prompts(config, make_encoder(),
-                                                   len(eval_source))
-    table = degradation.condition_table.astype(np.float64)
-    text_stats = (table.mean(0).astype(np.float32),
-                  table.std(0).astype(np.float32))
   shuffle_captions = config.data.shuffle_captions_across_pairs
 
   def train_iter_at(start_batch: int) -> Iterator[dict[str, Any]]:
@@ -101,13 +109,17 @@ def create_datasets(config: ml_collections.ConfigDict,
         max_records=config.eval.max_images or None)
 
   return Datasets(train_iter_at=train_iter_at, eval_batches=eval_batches,
-                  text_dim=text_dim, text_stats=text_stats)
+                  text_dim=text_dim, text_stats=text_stats,
+                  text_encoder_fingerprint=getattr(make_encoder(),
+                                                   "fingerprint", None))
 
 
 def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
-                         num_eval: int) -> tuple[Any, Any]:
-  """The 64 condition sentences embedded for training, and an eval table
-  that prompts every (clean) eval pair with "clean visible image"."""
+                         num_train: int, num_eval: int
+                         ) -> tuple[Any, Any, Any]:
+  """The 64 condition sentences embedded for training, and train and eval
+  tables that prompt every pair with "clean visible image" (a training
+  crop's prompt is then replaced by its condition sentence)."""
   # pylint: disable=g-import-not-at-top
   from input_pipeline import degradations
   from input_pipeline import pipeline
@@ -132,7 +144,10 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
   spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
                                   wiener_target)
   clean = table[degradations.levels_index((0, 0, 0))][None]
-  eval_table = CaptionTable(clean, tuple(np.zeros(1, np.int32)
-                                         for _ in range(num_eval)),
-                            (degradations.CLEAN,))
-  return spec, eval_table
+
+  def clean_table(count: int) -> CaptionTable:
+    return CaptionTable(clean, tuple(np.zeros(1, np.int32)
+                                     for _ in range(count)),
+                        (degradations.CLEAN,))
+
+  return spec, clean_table(num_train), clean_table(num_eval)

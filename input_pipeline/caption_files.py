@@ -111,7 +111,9 @@ def parse_lines(path: str | os.PathLike
   the same (split, name). An unreadable file raises CaptionFileError."""
   path = Path(path)
   try:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Lines end at '\n' only: str.splitlines would also split at U+2028
+    # or U+0085, which JSON keeps unescaped inside a caption.
+    lines = path.read_text(encoding="utf-8").split("\n")
   except (OSError, UnicodeDecodeError) as e:
     raise CaptionFileError(f"{path}: cannot read ({e})") from None
   first_line: dict[tuple[str | None, str], int] = {}

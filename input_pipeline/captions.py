@@ -193,13 +193,18 @@ class CaptionTable:
 
   @classmethod
   def from_captions(cls, captions: Sequence[Sequence[str]], embed_fn: EmbedFn,
-                    chunk_size: int = 256) -> CaptionTable:
-    """Embeds the distinct captions of `captions[record]` in chunks."""
+                    chunk_size: int = 256,
+                    record_label: Callable[[int], str] | None = None
+                    ) -> CaptionTable:
+    """Embeds the distinct captions of `captions[record]` in chunks;
+    record_label(i) names record i in errors."""
     index: dict[str, int] = {}
     rows = []
     for record in captions:
       if not record:
-        raise UserError(f"record {len(rows)} has no captions")
+        label = (record_label or (lambda i: f"record {i}"))(len(rows))
+        raise UserError(f"{label} has no captions (no line in its dataset's "
+                        "caption files); caption it, or leave it out")
       rows.append(np.array([index.setdefault(c, len(index)) for c in record],
                            np.int32))
     texts = list(index)
@@ -226,11 +231,13 @@ class CaptionTable:
 
   @classmethod
   def from_source(cls, source: Sequence[Any],
-                  embed_fn: EmbedFn | None = None) -> CaptionTable:
+                  embed_fn: EmbedFn | None = None,
+                  record_label: Callable[[int], str] | None = None
+                  ) -> CaptionTable:
     """Embeds every record's captions with `embed_fn`, or, when it is None,
     collects the records' precomputed 'text_emb' arrays."""
     n = len(source)
     if embed_fn is not None:
       return cls.from_captions([record_captions(source, i) for i in range(n)],
-                               embed_fn)
+                               embed_fn, record_label=record_label)
     return cls.from_record_embeddings([source[i]["text_emb"] for i in range(n)])

@@ -295,8 +295,19 @@ def load_source(name_or_config: str, split: str,
         f"{NAME}/{config} is not built in {data_dir}; build it with: python "
         f"-m input_pipeline.build_dataset --dataset {NAME}/{config} "
         f"--manual_dir DIR --data_dir {data_dir}")
+  builder = IvfPairs(config=config, data_dir=data_dir)
+  if split not in builder.info.splits:
+    raise MissingSplitError(
+        f"{NAME}/{config} in {data_dir} has no split {split!r} (it has "
+        f"{', '.join(sorted(builder.info.splits))}); set "
+        "config.data.train_split / eval_split, or divide the pairs with a "
+        "splits.json when building")
   return tfds.data_source(f"{NAME}/{config}", split=split, data_dir=data_dir,
                           download=False)
+
+
+class MissingSplitError(UserError, KeyError):
+  """A built dataset lacks the split asked for."""
 
 
 def _text(value: str | bytes) -> str:

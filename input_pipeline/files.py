@@ -32,3 +32,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")
+
+
+def unwritable_reason(path: str | os.PathLike, flag: str) -> str | None:
+  """Why `path` cannot take a new file (a folder is there, or its parent is
+  missing or read-only), naming `flag`; None if it can. Checked before
+  long work, so that the work is not lost at the end."""
+  path = Path(path)
+  if path.is_dir():
+    return f"{flag} {path} is a folder; give a file path"
+  if not path.parent.is_dir():
+    return f"{flag} {path}: folder {path.parent} does not exist"
+  if not os.access(path.parent, os.W_OK):
+    return f"{flag} {path}: folder {path.parent} is not writable"
+  return None

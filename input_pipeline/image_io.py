@@ -12,6 +12,9 @@ Conventions (cited by `textfusion_jax.metrics` and the dataset builders):
       for raw thermal frames, which seldom span the 16-bit range; a constant
       image maps to 0).
   `read_image` reports which rule was applied through `ImageInfo.was_16bit`.
+  Only single-channel 16-bit images: Pillow opens a 48-bit colour PNG as
+  8-bit RGB by keeping each value's high byte (at most one level below the
+  "full" rule), and `was_16bit` is then False.
 * Colour -> grey follows OpenCV's BGR2GRAY: Y = 0.299 R + 0.587 G + 0.114 B,
   rounded to the nearest integer (the convention of the evaluator most fusion
   papers copy).
@@ -110,6 +113,12 @@ def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
   return array, ImageInfo(name, False, False)
 
 
+# What a decoder raises for a file it cannot read. A corrupt header can also
+# claim a size past Pillow's decompression-bomb limit, which is no OSError.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                 Image.DecompressionBombError)
+
+
 @contextlib.contextmanager
 def _decoding(name: str):
   """Turns decoder failures into one ImageReadError naming the file."""
@@ -119,7 +128,7 @@ def _decoding(name: str):
     raise
   except FileNotFoundError:
     raise ImageReadError(f"{name}: file not found") from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+  except DECODE_ERRORS as error:
     raise ImageReadError(f"{name}: cannot decode image ({error})") from None
 
 

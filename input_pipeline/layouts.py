@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from input_pipeline import image_io
 from input_pipeline import caption_files
@@ -302,7 +302,7 @@ def _check_file(path: Path, decode: bool) -> tuple[int, int] | Problem:
       return image_io.read_image_with_info(path)[0].shape[:2]
     with Image.open(path) as image:
       return image.height, image.width
-  except (image_io.ImageReadError, UnidentifiedImageError, OSError) as error:
+  except (image_io.ImageReadError, *image_io.DECODE_ERRORS) as error:
     detail = str(error).removeprefix(f"{path}: ")
     return Problem("unreadable_image", (str(path),), detail)
 

@@ -50,6 +50,9 @@ class ConcatSource(Sequence):
     if len(set(names)) != len(names):
       raise UserError(f"dataset names repeat in {names}: give each source "
                       "its own folder or TFDS name")
+    for name, source in sources:
+      if not len(source):
+        raise UserError(f"dataset {name} has no pairs")
     self._sources = list(sources)
     self._offsets = np.cumsum([0] + [len(s) for _, s in self._sources])
 
@@ -133,7 +136,9 @@ def _folder_parts(roots: str, field: str
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
-  return [(p.name, datasets.PairedFolderSource(p)) for p in paths]
+  # The resolved name: a store keys a dataset by its folder's real name
+  # (`caption_files.default_dataset`), and 'data/.' would otherwise be ''.
+  return [(p.resolve().name, datasets.PairedFolderSource(p)) for p in paths]
 
 
 def _folder_source(roots: str, field: str) -> ConcatSource:
@@ -206,7 +211,7 @@ def _mixture_part(spec: str, config: ml_collections.ConfigDict
   if not path.is_dir():
     raise UserError(f"config.data.mixture: {spec}: no such folder (a source "
                     "is a folder with ir/ and vi/, or 'tfds:<name>')")
-  return path.name, datasets.PairedFolderSource(path), None
+  return path.resolve().name, datasets.PairedFolderSource(path), None
 
 
 def check_compatible(parts: Sequence[tuple[str, Sequence[Any]]]) -> None:
@@ -295,6 +300,11 @@ def _table_from_store(source: Sequence[Any], store: Any
       found = store.rows(dataset, name, caption_source, split)
       record_rows += found
       record_sources += [caption_source] * len(found)
+    if not record_rows:
+      raise UserError(
+          f"{dataset}/{name}: no captions (no line in the dataset's caption "
+          "files), so the store has no embedding for it; caption it, or "
+          "leave it out of the folder")
     rows.append(np.asarray(record_rows, np.int32))
     per_record.append(record_sources)
   return (CaptionTable(np.asarray(store.table, np.float32), tuple(rows)),
@@ -327,6 +337,7 @@ class TextEncoderLike(Protocol):
   """What caption embedding needs of a text encoder (duck-typed, so this
   package never imports the model code)."""
   embed_dim: int
+  fingerprint: str  # what it computes (`textfusion_jax.text.encoder`)
 
   def encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
 
@@ -352,8 +363,8 @@ def _baked_table(source: Sequence[Any], encoder: TextEncoderLike
     return None
   try:
     return CaptionTable.from_source(source)
-  except ValueError:  # a record without captions or embeddings
-    return None
+  except (ValueError, KeyError):  # a record without captions or embeddings
+    return None  # (e.g. a mixture of a build with them and a folder)
 
 
 def same_text_encoder(a: str, b: str) -> bool:
@@ -385,8 +396,11 @@ def make_caption_tables(config: ml_collections.ConfigDict,
     from input_pipeline.caption_store import CaptionEmbeddings  # pylint: disable=g-import-not-at-top
     store = CaptionEmbeddings.load(config.text.embeddings_dir)
     store.check_dim(config.model.text_dim)
-    if not same_text_encoder(store.encoder, config.text.encoder):
-      store.check_encoder(config.text.encoder, make_encoder())
+    # By contents, not by name: the folder config.text.encoder names may
+    # hold other weights than when the store was made.
+    encoder = make_encoder()
+    if store.manifest.get("encoder_fingerprint") != encoder.fingerprint:
+      store.check_encoder(config.text.encoder, encoder)
     built = [_table_from_store(s, store) for s in sources]
     dim = store.dim
   else:
@@ -397,8 +411,8 @@ def make_caption_tables(config: ml_collections.ConfigDict,
 
     def table_of(source: Sequence[Any]) -> CaptionTable:
       baked = _baked_table(source, encoder)
-      return (CaptionTable.from_source(source, embed) if baked is None
-              else baked)
+      return (CaptionTable.from_source(source, embed, _record_label(source))
+              if baked is None else baked)
 
     built = [(table_of(s), [record_caption_sources(s, i)
                             for i in range(len(s))])

@@ -392,6 +392,24 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(tmp_path):
     assert not stderr.getvalue()
     fuse._warn_if_off_grammar(fuser, ["a street at night"])  # pylint: disable=protected-access
   assert stderr.getvalue().count("warning: 1 prompt(s)") == 1
+  # The encoder folder now holds other weights: the run (which recorded
+  # what its encoder computes) is not fused, exported or resumed with them.
+  info = json.loads((workdir / "run_info.json").read_text())
+  assert info["text_encoder"]["fingerprint"] == fuser.encoder.fingerprint
+  import shutil  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import run_bundle  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(clip_dir)
+  tiny_clip.save_tiny_random_clip(clip_dir, seed=4)
+  config.loss.reference = 0.0
+  config.train.init_from = config.train.reference_from = ""
+  for attempt in (lambda: inference.Fuser.load(str(workdir)),
+                  lambda: run_bundle.export_run(str(workdir),
+                                                str(tmp_path / "bundle")),
+                  lambda: train_loop.train_and_evaluate(config, str(workdir))):
+    with pytest.raises(UserError, match=r"now holds other weights or "
+                       "another tokenizer"):
+      attempt()
+  assert not (tmp_path / "bundle").exists()
 
 
 def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):
@@ -416,3 +434,36 @@ def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):
   darker = grey(fuser.fuse(bad, ir, clean)).mean()
   # Measured +46.6 grey levels on average over 20 degraded pairs.
   assert brighter > darker + 10, (brighter, darker)
+
+
+def test_degraded_training_needs_no_captions(tmp_path):
+  """Every prompt is a condition sentence: pairs without a caption line
+  train, and their captions are never embedded."""
+  # pylint: disable=g-import-not-at-top
+  from tests.test_train import _write_folder_dataset
+  from textfusion_jax.text import encoder as text_encoder
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.degradations.enabled = True
+  train = _write_folder_dataset(tmp_path / "t", "ab", 0)
+  (train / "captions.jsonl").unlink()
+  config.data.train_dir = str(train)
+  config.data.eval_dir = str(_write_folder_dataset(tmp_path / "e", "c", 1))
+  embedded = []
+
+  def make_encoder():
+    encoder = text_encoder.from_config(config.text)
+    real = encoder.encode
+
+    def encode(texts, batch_size=64):
+      embedded.extend(texts)
+      return real(texts, batch_size=batch_size)
+
+    encoder.encode = encode
+    return encoder
+
+  data = create_datasets(config, make_encoder)
+  batch = next(data.train_iter_at(0))
+  assert batch["text_emb"].shape == (config.train.batch_size,
+                                     config.model.text_dim)
+  assert len(embedded) == 64 and not any("scene" in t for t in embedded)

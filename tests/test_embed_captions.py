@@ -263,8 +263,8 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
   config.text.encoder = str(tiny_dir)  # the store's: not re-embedded
   config.data.caption_sources = (("gen", 1.0),)
   train_source, _ = sources.make_sources(config)
-  table, _, dim = sources.make_caption_tables(config, None, train_source,
-                                              train_source)
+  table, _, dim = sources.make_caption_tables(config, lambda: encoder,
+                                              train_source, train_source)
   assert dim == encoder.embed_dim and table.source_names == ("gen",)
   expected = encoder.encode(["gen a 1", "gen a 2"])
   np.testing.assert_allclose(table.embeddings[table.rows[0]], expected,
@@ -424,3 +424,95 @@ def test_captions_tagged_with_a_split_keep_their_own_embeddings(
                      r"for split\(s\) test, train: choose one with "
                      r"--caption_split\)"):
     inference.read_captions(str(captions), ["1", "2"], 0)
+
+
+def test_a_pair_without_captions_is_named_not_a_traceback(encoder, tiny_dir,
+                                                          tmp_path):
+  """With a store (or without), a folder pair that has no caption line is
+  one error naming the dataset and pair; a mixture of a build whose records
+  carry embeddings with a folder whose records do not embeds the captions."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import datasets
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  root = _write_folder_dataset(tmp_path / "set", "ab", 0)
+  _run(encoder, [(None, root / "captions.jsonl")], tmp_path / "store")
+  lines = (root / "captions.jsonl").read_text().splitlines()
+  (root / "captions.jsonl").write_text(lines[0] + "\n")  # b loses its line
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.encoder = str(tiny_dir)
+  train_source, _ = sources.make_sources(config)
+  make = lambda: encoder
+  for store in (str(tmp_path / "store"), ""):
+    config.text.embeddings_dir = store
+    with pytest.raises(sources.UserError, match=r"set/b.* no captions"):
+      sources.make_caption_tables(config, make, train_source)
+
+  # Embeddings baked into a build's records, then a folder without them.
+  other = _write_folder_dataset(tmp_path / "other", "cd", 1)
+  _run(encoder, [(None, other / "captions.jsonl")], tmp_path / "store2")
+  datasets.build("folders", manual_dir=other, data_dir=tmp_path / "tfds",
+                 text_emb=tmp_path / "store2")
+  built = datasets.RecordSource(
+      datasets.load_source("folders", "train", tmp_path / "tfds"), "train")
+  assert "text_emb" in built[0]
+  (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  mixed = sources.ConcatSource([("other", built), (
+      "set", datasets.PairedFolderSource(root))])
+  assert sources._baked_table(mixed, encoder) is None  # embeds them instead
+  with pytest.raises(datasets.MissingSplitError,
+                     match=r"has no split 'test' \(it has train\)"):
+    datasets.load_source("folders", "test", tmp_path / "tfds")
+  with pytest.raises(sources.UserError, match="dataset empty has no pairs"):
+    sources.ConcatSource([("set", built), ("empty", [])])
+  # A folder named through '.' is keyed by its real name, as stores are.
+  assert sources._folder_parts(str(root / "."), "train_dir")[0][0] == "set"
+
+
+def test_a_caption_may_hold_unicode_line_separators(tmp_path):
+  path = tmp_path / "set" / "captions.jsonl"
+  path.parent.mkdir()
+  path.write_text(json.dumps({"name": "a", "captions": ["left\u2028right",
+                                                       "x\u0085y"]},
+                             ensure_ascii=False) + "\n", encoding="utf-8")
+  (record,) = caption_files.read_caption_file(path)
+  assert record.captions == ("left\u2028right", "x\u0085y")
+
+
+def test_an_encoder_folder_with_new_weights_is_not_the_old_encoder(tmp_path):
+  """Shards and stores name the encoder by what it computes: after its
+  folder is overwritten with other weights, a rerun embeds again, and a
+  store from the old weights is checked (and refused) for training."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import caption_store
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  clip = tiny_clip.save_tiny_random_clip(tmp_path / "clip", seed=0)
+  old = TextEncoder.from_pretrained(clip)
+  root = _write_folder_dataset(tmp_path / "set", "ab", 0)
+  files = [(None, root / "captions.jsonl")]
+  store = _run(old, files, tmp_path / "store")
+  assert store.manifest["encoder_fingerprint"] == old.fingerprint
+  shutil.rmtree(clip)
+  tiny_clip.save_tiny_random_clip(clip, seed=1)
+  new = CountingEncoder(TextEncoder.from_pretrained(clip))
+  assert new.fingerprint != old.fingerprint and new.source == old.source
+  config = tiny.get_config()
+  config.model.text_dim = old.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.encoder = str(clip)
+  config.text.embeddings_dir = str(tmp_path / "store")
+  train_source, _ = sources.make_sources(config)
+  with pytest.raises(caption_store.CaptionStoreError,
+                     match="embeds its captions differently"):
+    sources.make_caption_tables(config, lambda: new, train_source)
+  rerun = _run(new, files, tmp_path / "store")
+  assert sum(new.calls) >= 2  # the old shards were not reused
+  np.testing.assert_allclose(rerun.table, new.encode(
+      json.loads((tmp_path / "store" / "texts.json").read_text())), atol=1e-6)

@@ -318,3 +318,13 @@ def test_mean_ranks_share_ties_and_rank_every_row():
           "c": {"x": 1.0, "y": 5.0}}
   assert fusion_baselines.mean_ranks(rows, ("x", "y")) == {
       "a": (1 + 2.5) / 2, "b": (2 + 2.5) / 2, "c": (3 + 1) / 2}
+
+
+def test_output_path_that_is_a_folder_is_refused_before_scoring(folders,
+                                                                capsys):
+  (folders / "out.json").mkdir()
+  with pytest.raises(SystemExit) as exit_info:
+    cli(args_for(folders, "--json", str(folders / "out.json")))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert f"--json {folders / 'out.json'} is a folder" in err

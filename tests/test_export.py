@@ -155,6 +155,16 @@ def test_bundle_whose_config_does_not_fit_its_params(exported, tmp_path):
     inference.Fuser.load(str(root))
 
 
+def test_bundle_resealed_without_its_text_encoder_is_refused(exported,
+                                                             tmp_path):
+  root = _copy(exported, tmp_path)
+  shutil.rmtree(root / "text_encoder")
+  (root / "manifest.json").write_text(json.dumps(bundle.manifest_of(root)))
+  with pytest.raises(bundle.BundleError,
+                     match=r"does not list text_encoder/config.json"):
+    bundle.verify(root)
+
+
 def test_export_of_a_non_workdir_is_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "textfusion_jax.export", "--workdir",

@@ -129,7 +129,8 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
 @pytest.mark.parametrize("case", ["size", "unpaired", "no_text", "empty_text",
                                   "bad_jsonl", "out_is_input", "out_is_a_file",
                                   "long_text", "caption_split_only",
-                                  "caption_split_without_captions"])
+                                  "caption_split_without_captions",
+                                  "overlap"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
@@ -170,6 +171,11 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--text", "  "]
     expect = "--text is empty"
+  elif case == "overlap":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "x", "--tile", "128", "--overlap", "128"]
+    expect = "--overlap=128: give 0 <= overlap <= tile / 2"
   elif case.startswith("caption_split"):
     _write_pair(tmp_path, "a")
     tagged = tmp_path / "c.jsonl"

@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from textfusion_jax.text import clip_text, tiny_clip, weight_map
+from textfusion_jax.text import clip_text, hf_checkpoint, tiny_clip, weight_map
 from textfusion_jax.text.encoder import TextEncoder
 
 CAPTIONS = [
@@ -261,7 +261,9 @@ def test_sharded_over_a_data_mesh_matches_one_device(tiny_dir):
 
 
 def _error(path) -> str:
-  with pytest.raises(ValueError) as info:  # CheckpointError is one too
+  # A CheckpointError (a UserError): the CLIs print it as one line. A plain
+  # ValueError would reach the user as a traceback.
+  with pytest.raises(hf_checkpoint.CheckpointError) as info:
     TextEncoder.from_pretrained(path)
   message = str(info.value)
   assert "\n" not in message
@@ -316,6 +318,28 @@ def test_no_weights_and_wrong_model_type(tiny_dir, tmp_path):
   config["model_type"] = "bert"
   (directory / "config.json").write_text(json.dumps(config))
   assert "'bert' is not a CLIP model" in _error(directory)
+
+
+def test_broken_tokenizer_files_are_one_line(tiny_dir, tmp_path):
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c")
+  for name in ("tokenizer.json", "vocab.json"):
+    if (directory / name).is_file():
+      text = (directory / name).read_text()
+      (directory / name).write_text(text[:len(text) // 2])
+  assert "unusable tokenizer files" in _error(directory)
+
+
+def test_bin_that_is_not_a_pickle_is_named_for_what_it_is(
+    torch_module, tiny_dir, tmp_path):
+  del torch_module
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c",
+                               skip=("model.safetensors",))
+  weights = directory / "pytorch_model.bin"
+  weights.write_text("version https://git-lfs.github.com/spec/v1\n"
+                     "oid sha256:0\nsize 1\n")
+  assert "a git-lfs pointer, not the weights" in _error(directory)
+  weights.write_bytes(b"\x00garbage" * 10)
+  assert "not a PyTorch weights file" in _error(directory)
 
 
 def test_missing_local_directory():

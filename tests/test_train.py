@@ -214,6 +214,39 @@ def test_bad_config_values_are_one_line_and_write_nothing(tmp_path, args,
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.parametrize("field, value", [("seed", -1),
+                                          ("data.crop_size", 0),
+                                          ("eval.batch_size", 0)])
+def test_config_checks_name_the_field(field, value):
+  config = tiny.get_config()
+  parent, _, name = ("config." + field).rpartition(".")
+  setattr(eval(parent, {"config": config}), name, value)  # pylint: disable=eval-used
+  with pytest.raises(train_loop.errors.UserError,
+                     match=rf"config.{field}={value}: must be an integer"):
+    train_loop.check_config(config)
+
+
+def test_fusing_from_a_folder_that_is_not_a_run_is_one_line(full_run,
+                                                          tmp_path):
+  """A Hugging Face folder (a config.json of its own), or a run's config
+  without checkpoints: one line, and nothing is created there."""
+  from textfusion_jax import inference  # pylint: disable=g-import-not-at-top
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({"model_type": "clip"}))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"not a textfusion run's config \(no model, data"):
+    inference.Fuser.load(str(hf))
+  never = tmp_path / "never"
+  never.mkdir()
+  (never / "config.json").write_text(
+      (full_run[0] / "config.json").read_text())
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"no checkpoints/"):
+    inference.Fuser.load(str(never))
+  assert sorted(p.name for p in never.iterdir()) == ["config.json"]
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")

@@ -101,6 +101,16 @@ def verify(root: str | os.PathLike) -> dict[str, Any]:
   if unlisted:
     raise BundleError(f"{root / unlisted[0]}: not listed in {path} (a bundle "
                       "holds exactly the files its manifest names)")
+  # A manifest rewritten without them would otherwise pass: every bundle
+  # `write` makes holds these.
+  needed = [name for name in (PARAMS, CONFIG, f"{TEXT_ENCODER}/config.json")
+            if name not in listed]
+  if needed:
+    raise BundleError(f"{path}: does not list {', '.join(needed)}; not a "
+                      "complete bundle")
+  if not isinstance(manifest.get("step", 0), int):
+    raise BundleError(f"{path}: unreadable manifest (step "
+                      f"{manifest['step']!r} is not an integer)")
   return manifest
 
 

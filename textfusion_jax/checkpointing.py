@@ -69,9 +69,22 @@ def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise CheckpointError(f"{workdir}: no {CONFIG_FILE}; not a textfusion "
                           "training workdir")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise CheckpointError(f"{path}: unreadable config ({error})") from None
+  # e.g. a Hugging Face folder, or a bundle's text_encoder/, given by mistake
+  missing = [k for k in _RUN_CONFIG_SECTIONS
+             if not isinstance(saved, dict) or not isinstance(saved.get(k),
+                                                              dict)]
+  if missing:
+    raise CheckpointError(
+        f"{path}: not a textfusion run's config (no {', '.join(missing)} "
+        "section); give a training workdir or a model bundle")
+  return ml_collections.ConfigDict(saved)
+
+
+# Sections every run's config.json has (configs/default.py).
+_RUN_CONFIG_SECTIONS = ("model", "data", "text", "train", "optim")
 
 
 def check_compatible(saved: ml_collections.ConfigDict,
@@ -100,15 +113,20 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 
 def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,
-                 max_to_keep: int, async_save: bool = True
-                 ) -> ocp.CheckpointManager:
+                 max_to_keep: int, async_save: bool = True,
+                 create: bool = True) -> ocp.CheckpointManager:
+  """A manager of `workdir`'s checkpoints; create=False only reads (a
+  workdir without CHECKPOINT_DIR is then an error, and nothing is made)."""
+  directory = Path(workdir).absolute() / CHECKPOINT_DIR
+  if not create and not directory.is_dir():
+    raise CheckpointError(f"{workdir}: no {CHECKPOINT_DIR}/ (no checkpoint "
+                          "saved yet)")
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_interval_steps,
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
-      create=True)
-  return ocp.CheckpointManager(
-      Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+      create=create)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,

@@ -32,6 +32,7 @@ from absl import logging
 from textfusion_jax import errors
 from input_pipeline import degradations
 from textfusion_jax import inference
+from textfusion_jax import tiling
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A model bundle (python -m textfusion_jax.export) or "
@@ -69,6 +70,7 @@ def main(argv: Sequence[str]) -> None:
     raise errors.UserError("give exactly one of --text or --captions")
   if _CAPTION_SPLIT.value is not None and not _CAPTIONS.value:
     raise errors.UserError("--caption_split needs --captions")
+  tiling.check_tiling(_TILE.value, _OVERLAP.value)
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
   inference.check_sizes(pairs)  # before the model loads
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else

@@ -17,8 +17,9 @@ SD 48.4 and EN 6.97, against SeAFusion's (a strong published method) 1.85,
 CDDFuse's table (EN, SD, SF, MI, SCD, VIF, Qabf, SSIM) and, by mean rank over
 those 8, ranks ahead of SeAFusion. The metrics that punish copying are SCD
 (copy_vis 0.87, copy_ir 0.72, SeAFusion 1.73) and CC (both copies 0.34,
-SeAFusion 0.49); rule_mean holds the top CC by construction (averaging
-maximises correlation with both sources). So read a table by SCD and CC
+SeAFusion 0.49); rule_mean's CC is usually near the top (the sum of the
+two correlations peaks at F proportional to ir / std(ir) + vis / std(vis),
+which the plain mean equals only when the two spreads are equal). So read a table by SCD and CC
 first, and compare methods with the trivial rows in the same table.
 
 `mean_ranks` ranks every row of a table on each of `RANKED_METRICS` (higher

@@ -35,6 +35,7 @@ from textfusion_jax import checkpointing
 from textfusion_jax import errors
 from input_pipeline import image_io
 from textfusion_jax import model as model_lib
+from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax.text import encoder as text_encoder
 from textfusion_jax import tiling
@@ -242,12 +243,18 @@ class Fuser:
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
     trainer = train_step.ShardedTrainer(config, mesh)
     manager = checkpointing.make_manager(
-        workdir, save_interval_steps=1, max_to_keep=None, async_save=False)
+        workdir, save_interval_steps=1, max_to_keep=None, async_save=False,
+        create=False)
     state, step = checkpointing.restore(manager, trainer.abstract_state(),
                                         step=step)
     encoder = (text_encoder.from_config(config.text)
                if with_text_encoder else None)
-    return cls(config, state.params, encoder, step=step, source=str(workdir))
+    fuser = cls(config, state.params, encoder, step=step, source=str(workdir))
+    if encoder is not None:  # (its width was checked first, by cls)
+      run_record.check_text_encoder(run_record.load(workdir),
+                                    encoder.fingerprint, config.text.encoder,
+                                    workdir)
+    return fuser
 
   def fuse(self, vis: np.ndarray, ir: np.ndarray, text_emb: np.ndarray, *,
            tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,

@@ -130,6 +130,8 @@ def export_run(workdir: str, out: str, step: int | None = None,
     raise errors.UserError(
         f"{workdir}: model expects {config.model.text_dim}-d text embeddings "
         f"but encoder {config.text.encoder!r} gives {encoder.embed_dim}")
+  run_record.check_text_encoder(info, encoder.fingerprint,
+                                config.text.encoder, workdir)
   bundle_config = ml_collections.ConfigDict(config.to_dict())
   bundle_config.text.encoder = bundle.TEXT_ENCODER
   bundle_config.text.embeddings_dir = ""

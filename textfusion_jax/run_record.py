@@ -5,6 +5,7 @@ updated when it stops; a resumed run appends a segment. `export` turns it
 into a model card, so a bundle says exactly what produced it:
 
   {"data": {"source": ..., "sha256": ..., "files": N, "roots": [...]},
+   "text_encoder": {"source": ..., "fingerprint": ...},
    "seed": 0, "segments": [{"argv": [...], "commit": "<sha>[+dirty]",
    "start_step": 0, "end_step": 600, "train_seconds": 312.4}, ...]}
 
@@ -30,6 +31,7 @@ from typing import Any
 import ml_collections
 
 from input_pipeline import files
+from input_pipeline.errors import UserError
 
 RUN_INFO = "run_info.json"
 _REPO = Path(__file__).resolve().parents[1]
@@ -101,12 +103,35 @@ def load(workdir: str | os.PathLike) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def check_text_encoder(info: dict[str, Any], fingerprint: str | None,
+                       encoder: str, workdir: Any) -> None:
+  """UserError if the run recorded another text encoder `fingerprint` than
+  the one `encoder` (config.text.encoder) now loads: the folder's contents
+  changed since training."""
+  trained_with = info.get("text_encoder", {})
+  recorded = trained_with.get("fingerprint")
+  if recorded is not None and fingerprint is not None and (
+      recorded != fingerprint):
+    source = trained_with.get("source", "?")
+    now = ("now holds other weights or another tokenizer" if source == encoder
+           else "computes other embeddings")
+    raise UserError(
+        f"{workdir}: trained with text encoder {source!r} (fingerprint "
+        f"{recorded}), but {encoder!r} {now} (fingerprint {fingerprint}); "
+        "use the encoder the run was trained with")
+
+
 def start(workdir: Path, config: ml_collections.ConfigDict,
-          start_step: int) -> dict[str, Any]:
-  """Records a new segment (and the data fingerprint on the first)."""
+          start_step: int, text_encoder_fingerprint: str | None = None
+          ) -> dict[str, Any]:
+  """Records a new segment (and the data and text encoder fingerprints on
+  the first)."""
   info = load(workdir)
   if "data" not in info:
     info["data"] = data_fingerprint(config)
+  if text_encoder_fingerprint is not None and "text_encoder" not in info:
+    info["text_encoder"] = {"source": config.text.encoder,
+                            "fingerprint": text_encoder_fingerprint}
   info["seed"] = config.seed
   info.setdefault("segments", []).append(
       {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": git_commit(),

@@ -313,9 +313,11 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
                      baselines: bool, json_path: Path | None,
                      csv_path: Path | None, batch_size: int) -> None:
   """What `python -m textfusion_jax.evaluate` does: score, print, write."""
-  out_problems = [f"--{flag} {path}: folder {path.parent} does not exist"
-                  for flag, path in (("json", json_path), ("csv", csv_path))
-                  if path is not None and not path.parent.is_dir()]
+  out_problems = [problem for flag, path in (("json", json_path),
+                                             ("csv", csv_path))
+                  if path is not None
+                  for problem in [files.unwritable_reason(path, f"--{flag}")]
+                  if problem]
   # A file that changes after it was checked raises ImageReadError, also a
   # UserError: one line either way.
   result, sixteen_bit = _evaluate(ir, vis, fused, batch_size, True,
@@ -328,7 +330,11 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
   print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
         "their mean):")
   print(markdown_table(result, metrics.SOURCE_PART_NAMES))
-  if json_path:
-    files.write_text_atomic(json_path, json.dumps(result, indent=1) + "\n")
-  if csv_path:
-    files.write_text_atomic(csv_path, _csv_text(result))
+  for path, text in ((json_path, lambda: json.dumps(result, indent=1)),
+                     (csv_path, lambda: _csv_text(result))):
+    if path:
+      try:
+        files.write_text_atomic(path, text().rstrip("\n") + "\n")
+      except OSError as error:
+        raise errors.UserError(f"{path}: cannot write ("
+                               f"{error.strerror or error})") from error

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from textfusion_jax.errors import UserError
+
 # fuse_batch(vis (N, t, t, 3), ir (N, t, t, 1), valid (N, 2) ints,
 #            means (N, 4)) -> fused: `valid` is each tile's (h, w) of real
 # image at its top left, `means` the whole image's mean R, G, B and IR.
@@ -102,18 +104,31 @@ def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
   return {shape: sorted(names) for shape, names in buckets}
 
 
+def check_tiling(tile: int, overlap: int) -> None:
+  """UserError unless tiles of `tile` pixels overlapping by `overlap` cover
+  an image: tile >= 32 (the model's coarsest level) and 0 <= overlap <=
+  tile / 2."""
+  if tile < 32:
+    raise UserError(f"--tile={tile}: give at least 32 pixels")
+  if not 0 <= overlap <= tile / 2:
+    raise UserError(f"--overlap={overlap}: give 0 <= overlap <= tile / 2 "
+                    f"(= {tile / 2:g} for --tile={tile})")
+
+
 def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
                tile: int = 1536, overlap: int = 64, batch_size: int = 1,
                pad_multiple: int = 64,
                pad_to: tuple[int, int] | None = None) -> np.ndarray:
   """Fuses one (H, W, 3) / (H, W, 1) float pair with bounded memory.
 
-  `fuse_batch(vis_tiles, ir_tiles, valid_sizes) -> fused_tiles` runs the
-  model on (N, t, t, C) arrays (see FuseFn); N is always `batch_size` (the last group is padded) so
-  the compiled shape never changes. An image no larger than a tile runs whole,
-  mirror-padded to `pad_to` (its bucket) or else to multiples of
-  `pad_multiple`.
+  `fuse_batch(vis_tiles, ir_tiles, valid_sizes, means) -> fused_tiles` runs
+  the model on (N, t, t, C) arrays (see FuseFn); N is always `batch_size`
+  (the last group is padded) so the compiled shape never changes. An image
+  no larger than a tile runs whole, mirror-padded to `pad_to` (its bucket)
+  or else to multiples of `pad_multiple`. Needs 0 <= overlap <= tile / 2:
+  each pixel is then blended from tiles that cover it.
   """
+  check_tiling(tile, overlap)
   height, width = vis.shape[:2]
   means = np.concatenate([vis.reshape(-1, 3).mean(0, dtype=np.float64),
                           ir.reshape(-1, 1).mean(0, dtype=np.float64)]

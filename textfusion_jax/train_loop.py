@@ -61,6 +61,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise errors.UserError(
             f"config.train.{field}={value!r}: must be an integer >= {least}")
+  for field, value, least in (("config.seed", config.seed, 0),
+                              ("config.data.crop_size",
+                               config.data.crop_size, 1),
+                              ("config.eval.batch_size",
+                               config.eval.batch_size, 1)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise errors.UserError(f"{field}={value!r}: must be an integer >= "
+                             f"{least}")
   if config.data.get("degradations", {}).get("enabled"):
     degradations.check_level_probs(config.data.degradations.level_probs,
                                    "config.data.degradations.level_probs")
@@ -271,6 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
   inputs = create_datasets(config)
+  run_record.check_text_encoder(run_record.load(workdir_path),
+                                inputs.text_encoder_fingerprint,
+                                config.text.encoder, workdir_path)
   trainer = train_step.ShardedTrainer(config, mesh)
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
@@ -293,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
              if config.train.stop_after_steps else num_steps)
 
   is_writer = jax.process_index() == 0
-  info = (run_record.start(workdir_path, config, start_step) if is_writer
+  info = (run_record.start(workdir_path, config, start_step,
+                           inputs.text_encoder_fingerprint) if is_writer
           else None)
   loop_start = time.time()
   with jax.set_mesh(mesh):

@@ -121,8 +121,9 @@ def run(encoder, records: Sequence[caption_files.CaptionRecord],
     process_count = jax.process_count()
   out = Path(out)
   texts, index = plan(records)
-  # Shards made by another encoder, or in another dtype, are not reused.
-  encoder_id = f"{encoder.source} {encoder.dtype.name}"
+  # Shards made by another encoder (by its weights, not its path), or in
+  # another dtype, are not reused.
+  encoder_id = f"{encoder.fingerprint} {encoder.dtype.name}"
   (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   shards = [_Shard(i, start, texts[start:start + shard_size],
                    _shard_key(encoder_id, texts[start:start + shard_size]))
@@ -173,6 +174,7 @@ def _assemble(encoder, records, out: Path, texts: list[str],
                    "truncated", num_truncated, len(texts), encoder.max_length)
   caption_store.write_store(out, table, index, texts, {
       "encoder": encoder.source,
+      "encoder_fingerprint": encoder.fingerprint,
       "compute_dtype": encoder.dtype.name,
       "max_length": encoder.max_length,
       "num_captions": sum(len(rows) for names in index.values()

@@ -9,6 +9,7 @@ pay for 77 positions. With a mesh, each batch is split over its 'data' axis.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import functools
 import logging
 import os
@@ -81,6 +82,8 @@ class TextEncoder:
       raise ValueError(
           f"{source}: the tokenizer has {len(tokenizer)} tokens but the model "
           f"only {config.vocab_size} embeddings")
+    # Before sharding, while every weight is on this host.
+    self.fingerprint = fingerprint(model, tokenizer)
     self.max_length = config.max_position_embeddings
     self.buckets = sorted({b for b in buckets if b < self.max_length} |
                           {self.max_length})
@@ -110,15 +113,22 @@ class TextEncoder:
     Raises hf_checkpoint.CheckpointError (a ValueError) with a one-line reason.
     """
     directory = hf_checkpoint.resolve(path_or_hub_id)
-    config = hf_checkpoint.load_config(directory)
-    tokenizer = hf_checkpoint.load_tokenizer(directory)
-    tensors = hf_checkpoint.load_text_tensors(directory)
-    # Abstract init: every parameter is then set from the checkpoint.
-    model = nnx.eval_shape(
-        lambda: clip_text.ClipTextTower(config, dtype=dtype))
-    weight_map.load_hf_tensors(model, tensors, str(directory))
-    return cls(model, tokenizer, source=str(path_or_hub_id), mesh=mesh,
-               buckets=buckets)
+    try:
+      config = hf_checkpoint.load_config(directory)
+      tokenizer = hf_checkpoint.load_tokenizer(directory)
+      tensors = hf_checkpoint.load_text_tensors(directory)
+      # Abstract init: every parameter is then set from the checkpoint.
+      model = nnx.eval_shape(
+          lambda: clip_text.ClipTextTower(config, dtype=dtype))
+      weight_map.load_hf_tensors(model, tensors, str(directory))
+      return cls(model, tokenizer, source=str(path_or_hub_id), mesh=mesh,
+                 buckets=buckets)
+    except hf_checkpoint.CheckpointError:
+      raise
+    except ValueError as error:  # config values, weight names or shapes
+      raise hf_checkpoint.CheckpointError(
+          f"{directory}: not a usable CLIP text checkpoint "
+          f"({hf_checkpoint.first_line(error)})") from error
 
   @classmethod
   def tiny_random(cls, seed: int = 0, *, dtype: Any = jnp.float32,
@@ -236,6 +246,19 @@ class TextEncoder:
 TINY_RANDOM = "tiny-random"
 # Fixed, so training, evaluation and the fuse command embed identically.
 TINY_RANDOM_SEED = 0
+
+
+def fingerprint(model: clip_text.ClipTextTower, tokenizer: Any) -> str:
+  """What a tower computes, whatever path it came from: the sha256 of its
+  weights (float32, HF names) and its tokenizer (vocabulary and merges).
+  Caption stores, their shards and training runs record it, so a checkpoint
+  folder whose contents changed is not taken for the one they used."""
+  digest = hashlib.sha256()
+  for name, tensor in sorted(weight_map.to_hf_tensors(model).items()):
+    digest.update(f"{name} {tensor.shape}\n".encode())
+    digest.update(np.ascontiguousarray(tensor, np.float32).tobytes())
+  digest.update(tokenizer.backend_tokenizer.to_str().encode())
+  return digest.hexdigest()[:32]
 
 
 def from_config(text_config: Any) -> TextEncoder:

@@ -39,20 +39,28 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
   return _download(text)
 
 
+# The weight files a hub download takes: repos such as LAION's also hold
+# open_clip_model.safetensors, a second copy of every weight.
+_HUB_SAFETENSORS = ["model.safetensors", "model.safetensors.index.json",
+                    "model-*-of-*.safetensors"]
+_HUB_TORCH = ["pytorch_model.bin", "pytorch_model.bin.index.json",
+              "pytorch_model-*-of-*.bin"]
+
+
 def _download(hub_id: str) -> Path:
   # pylint: disable=g-import-not-at-top
   import huggingface_hub
   try:
     directory = Path(huggingface_hub.snapshot_download(
-        hub_id, allow_patterns=_HUB_PATTERNS + ["*.safetensors"]))
+        hub_id, allow_patterns=_HUB_PATTERNS + _HUB_SAFETENSORS))
     if not _weight_files(directory):
       directory = Path(huggingface_hub.snapshot_download(
-          hub_id, allow_patterns=_HUB_PATTERNS + ["pytorch_model*.bin"]))
+          hub_id, allow_patterns=_HUB_PATTERNS + _HUB_TORCH))
   except Exception as e:  # pylint: disable=broad-except
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise CheckpointError(
-        f"cannot fetch {hub_id!r} from the Hugging Face hub ({first_line}); "
-        "pass a local directory with config.json, the tokenizer files and "
+        f"{hub_id}: no such local directory, and cannot fetch {hub_id!r} "
+        f"from the Hugging Face hub ({first_line(e)}); pass a local "
+        "directory with config.json, the tokenizer files and "
         "model.safetensors or pytorch_model.bin instead") from None
   return directory
 
@@ -90,7 +98,13 @@ def load_tokenizer(directory: Path) -> Any:
     raise CheckpointError(
         f"{directory}: no tokenizer (expected tokenizer.json, or vocab.json "
         "and merges.txt)")
-  return transformers.CLIPTokenizer.from_pretrained(directory)
+  try:
+    return transformers.CLIPTokenizer.from_pretrained(directory)
+  except Exception as error:  # pylint: disable=broad-except
+    # tokenizers raises a bare Exception for a broken vocabulary, json a
+    # ValueError for a cut-off file: either way the files are unusable.
+    raise CheckpointError(f"{directory}: unusable tokenizer files "
+                          f"({first_line(error)[:200]})") from None
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -139,7 +153,7 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
               for k in weight_map.text_keys(f.keys())}
   except (safetensors.SafetensorError, OSError, ValueError) as error:
     raise CheckpointError(f"{file}: unreadable safetensors file "
-                          f"({_first_line(error)})") from None
+                          f"({first_line(error)})") from None
 
 
 def _read_torch(file: Path) -> dict[str, np.ndarray]:
@@ -150,6 +164,16 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
         f"{file}: reading a .bin checkpoint needs torch (pip install torch), "
         "or convert it to model.safetensors") from None
   import pickle  # pylint: disable=g-import-not-at-top
+  with open(file, "rb") as handle:
+    head = handle.read(64)
+  # torch.save writes a zip archive (PK) or, before torch 1.6, a pickle
+  # (protocol 2+ starts with 0x80); a clone without git-lfs leaves a pointer.
+  if head.startswith(b"version https://git-lfs"):
+    raise CheckpointError(f"{file}: a git-lfs pointer, not the weights "
+                          "(git lfs pull, or download the file itself)")
+  if not head.startswith((b"PK", b"\x80")):
+    raise CheckpointError(f"{file}: not a PyTorch weights file (neither a "
+                          "zip archive nor a pickle)")
   try:
     # weights_only: the unpickler builds tensors and containers only, and
     # refuses (without running it) anything else a pickle asks for.
@@ -157,10 +181,10 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
   except pickle.UnpicklingError as error:
     raise CheckpointError(
         f"{file}: refused: the pickle asks for more than tensors, which a "
-        f"weights file never needs ({_first_line(error)[:200]})") from None
+        f"weights file never needs ({first_line(error)[:200]})") from None
   except (RuntimeError, EOFError, OSError, ValueError) as error:
     raise CheckpointError(f"{file}: unreadable PyTorch weights file "
-                          f"({_first_line(error)[:200]})") from None
+                          f"({first_line(error)[:200]})") from None
   if not isinstance(state, dict):
     raise CheckpointError(f"{file}: expected a state dict of tensors, got "
                           f"{type(state).__name__}")
@@ -168,7 +192,8 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
           for k in weight_map.text_keys(state.keys())}
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (its type's name if empty)."""
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
 

@@ -367,6 +367,20 @@ def _corrupt(root: Path) -> Bad:
              {"train": {"g1", "g2", "g3"}})
 
 
+def _huge_header(root: Path) -> Bad:
+  """A header that claims 200000 x 200000 pixels: Pillow's decompression-bomb
+  guard raises, which is no OSError."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  _add_pair(root, "ir/huge.png", "vi/huge.png", (16, 16), 47)
+  data = bytearray((root / "ir/huge.png").read_bytes())
+  data[16:24] = struct.pack(">II", 200000, 200000)  # IHDR width, height
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  (root / "ir/huge.png").write_bytes(bytes(data))
+  return Bad([str(root / "ir/huge.png")], ["unreadable_image"],
+             {"train": {"g1", "g2", "g3"}})
+
+
 def _zero_byte(root: Path) -> Bad:
   _add_pair(root, "ir/empty.png", "vi/empty.png", (16, 16), 46)
   (root / "vi/empty.png").write_bytes(b"")
@@ -421,6 +435,7 @@ def _text_emb(root: Path) -> Bad:
 BAD_CASES = {
     "unpaired": _unpaired, "size_mismatch": _size_mismatch,
     "truncated": _truncated, "corrupt": _corrupt, "zero_byte": _zero_byte,
+    "huge_header": _huge_header,
     "caption_for_missing_pair": _caption_for_missing_pair,
     "malformed_captions": _malformed_captions, "split_file": _split_file,
     "text_emb": _text_emb,

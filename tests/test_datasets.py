@@ -490,12 +490,12 @@ def test_all_bad_data_at_once_is_one_error_and_one_report(tmp_path):
   named = [n for case in cases for n in case.named]
   with pytest.raises(layouts.BadDataError) as error:
     datasets.build("folders", manual_dir=root, data_dir=tmp_path / "a")
-  assert len(error.value.problems) == sum(len(c.kinds) for c in cases) == 11
+  assert len(error.value.problems) == sum(len(c.kinds) for c in cases) == 12
   assert all(n in str(error.value) for n in named)
   builder = datasets.build("folders", manual_dir=root,
                            data_dir=tmp_path / "b", on_bad_data="skip")
   report = datasets.report_path(builder).read_text()
-  assert len(json.loads(report)["problems"]) == 11
+  assert len(json.loads(report)["problems"]) == 12
   assert _kept(tmp_path / "b", ["train"]) == {"train": {"g1", "g2", "g3"}}
 
 

@@ -51,9 +51,9 @@ _CAPTION_SPLIT = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", None, "Output PNG (or directory).")
 _TILE = flags.DEFINE_integer(
     "tile", inference.DEFAULT_TILE, "Images up to this size run whole; larger"
-    " ones in tiles of this size.")
+    " ones in tiles of this size (at least 32).")
 _OVERLAP = flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP,
-                                "Tile overlap in pixels.")
+                                "Tile overlap in pixels (0 to tile / 2).")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -40,9 +40,9 @@ class Datasets:
   eval_batches: Callable[[], Iterator[Mapping[str, Any]]]
   text_dim: int
   text_stats: tuple[np.ndarray, np.ndarray]  # train caption embedding mean, std
-  # The text encoder's `fingerprint` (what it computes), None when no encoder
-  # was built: the run records it, so that a changed checkpoint folder is
-  # not taken for the one it trained with.
+  # The text encoder's `fingerprint` (what it computes; None for an encoder
+  # without one): the run records it, so that a changed checkpoint folder
+  # is not taken for the one it trained with.
   text_encoder_fingerprint: str | None = None
 
 
@@ -51,7 +51,8 @@ def create_datasets(config: ml_collections.ConfigDict,
   """Train iterator, eval batches and caption statistics for `config`.
 
   make_encoder: builds the text encoder (`.encode(texts, batch_size)`,
-  `.embed_dim`); called only when captions are not precomputed.
+  `.embed_dim`, `.fingerprint`), at most once. Precomputed captions (a
+  store, or embeddings baked into the records) are checked against it.
   """
   # pylint: disable=g-import-not-at-top
   import functools

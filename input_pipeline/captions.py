@@ -204,7 +204,8 @@ class CaptionTable:
       if not record:
         label = (record_label or (lambda i: f"record {i}"))(len(rows))
         raise UserError(f"{label} has no captions (no line in its dataset's "
-                        "caption files); caption it, or leave it out")
+                        "caption files, or an empty list); caption it, or "
+                        "leave it out")
       rows.append(np.array([index.setdefault(c, len(index)) for c in record],
                            np.int32))
     texts = list(index)

@@ -296,7 +296,8 @@ def load_source(name_or_config: str, split: str,
         f"-m input_pipeline.build_dataset --dataset {NAME}/{config} "
         f"--manual_dir DIR --data_dir {data_dir}")
   builder = IvfPairs(config=config, data_dir=data_dir)
-  if split not in builder.info.splits:
+  # A split expression ('train[:90%]', 'train+test') names built splits.
+  if any(base not in builder.info.splits for base in base_splits(split)):
     raise MissingSplitError(
         f"{NAME}/{config} in {data_dir} has no split {split!r} (it has "
         f"{', '.join(sorted(builder.info.splits))}); set "
@@ -308,6 +309,13 @@ def load_source(name_or_config: str, split: str,
 
 class MissingSplitError(UserError, KeyError):
   """A built dataset lacks the split asked for."""
+  __str__ = Exception.__str__  # KeyError's would quote the message
+
+
+def base_splits(split: str) -> list[str]:
+  """The built splits a tfds split expression reads: 'train[:90%]+test'
+  -> ['train', 'test']."""
+  return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
 def _text(value: str | bytes) -> str:
@@ -342,7 +350,10 @@ class RecordSource(Sequence):
   def __init__(self, source: Sequence[Mapping[str, Any]],
                split: str | None = None):
     self._source = source
-    self._split = split
+    # A slice of one split ('train[:90%]') is still that split; records of
+    # 'train+test' cannot say which they came from.
+    bases = base_splits(split) if split is not None else []
+    self._split = bases[0] if len(bases) == 1 else None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -136,9 +136,9 @@ def _folder_parts(roots: str, field: str
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
-  # The resolved name: a store keys a dataset by its folder's real name
-  # (`caption_files.default_dataset`), and 'data/.' would otherwise be ''.
-  return [(p.resolve().name, datasets.PairedFolderSource(p)) for p in paths]
+  # '.' has no name of its own: the folder's real one, as stores use.
+  return [(p.name or p.resolve().name, datasets.PairedFolderSource(p))
+          for p in paths]
 
 
 def _folder_source(roots: str, field: str) -> ConcatSource:
@@ -211,7 +211,8 @@ def _mixture_part(spec: str, config: ml_collections.ConfigDict
   if not path.is_dir():
     raise UserError(f"config.data.mixture: {spec}: no such folder (a source "
                     "is a folder with ir/ and vi/, or 'tfds:<name>')")
-  return path.resolve().name, datasets.PairedFolderSource(path), None
+  return (path.name or path.resolve().name, datasets.PairedFolderSource(path),
+          None)
 
 
 def check_compatible(parts: Sequence[tuple[str, Sequence[Any]]]) -> None:
@@ -303,8 +304,8 @@ def _table_from_store(source: Sequence[Any], store: Any
     if not record_rows:
       raise UserError(
           f"{dataset}/{name}: no captions (no line in the dataset's caption "
-          "files), so the store has no embedding for it; caption it, or "
-          "leave it out of the folder")
+          "files, or an empty list), so the store has no embedding for it; "
+          "caption it, or leave it out of the folder")
     rows.append(np.asarray(record_rows, np.int32))
     per_record.append(record_sources)
   return (CaptionTable(np.asarray(store.table, np.float32), tuple(rows)),

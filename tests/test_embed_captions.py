@@ -465,8 +465,16 @@ def test_a_pair_without_captions_is_named_not_a_traceback(encoder, tiny_dir,
       "set", datasets.PairedFolderSource(root))])
   assert sources._baked_table(mixed, encoder) is None  # embeds them instead
   with pytest.raises(datasets.MissingSplitError,
-                     match=r"has no split 'test' \(it has train\)"):
+                     match=r"^ivf_pairs/folders in .* has no split 'test' "
+                     r"\(it has train\)"):
     datasets.load_source("folders", "test", tmp_path / "tfds")
+  # Split expressions name built splits; a slice is still its split.
+  sliced = datasets.RecordSource(
+      datasets.load_source("folders", "train[:1]", tmp_path / "tfds"),
+      "train[:1]")
+  assert len(sliced) == 1 and sliced.record_split(0) == "train"
+  with pytest.raises(datasets.MissingSplitError, match="no split 'train"):
+    datasets.load_source("folders", "train[:1]+val", tmp_path / "tfds")
   with pytest.raises(sources.UserError, match="dataset empty has no pairs"):
     sources.ConcatSource([("set", built), ("empty", [])])
   # A folder named through '.' is keyed by its real name, as stores are.

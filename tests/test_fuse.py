@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from input_pipeline import image_io
+from textfusion_jax import inference
 from textfusion_jax import tiling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,3 +340,19 @@ def test_tiled_fusion_matches_whole_image_with_the_trained_model(shared_dir):
   # No seams: errors along the tile borders are not worse than elsewhere.
   border_cols = [448, 512, 768, 960]
   assert diff[:, border_cols].mean() < 1.5 * diff.mean() + 1
+
+
+def test_a_header_past_the_decompression_bomb_limit_is_one_line(tmp_path):
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
+  _write_pair(tmp_path, "a")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ir" / "a.png")
+  data = bytearray((tmp_path / "ir" / "a.png").read_bytes())
+  data[16:24] = struct.pack(">II", 200000, 200000)  # IHDR width, height
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  (tmp_path / "ir" / "a.png").write_bytes(bytes(data))
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  with pytest.raises(errors.UserError, match=r"a.jpg: unreadable \(Image size"):
+    inference.check_sizes(pairs)

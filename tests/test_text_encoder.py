@@ -320,6 +320,32 @@ def test_no_weights_and_wrong_model_type(tiny_dir, tmp_path):
   assert "'bert' is not a CLIP model" in _error(directory)
 
 
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0),
+                                          ("layer_norm_eps", None),
+                                          ("hidden_size", "64")])
+def test_unusable_config_values_are_one_line(tiny_dir, tmp_path, field,
+                                             value):
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c")
+  config = json.loads((directory / "config.json").read_text())
+  config[field] = value
+  (directory / "config.json").write_text(json.dumps(config))
+  assert "config.json: unusable config values" in _error(directory)
+
+
+def test_fingerprint_is_what_the_encoder_computes(tiny_dir, tmp_path):
+  a = TextEncoder.from_pretrained(tiny_dir)
+  assert a.fingerprint == TextEncoder.from_pretrained(tiny_dir).fingerprint
+  # Truncation state set by a call is not part of it.
+  a.tokenizer(["a b c d e f"], truncation=True, max_length=3)
+  from textfusion_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  assert encoder_lib.fingerprint(a.model, a.tokenizer) == a.fingerprint
+  # Other weights, or the same weights under another activation, differ.
+  for seed, act in ((1, "quick_gelu"), (0, "gelu")):
+    other = tiny_clip.save_tiny_random_clip(tmp_path / f"{seed}{act}",
+                                            seed=seed, hidden_act=act)
+    assert TextEncoder.from_pretrained(other).fingerprint != a.fingerprint
+
+
 def test_broken_tokenizer_files_are_one_line(tiny_dir, tmp_path):
   directory = _copy_checkpoint(tiny_dir, tmp_path / "c")
   for name in ("tokenizer.json", "vocab.json"):

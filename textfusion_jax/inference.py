@@ -142,7 +142,7 @@ def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
           mismatched.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
                             f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
         sizes[pair.name] = (vis.size[1], vis.size[0])
-    except OSError as error:
+    except image_io.DECODE_ERRORS as error:
       unreadable.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
   problems = unreadable + (["; ".join(mismatched) + " (pairs must be "
                             "registered and equal in size)"]

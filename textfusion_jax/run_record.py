@@ -124,12 +124,15 @@ def check_text_encoder(info: dict[str, Any], fingerprint: str | None,
 def start(workdir: Path, config: ml_collections.ConfigDict,
           start_step: int, text_encoder_fingerprint: str | None = None
           ) -> dict[str, Any]:
-  """Records a new segment (and the data and text encoder fingerprints on
-  the first)."""
+  """Records a new segment (and the data fingerprint on the first; the text
+  encoder's when the run starts at step 0)."""
   info = load(workdir)
   if "data" not in info:
     info["data"] = data_fingerprint(config)
-  if text_encoder_fingerprint is not None and "text_encoder" not in info:
+  # Only a fresh run knows the encoder it trains with: a resumed run from
+  # before fingerprints were recorded may meet another one now.
+  if (text_encoder_fingerprint is not None and start_step == 0 and
+      "text_encoder" not in info):
     info["text_encoder"] = {"source": config.text.encoder,
                             "fingerprint": text_encoder_fingerprint}
   info["seed"] = config.seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import functools
 import logging
 import os
@@ -256,8 +257,23 @@ def fingerprint(model: clip_text.ClipTextTower, tokenizer: Any) -> str:
   digest = hashlib.sha256()
   for name, tensor in sorted(weight_map.to_hf_tensors(model).items()):
     digest.update(f"{name} {tensor.shape}\n".encode())
-    digest.update(np.ascontiguousarray(tensor, np.float32).tobytes())
-  digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(memoryview(np.ascontiguousarray(tensor, np.float32)))
+  # The fields and tables that decide the output, in a canonical form: the
+  # tokenizer's serialised state also holds its current truncation and
+  # padding, and its layout changes between library versions.
+  c = model.config
+  model_json = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+  digest.update(json.dumps({
+      "config": [c.vocab_size, c.hidden_size, c.intermediate_size,
+                 c.num_hidden_layers, c.num_attention_heads,
+                 c.max_position_embeddings, c.projection_dim, c.eos_token_id,
+                 c.hidden_act, float(c.layer_norm_eps)],
+      "vocab": sorted(model_json["vocab"].items()),
+      "merges": [m if isinstance(m, str) else " ".join(m)
+                 for m in model_json["merges"]],
+      "special": [tokenizer.bos_token, tokenizer.eos_token,
+                  tokenizer.pad_token, tokenizer.unk_token],
+  }).encode())
   return digest.hexdigest()[:32]
 
 

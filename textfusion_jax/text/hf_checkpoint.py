@@ -74,13 +74,19 @@ def load_config(directory: Path) -> clip_text.ClipTextConfig:
     model_type = json.loads(config_path.read_text()).get("model_type")
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{config_path}: unreadable config ({e})") from None
-  if model_type == "clip":
-    config = transformers.CLIPConfig.from_pretrained(directory)
-    return clip_text.ClipTextConfig.from_hf(config.text_config,
-                                            config.projection_dim)
-  if model_type == "clip_text_model":
-    return clip_text.ClipTextConfig.from_hf(
-        transformers.CLIPTextConfig.from_pretrained(directory))
+  try:
+    if model_type == "clip":
+      config = transformers.CLIPConfig.from_pretrained(directory)
+      return clip_text.ClipTextConfig.from_hf(config.text_config,
+                                              config.projection_dim)
+    if model_type == "clip_text_model":
+      return clip_text.ClipTextConfig.from_hf(
+          transformers.CLIPTextConfig.from_pretrained(directory))
+  except Exception as error:  # pylint: disable=broad-except
+    # transformers validates fields with its own exception types; a null or
+    # zero where a number belongs fails as TypeError or ZeroDivisionError.
+    raise CheckpointError(f"{config_path}: unusable config values "
+                          f"({first_line(error)[:200]})") from None
   raise CheckpointError(f"{config_path}: model_type {model_type!r} is not a "
                         "CLIP model ('clip' or 'clip_text_model')")
 

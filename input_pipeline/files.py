@@ -7,9 +7,12 @@ configs, run records, caption stores, score tables).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -32,6 +35,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")
+
+
+def json_safe(value: Any) -> Any:
+  """`value` with each non-finite float as the string "inf", "-inf" or "nan".
+
+  JSON has no such numbers: json.dumps would write the bare words Infinity
+  and NaN, which strict readers (jq, JavaScript, Go) refuse. PSNR is
+  infinite for an identical image. Python reads the strings back with
+  float().
+  """
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+def json_text(value: Any, **dumps_kwargs) -> str:
+  """Standard JSON for `value` (see json_safe)."""
+  return json.dumps(json_safe(value), allow_nan=False, **dumps_kwargs)
+
+
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _restore_non_finite(value: Any) -> Any:
+  if isinstance(value, str):
+    return _NON_FINITE.get(value, value)
+  if isinstance(value, dict):
+    return {k: _restore_non_finite(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_restore_non_finite(v) for v in value]
+  return value
+
+
+def read_json_numbers(path: str | os.PathLike) -> Any:
+  """A JSON file written by json_text whose values are numbers: "inf",
+  "-inf" and "nan" become floats again."""
+  return _restore_non_finite(json.loads(Path(path).read_text()))
 
 
 def unwritable_reason(path: str | os.PathLike, flag: str) -> str | None:

@@ -9,15 +9,18 @@ the `record_index` of every example of its first BATCHES batches.
 import json
 import sys
 
+import input_pipeline
 from configs import tiny
 from textfusion_jax import distributed
-from textfusion_jax import train_loop
+from textfusion_jax.text import encoder as text_encoder
 
 
 def main() -> None:
   coordinator, count, index, batches = sys.argv[1:5]
   distributed.initialize(coordinator, int(count), int(index), timeout_s=60)
-  inputs = train_loop.create_datasets(tiny.get_config())
+  config = tiny.get_config()
+  inputs = input_pipeline.create_datasets(
+      config, lambda: text_encoder.from_config(config.text))
   stream = inputs.train_iter_at(0)
   seen = [int(i) for _ in range(int(batches))
           for i in next(stream)["record_index"]]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from textfusion_jax import errors
 from textfusion_jax import score_folders
+from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline import layouts
 from textfusion_jax import metrics
@@ -328,3 +329,24 @@ def test_output_path_that_is_a_folder_is_refused_before_scoring(folders,
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert f"--json {folders / 'out.json'} is a folder" in err
+
+
+def test_infinite_psnr_is_written_as_standard_json(folders, capsys):
+  # F = IR = VIS: MSE 0, so PSNR is +inf, which bare JSON cannot hold.
+  same = grey_image(60, 48, 56)
+  for d in ("ir", "vis", "fused"):
+    for old in (folders / d).iterdir():
+      old.unlink()
+    save(folders / d / "a.png", same)
+  cli(args_for(folders, "--json", str(folders / "out.json")))
+  assert "inf" in capsys.readouterr().out
+
+  def refuse(word):
+    raise AssertionError(f"non-standard JSON constant {word}")
+
+  text = (folders / "out.json").read_text()
+  result = json.loads(text, parse_constant=refuse)
+  row = result["methods"]["fused"]["per_image"]["a"]
+  assert row["PSNR"] == "inf" and row["MSE"] == 0.0
+  assert files.read_json_numbers(folders / "out.json")["methods"]["fused"][
+      "per_image"]["a"]["PSNR"] == float("inf")

@@ -11,7 +11,6 @@ PNGs and the sources (tests/test_train.py checks this).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,8 @@ class FusionEvaluator:
       result["restoration_per_image"] = restoration
     if jax.process_index() == 0:
       files.write_text_atomic(out_dir / "metrics.json",
-                              json.dumps(result, indent=2, sort_keys=True))
+                              files.json_text(result, indent=2,
+                                              sort_keys=True))
     result["samples"] = samples
     return result
 

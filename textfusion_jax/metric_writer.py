@@ -7,7 +7,6 @@ format without it. Only process 0 writes.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,9 +39,8 @@ class MetricWriter:
     for key, value in clean.items():
       self._tb.add_scalar(key, value, step)
     record = {"step": int(step)}
-    record.update({k: (v if math.isfinite(v) else str(v))
-                   for k, v in clean.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    record.update(clean)
+    self._jsonl.write(files.json_text(record) + "\n")
     self._jsonl.flush()
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:

@@ -8,11 +8,12 @@ difference, far smaller than the spread of the metrics over images.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from input_pipeline import files
 
 # Lower is better for these; higher for every other number compared.
 LOWER_IS_BETTER = frozenset({"target_L1", "color_L1", "MSE"})
@@ -72,4 +73,4 @@ def latest_eval(workdir: Path) -> dict:
                  ) if evals.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"no eval/<step>/metrics.json under {workdir}")
-  return json.loads((evals / str(steps[-1]) / "metrics.json").read_text())
+  return files.read_json_numbers(evals / str(steps[-1]) / "metrics.json")

@@ -6,13 +6,13 @@ format). Exporting the same run twice gives byte-identical files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 
+from input_pipeline import files
 from textfusion_jax import bundle
 from textfusion_jax import errors
 from textfusion_jax import evaluators
@@ -47,7 +47,7 @@ def _eval_table(workdir: Path, step: int) -> str:
   path = workdir / "eval" / str(step) / "metrics.json"
   if not path.is_file():
     return "_No evaluation was run at this step._\n"
-  result = json.loads(path.read_text())
+  result = files.read_json_numbers(path)
   rows = {m: result[m] for m in evaluators.METHODS if m in result}
   return (f"{result.get('num_images', '?')} held-out images, scored with the "
           "reference evaluator's conventions (`textfusion_jax.metrics`); "

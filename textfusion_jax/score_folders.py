@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import functools
 import io
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -330,7 +329,7 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
   print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
         "their mean):")
   print(markdown_table(result, metrics.SOURCE_PART_NAMES))
-  for path, text in ((json_path, lambda: json.dumps(result, indent=1)),
+  for path, text in ((json_path, lambda: files.json_text(result, indent=1)),
                      (csv_path, lambda: _csv_text(result))):
     if path:
       try:

@@ -102,10 +102,14 @@ def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     checkpointing.write_config(workdir, config)
 
 
-def create_datasets(config: ml_collections.ConfigDict
+def create_datasets(config: ml_collections.ConfigDict, workdir: Path
                     ) -> input_pipeline.Datasets:
-  return input_pipeline.create_datasets(
-      config, lambda: text_encoder.from_config(config.text))
+  """The datasets, after checking that the text encoder is the one the run
+  in `workdir` trained with (before captions are embedded with it)."""
+  encoder = text_encoder.from_config(config.text)
+  run_record.check_text_encoder(run_record.load(workdir), encoder.fingerprint,
+                                config.text.encoder, workdir)
+  return input_pipeline.create_datasets(config, lambda: encoder)
 
 
 def restore_or_init(trainer: train_step.ShardedTrainer, manager: Any,
@@ -278,10 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
-  inputs = create_datasets(config)
-  run_record.check_text_encoder(run_record.load(workdir_path),
-                                inputs.text_encoder_fingerprint,
-                                config.text.encoder, workdir_path)
+  inputs = create_datasets(config, workdir_path)
   trainer = train_step.ShardedTrainer(config, mesh)
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from textfusion_jax import errors
 from input_pipeline import degradations
+from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline.captions import derangement
 from textfusion_jax import fusion_baselines
@@ -136,15 +137,34 @@ def per_source_lines(per_image: dict[str, dict], key: str,
             for s, source in (("vis", "visible"), ("ir", "infrared"))), ""]
 
 
+def remove_stale_images(folder: Path, keep: set[str]) -> None:
+  """Deletes the images in this script's output `folder` whose stems are
+  not in `keep`."""
+  if folder.is_dir():
+    for stem, path in image_io.list_images(folder).items():
+      if stem not in keep:
+        path.unlink()
+
+
 def main(argv) -> None:
   del argv
   if not TNO.is_dir():
-    raise SystemExit(f"needs {TNO}")
+    raise errors.UserError(f"needs {TNO}")
+  if _LIMIT.value < 0 or _LIMIT.value == 1:
+    raise errors.UserError(f"--limit={_LIMIT.value}: must be 0 (all pairs) "
+                           "or at least 2 (the shuffled prompts need two)")
+  files.check_writable({"--report": _REPORT.value,
+                       "--figure": _FIGURE.value})
   out = Path(_OUT.value)
   fuser = inference.Fuser.load(_CHECKPOINT.value)
   pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                                   str(out / "reference"))
   pairs = pairs[:_LIMIT.value] if _LIMIT.value else pairs
+  # The folders are scored whole: fusions an earlier run (of more pairs)
+  # left there would be scored with these.
+  for folder in ("reference", "wiener_target", "true", "shuffled", "empty",
+                 "degraded_vi", "sources/ir", "sources/vi"):
+    remove_stale_images(out / folder, {p.name for p in pairs})
   # One bucket plan for all pairs (as fuse and tno_report do): a few compiled
   # shapes instead of one per image size.
   shapes = inference.bucket_shapes(inference.check_sizes(pairs),
@@ -268,7 +288,7 @@ def main(argv) -> None:
   text = "\n".join(lines) + "\n"
   print(text)
   if _REPORT.value:
-    Path(_REPORT.value).write_text(text)
+    files.write_text_atomic(_REPORT.value, text)
   if _FIGURE.value and figure_rows:
     write_figure(Path(_FIGURE.value), *figure_rows)
     print(f"wrote {_FIGURE.value}")

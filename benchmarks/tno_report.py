@@ -38,6 +38,7 @@ from textfusion_jax import errors
 from textfusion_jax import score_folders
 from textfusion_jax import inference
 from textfusion_jax import fusion_baselines
+from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline.captions import derangement
 from textfusion_jax import metrics
@@ -55,7 +56,7 @@ _OUT = flags.DEFINE_string("out", "runs/tno_report",
 _FIGURE = flags.DEFINE_string("figure", None, "Write the comparison figure.")
 _REPORT = flags.DEFINE_string("report", None, "Write the markdown here too.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
-                                      "Which caption of each pair to use.")
+                                      "Which caption of each pair to use.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.")
 _PROMPT = flags.DEFINE_string(
     "prompt", None, "One prompt for every pair instead of its caption (e.g. "
@@ -119,7 +120,9 @@ def write_figure(path: Path, fused_dir: Path, width: int = 360) -> None:
 def main(argv):
   del argv
   if not TNO.is_dir() or not SEAFUSION.is_dir():
-    raise SystemExit(f"needs {TNO} and {SEAFUSION}")
+    raise errors.UserError(f"needs {TNO} and {SEAFUSION}")
+  files.check_writable({"--report": _REPORT.value,
+                       "--figure": _FIGURE.value})
   out = Path(_OUT.value)
   fuser = inference.Fuser.load(_CHECKPOINT.value)
   pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
@@ -173,7 +176,7 @@ def main(argv):
   ]) + "\n"
   print(text)
   if _REPORT.value:
-    Path(_REPORT.value).write_text(text)
+    files.write_text_atomic(_REPORT.value, text)
   if _FIGURE.value:
     write_figure(Path(_FIGURE.value), out / "model")
     print(f"wrote {_FIGURE.value}")

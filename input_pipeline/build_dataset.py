@@ -67,7 +67,9 @@ def main(argv: Sequence[str]) -> None:
   missing = [f"--{f.name}" for f in (_DATASET, _MANUAL_DIR, _DATA_DIR)
              if f.value is None]
   if missing:
-    raise app.UsageError(f"missing {', '.join(missing)}")
+    print(f"error: missing {', '.join(missing)} (see --help)",
+          file=sys.stderr)
+    sys.exit(2)
   try:
     builder = datasets.build(
         _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
@@ -77,6 +79,10 @@ def main(argv: Sequence[str]) -> None:
   except (UserError, FileNotFoundError) as error:  # bad layout, data, files
     # Multi-line on purpose: a bad-data error lists one file per line.
     print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as error:  # e.g. a --data_dir that cannot be written
+    where = f"{error.filename}: " if error.filename else ""
+    print(f"error: {where}{error.strerror or error}", file=sys.stderr)
     sys.exit(2)
   report = json.loads(datasets.report_path(builder).read_text())
   counts = ", ".join(f"{split} {n}" for split, n in report["pairs"].items())

@@ -38,6 +38,11 @@ def source_of(path: str | os.PathLike) -> str:
   match = _SOURCE_FILE.match(Path(path).name)
   if not match:
     return Path(path).stem
+  if match.group(1) == DEFAULT_SOURCE:
+    # Would be read as captions.jsonl's source, and itself never.
+    raise UserError(f"{path}: the {DEFAULT_SOURCE!r} caption source is "
+                    "captions.jsonl; rename this file (captions_NAME.jsonl "
+                    f"with another NAME)")
   return match.group(1) or DEFAULT_SOURCE
 
 

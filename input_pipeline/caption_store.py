@@ -111,16 +111,16 @@ class CaptionEmbeddings:
           f"{directory}: not a {FORMAT} v{VERSION} store "
           f"(format={manifest.get('format')!r}, "
           f"version={manifest.get('version')!r})")
+    if not isinstance(manifest, dict) or not all(
+        isinstance(manifest.get(k), int) for k in ("num_unique", "dim")):
+      raise CaptionStoreError(f"{directory}: {MANIFEST_FILE} lacks integer "
+                              "num_unique and dim")
     expected = (manifest["num_unique"], manifest["dim"])
     if table.shape != expected or table.dtype != np.float32:
       raise CaptionStoreError(
           f"{directory}: {TABLE_FILE} is {table.dtype}{table.shape}, the "
           f"manifest says float32{expected}")
-    top = max((r for names in index.values() for rows in names.values()
-               for r in rows), default=-1)
-    if top >= table.shape[0]:
-      raise CaptionStoreError(
-          f"{directory}: {INDEX_FILE} points at row {top}, past the table")
+    _check_index(index, table.shape[0], directory / INDEX_FILE)
     return cls(table, index, manifest, str(directory))
 
   @property
@@ -218,3 +218,19 @@ class CaptionEmbeddings:
           f"{self.directory}: {dataset}/{name} has {len(rows)} caption(s), "
           f"no index {caption_index}")
     return np.asarray(self.table[rows[caption_index]])
+
+
+def _check_index(index: Any, num_rows: int, path: Path) -> None:
+  """{dataset: {name: [row, ...]}} with every row in the table; a negative
+  row would silently count from the end."""
+  if not isinstance(index, dict) or not all(
+      isinstance(names, dict) for names in index.values()):
+    raise CaptionStoreError(f"{path}: expected {{dataset: {{name: [rows]}}}}")
+  for dataset, names in index.items():
+    for name, rows in names.items():
+      if not isinstance(rows, list) or not all(
+          isinstance(r, int) and not isinstance(r, bool) and 0 <= r < num_rows
+          for r in rows):
+        raise CaptionStoreError(
+            f"{path}: {dataset}/{name} has rows {rows!r}; each must be a row "
+            f"of the table (0..{num_rows - 1})")

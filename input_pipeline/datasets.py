@@ -215,6 +215,8 @@ class IvfPairs(tfds.core.GeneratorBasedBuilder):
     # self.data_dir is tfds's temporary folder here: the report is renamed
     # into place together with the records.
     report = found.report(self._on_bad_data)
+    report["source"] = build_source(dl_manager.manual_dir, self._options,
+                                    self._on_bad_data)
     (epath.Path(self.data_dir) / REPORT_FILE).write_text(
         json.dumps(report, indent=1))
     # A split left empty by skipping is in the report but not written: tfds
@@ -238,6 +240,36 @@ def _config_name(name_or_config: str) -> str:
   return config
 
 
+def build_source(manual_dir: Any, options: Mapping[str, Any],
+                 on_bad_data: str) -> dict[str, Any]:
+  """What a build was made from (recorded in its report): the folders and
+  files as absolute paths, and the bad-data rule."""
+  absolute = lambda p: None if p is None else str(
+      Path(os.fspath(p)).absolute())
+  return {"manual_dir": absolute(manual_dir),
+          **{k: (v if k == "text_emb_dataset" else absolute(v))
+             for k, v in sorted(options.items())},
+          "on_bad_data": on_bad_data}
+
+
+def _check_reused_build(builder: IvfPairs, wanted: dict[str, Any]) -> None:
+  """An existing build is reused only for the same sources: a changed
+  --manual_dir or option would otherwise be ignored without a word."""
+  try:
+    recorded = json.loads(report_path(builder).read_text()).get("source")
+  except (OSError, ValueError):
+    recorded = None
+  if recorded is None or recorded == wanted:  # (builds before this record)
+    return
+  changed = [f"{key} {recorded.get(key)!r} -> {wanted.get(key)!r}"
+             for key in sorted(set(recorded) | set(wanted))
+             if recorded.get(key) != wanted.get(key)]
+  raise UserError(
+      f"{NAME}/{builder.builder_config.name} is already built in "
+      f"{builder.data_dir} from other sources ({'; '.join(changed)}); pass "
+      "--overwrite to rebuild it, or use another --data_dir")
+
+
 def build(dataset: str, *, manual_dir: str | os.PathLike,
           data_dir: str | os.PathLike,
           on_bad_data: layouts.OnBadData = "error",
@@ -249,7 +281,9 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
   """Builds `dataset` (a config name or 'ivf_pairs/<config>') into data_dir.
 
   An existing complete build is reused unless overwrite=True, which deletes it
-  first (a failed rebuild then leaves none, never a half one).
+  first (a failed rebuild then leaves none, never a half one); reusing one
+  made from other sources (folder, caption/split/embedding files, bad-data
+  rule) is an error.
   """
   config = _config_name(dataset)
   # Checked before tfds runs, so a wrong folder gets our error (every missing
@@ -259,6 +293,11 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
   builder = IvfPairs(config=config, data_dir=data_dir, on_bad_data=on_bad_data,
                      captions=captions, split_file=split_file,
                      text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+  if not overwrite and builder.is_prepared():
+    _check_reused_build(builder, build_source(
+        manual_dir, dict(captions=captions, split_file=split_file,
+                         text_emb=text_emb, text_emb_dataset=text_emb_dataset),
+        on_bad_data))
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
           tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from input_pipeline.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -72,10 +74,19 @@ def _restore_non_finite(value: Any) -> Any:
   return value
 
 
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file's contents; UserError naming the file if it is not JSON
+  (e.g. cut short by a full disk or a killed copy)."""
+  try:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{path}: not valid JSON ({error})") from None
+
+
 def read_json_numbers(path: str | os.PathLike) -> Any:
   """A JSON file written by json_text whose values are numbers: "inf",
   "-inf" and "nan" become floats again."""
-  return _restore_non_finite(json.loads(Path(path).read_text()))
+  return _restore_non_finite(read_json(path))
 
 
 def unwritable_reason(path: str | os.PathLike, flag: str) -> str | None:
@@ -90,3 +101,12 @@ def unwritable_reason(path: str | os.PathLike, flag: str) -> str | None:
   if not os.access(path.parent, os.W_OK):
     return f"{flag} {path}: folder {path.parent} is not writable"
   return None
+
+
+def check_writable(paths: dict[str, str | os.PathLike | None]) -> None:
+  """UserError naming every flag -> path (None: not given) that cannot take
+  a new file; checked before long work."""
+  problems = [problem for flag, path in paths.items() if path
+              for problem in [unwritable_reason(path, flag)] if problem]
+  if problems:
+    raise UserError("; ".join(problems))

@@ -12,6 +12,8 @@ Conventions (cited by `textfusion_jax.metrics` and the dataset builders):
       for raw thermal frames, which seldom span the 16-bit range; a constant
       image maps to 0).
   `read_image` reports which rule was applied through `ImageInfo.was_16bit`.
+  Single-channel 32-bit integer images follow the same rules (values past
+  16 bits only with "minmax"); float (mode F) images only with "minmax".
   Only single-channel 16-bit images: Pillow opens a 48-bit colour PNG as
   8-bit RGB by keeping each value's high byte (at most one level below the
   "full" rule), and `was_16bit` is then False.
@@ -86,7 +88,29 @@ def sixteen_to_eight_bit(values: np.ndarray,
   return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Single-channel modes wider than 8 bits: 16-bit, 32-bit integer, float.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _reduce_wide(array: np.ndarray, mode: str, rule: SixteenBitRule,
+                 name: str) -> np.ndarray:
+  """A wide single-channel array -> uint8 by `rule`, or ImageReadError where
+  the rule does not apply: a float image has no white level to keep
+  ('full'), and 32-bit integers beyond 16 bits would saturate."""
+  if mode == "F":
+    if not np.isfinite(array).all():
+      raise ImageReadError(f"{name}: float image with NaN or infinite values")
+    if rule != "minmax":
+      raise ImageReadError(
+          f"{name}: float image (mode F) has no fixed white level; only "
+          "infrared inputs, stretched per image, may be float: save it as "
+          "8- or 16-bit")
+  elif rule == "full" and (array.min(initial=0) < 0 or
+                           array.max(initial=0) > 65535):
+    raise ImageReadError(
+        f"{name}: 32-bit values {int(array.min())}..{int(array.max())} exceed "
+        "16 bits; save it as 8- or 16-bit")
+  return sixteen_to_eight_bit(array, rule)
 
 
 def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
@@ -101,7 +125,7 @@ def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
       # 8-bit content stored in a 32-bit container (some BMP/TIFF writers).
       array, was_16bit = array.astype(np.uint8), False
     else:
-      array = sixteen_to_eight_bit(array, sixteen_bit_rule)
+      array = _reduce_wide(array, mode, sixteen_bit_rule, name)
     return array, ImageInfo(name, was_16bit, True)
   if mode in ("L", "1"):
     # convert() copies even when the mode already matches.

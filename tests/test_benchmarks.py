@@ -51,6 +51,11 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
                                                              tmp_path):
   del shared_dir  # the TNO pairs it degrades
   report = tmp_path / "report.md"
+  # Left by an earlier run of more pairs: not scored with this run's.
+  stale = [tmp_path / "out" / d / "99.png" for d in ("true", "sources/vi")]
+  for path in stale:
+    path.parent.mkdir(parents=True)
+    path.write_bytes((ROOT / "docs" / "prompt_control.png").read_bytes())
   out = subprocess.run(
       [sys.executable, "benchmarks/text_effect.py",
        "--checkpoint=pretrained/textfusion-small-degraded", "--limit=2",
@@ -59,6 +64,8 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   text = report.read_text()
+  assert not any(path.exists() for path in stale)
+  assert "on 2 degraded TNO pairs" in text
   means = _table_rows(text, "method")
   for row in ("true", "shuffled", "empty", "reference", "wiener_target",
               "degraded_vi", "copy_vis", "copy_ir", "rule_mean", "rule_max"):

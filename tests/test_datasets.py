@@ -710,3 +710,48 @@ def test_a_build_in_an_older_format_asks_for_a_rebuild(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"format version\(s\) 1.0.0, "
                      r"this code reads 2.0.0; rebuild it"):
     datasets.load_source("folders", "train", tmp_path)
+
+
+def test_float_and_32_bit_images_are_stretched_or_refused_by_name(tmp_path):
+  """A radiometric float thermal frame (kelvin) is stretched like 16-bit
+  infrared; where no rule applies the file is named (Pillow's own convert
+  would clip it to a constant image)."""
+  kelvin = 280 + 30 * np.random.default_rng(0).random((40, 48))
+  Image.fromarray(kelvin.astype(np.float32), "F").save(tmp_path / "f.tif")
+  grey, info = image_io.read_image_with_info(tmp_path / "f.tif", "minmax")
+  np.testing.assert_array_equal(
+      grey, image_io.sixteen_to_eight_bit(kelvin.astype(np.float32),
+                                          "minmax"))
+  assert grey.min() == 0 and grey.max() == 255 and info.was_16bit
+  crop = image_io.EncodedImage(tmp_path / "f.tif", 1, "minmax").crop(
+      3, 5, 8, 9)
+  np.testing.assert_array_equal(crop[..., 0], grey[3:11, 5:14])
+  with pytest.raises(image_io.ImageReadError,
+                     match=r"f.tif: float image \(mode F\) has no fixed"):
+    image_io.read_image_with_info(tmp_path / "f.tif", "full")
+  wide = (np.arange(40 * 48).reshape(40, 48) * 100).astype(np.int32)
+  Image.fromarray(wide, "I").save(tmp_path / "i.tif")
+  with pytest.raises(image_io.ImageReadError,
+                     match=r"i.tif: 32-bit values 0..191900 exceed 16 bits"):
+    image_io.read_image_with_info(tmp_path / "i.tif", "full")
+  assert image_io.read_image_with_info(tmp_path / "i.tif", "minmax")[0].max(
+      ) == 255
+
+
+def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
+  root, other, data_dir = tmp_path / "src", tmp_path / "other", tmp_path / "d"
+  _folders(root)
+  _folders(other)
+  (other / "ir" / "c.png").unlink()
+  (other / "vi" / "c.png").unlink()
+  datasets.build("folders", manual_dir=root, data_dir=data_dir)
+  datasets.build("folders", manual_dir=root, data_dir=data_dir)  # reused
+  with pytest.raises(datasets.UserError,
+                     match=r"ivf_pairs/folders is already built in .* from "
+                     rf"other sources \(manual_dir '{root}' -> '{other}'\); "
+                     "pass --overwrite"):
+    datasets.build("folders", manual_dir=other, data_dir=data_dir)
+  assert len(datasets.load_source("folders", "train", data_dir)) == 3
+  datasets.build("folders", manual_dir=other, data_dir=data_dir,
+                 overwrite=True)
+  assert len(datasets.load_source("folders", "train", data_dir)) == 2

@@ -524,3 +524,42 @@ def test_an_encoder_folder_with_new_weights_is_not_the_old_encoder(tmp_path):
   assert sum(new.calls) >= 2  # the old shards were not reused
   np.testing.assert_allclose(rerun.table, new.encode(
       json.loads((tmp_path / "store" / "texts.json").read_text())), atol=1e-6)
+
+
+def test_a_process_that_stops_early_still_meets_the_others(encoder, tmp_path):
+  """--max_shards on a multi-process job: a process with fewer shards to do
+  than another must not leave the others waiting at the barrier."""
+  captions = [f"caption {i} of a thermal image" for i in range(6)]
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl", [
+      {"name": str(i), "captions": [c]} for i, c in enumerate(captions)])
+  files, out, barriers = [("set", path)], tmp_path / "out", []
+  # Shards 0, 2 for process 0 and 1 for process 1 (shard_size 2).
+  for index in (1, 0):
+    assert _run(CountingEncoder(encoder), files, out, shard_size=2,
+                max_shards=1, process_index=index, process_count=2,
+                barrier=lambda index=index: barriers.append(index)) is None
+  assert barriers == [1, 0]  # both met it, the one that stopped too
+  # A rerun finishes the rest and assembles.
+  for index in (1, 0):
+    store = _run(CountingEncoder(encoder), files, out, shard_size=2,
+                 process_index=index, process_count=2, barrier=lambda: None)
+  np.testing.assert_allclose(store.table, encoder.encode(captions), atol=1e-6)
+
+
+def test_damaged_store_index_and_misnamed_source_file_are_named(tmp_path):
+  from input_pipeline import caption_files  # pylint: disable=g-import-not-at-top
+  from input_pipeline import caption_store  # pylint: disable=g-import-not-at-top
+  table = np.eye(3, dtype=np.float32)
+  for index, message in (({"set": {"a": [-1]}}, r"set/a has rows \[-1\]"),
+                         ({"set": {"a": [3]}}, r"set/a has rows \[3\]"),
+                         ({"set": ["a"]}, "expected")):
+    caption_store.write_store(tmp_path / "store", table, index,
+                              ["x", "y", "z"], {"encoder": "test"})
+    with pytest.raises(caption_store.CaptionStoreError, match=message):
+      caption_store.CaptionEmbeddings.load(tmp_path / "store")
+  (tmp_path / "captions.jsonl").write_text("")
+  (tmp_path / "captions_default.jsonl").write_text("")
+  with pytest.raises(caption_files.UserError,
+                     match=r"captions_default.jsonl: the 'default' caption "
+                     "source is captions.jsonl"):
+    caption_files.find_sources(tmp_path)

@@ -350,3 +350,15 @@ def test_infinite_psnr_is_written_as_standard_json(folders, capsys):
   assert row["PSNR"] == "inf" and row["MSE"] == 0.0
   assert files.read_json_numbers(folders / "out.json")["methods"]["fused"][
       "per_image"]["a"]["PSNR"] == float("inf")
+
+
+def test_table_paths_among_the_scored_images_are_refused(folders, capsys):
+  before = (folders / "vis" / "a.png").read_bytes()
+  for flag, path in (("--json", folders / "vis" / "a.png"),
+                     ("--csv", folders / "fused" / "new.png")):
+    with pytest.raises(SystemExit):
+      cli(args_for(folders, flag, str(path)))
+    err = capsys.readouterr().err
+    assert f"{flag} {path} is an image path in the scored folder" in err
+  assert (folders / "vis" / "a.png").read_bytes() == before
+  assert not (folders / "fused" / "new.png").exists()

@@ -356,3 +356,23 @@ def test_a_header_past_the_decompression_bomb_limit_is_one_line(tmp_path):
                                   str(tmp_path / "out"))
   with pytest.raises(errors.UserError, match=r"a.jpg: unreadable \(Image size"):
     inference.check_sizes(pairs)
+
+
+def test_single_pair_out_never_replaces_another_pairs_source(tmp_path):
+  _write_pair(tmp_path, "a")
+  _write_pair(tmp_path, "b")
+  before = (tmp_path / "vi" / "b.jpg").read_bytes()
+  for victim in (tmp_path / "vi" / "b.jpg", tmp_path / "ir" / "b.png"):
+    with pytest.raises(inference.errors.UserError,
+                       match=r"is a source image \(its pair is "):
+      inference.collect_pairs(str(tmp_path / "ir" / "a.png"),
+                              str(tmp_path / "vi" / "a.jpg"), str(victim))
+  assert (tmp_path / "vi" / "b.jpg").read_bytes() == before
+  # Re-fusing over an earlier output beside both sources is allowed.
+  same = tmp_path / "same"
+  same.mkdir()
+  for name in ("ir.png", "vis.png", "fused.png"):
+    (same / name).write_bytes((tmp_path / "ir" / "a.png").read_bytes())
+  pairs = inference.collect_pairs(str(same / "ir.png"), str(same / "vis.png"),
+                                  str(same / "fused.png"))
+  assert [p.out for p in pairs] == [same / "fused.png"]

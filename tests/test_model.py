@@ -407,3 +407,19 @@ def test_min_gain_modulation_is_identity_at_init_and_floored():
   out = mod(x, text)[0, 0, 0]
   np.testing.assert_allclose(out, [0.5, 1.0, 0.5 + 0.5 * np.exp(3.0)],
                              rtol=1e-5)
+
+
+def test_pixel_normalisation_keeps_a_bounded_gradient_at_zero():
+  """An all-black crop gives all-zero queries at init: the gradient of its
+  normalisation was 1e12 times the upstream one (then 1.9e14 global norm)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 64, 3, 4)), jnp.float32)
+  np.testing.assert_allclose(
+      layers._l2_normalize_pixels(x),  # pylint: disable=protected-access
+      x / jnp.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+  upstream = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  grad = jax.grad(lambda v: jnp.sum(
+      layers._l2_normalize_pixels(v) * upstream))(jnp.zeros_like(x))  # pylint: disable=protected-access
+  # 1 / sqrt(1e-6 * 64 pixels) = 125 times the upstream gradient at most.
+  assert float(jnp.max(jnp.abs(grad))) <= 125.1 * float(
+      jnp.max(jnp.abs(upstream)))

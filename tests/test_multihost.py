@@ -108,7 +108,9 @@ def _job(workdir: Path, processes: int, mesh: tuple[int, int],
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
-  launch(_job(root / "two_process", 2, (4, 2)), devices=4)
+  # Eval batches of 3 rows on 8 devices: each is padded to 8 rows.
+  launch(_job(root / "two_process", 2, (4, 2), "--config.eval.batch_size=3"),
+         devices=4)
   # The continuation skips the final evaluation (the 2-process job's is the
   # one tested).
   no_eval = "--config.eval.at_end=False"
@@ -171,7 +173,11 @@ def test_only_process_zero_writes_outputs(jobs):
   segments = json.loads((workdir / "run_info.json").read_text())["segments"]
   assert len(segments) == 1  # one writer, not one per process
   assert len(_train_log(workdir)) == STEPS  # each step logged once
-  assert (workdir / "eval" / str(STEPS) / "metrics.json").is_file()
+  result = json.loads(
+      (workdir / "eval" / str(STEPS) / "metrics.json").read_text())
+  # Every image of the tiny eval set once; no padded row scored.
+  assert result["num_images"] == len(result["per_image"]) == 8
+  assert len(list((workdir / "eval" / str(STEPS)).glob("*.png"))) == 8
   steps = {int(p.name) for p in (workdir / "checkpoints").iterdir()
            if p.name.isdigit()}
   assert {2, STEPS} <= steps  # (orbax also keeps the first step it sees)

@@ -80,3 +80,19 @@ def test_mesh_shape_errors():
     sharding_lib.make_mesh({"data": -1, "fsdp": -1})
   with pytest.raises(ValueError, match="needs"):
     sharding_lib.make_mesh({"data": 3, "fsdp": 5})
+
+
+@pytest.mark.parametrize("rules, message", [
+    ([("channel_out", "fsdp")], "'channel_out' is not a parameter axis"),
+    ([("channels_out", "fsdb")], "names mesh axis 'fsdb'"),
+    (["channels_out"], "is not a pair"),
+])
+def test_mistyped_sharding_rules_are_named(rules, message):
+  # A rule that matched nothing used to replicate every parameter silently.
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import train_step  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.sharding_rules = rules
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+  with pytest.raises(sharding_lib.UserError, match=message):
+    train_step.ShardedTrainer(config, mesh)

@@ -180,8 +180,10 @@ def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
 
 
 def _train_cli(*args, env=None):
+  """train.py with configs/tiny.py, unless `args` name another --config."""
+  config = [] if "--config" in args else ["--config", "configs/tiny.py"]
   return subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/tiny.py", *args],
+      [sys.executable, "train.py", *config, *args],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, **(env or {})), check=False)
 
@@ -199,12 +201,17 @@ def test_unknown_config_key_is_one_line(tmp_path):
     (("--config.train.batch_size=-2",), "config.train.batch_size=-2"),
     (("--config.model.dim=7",), "config.model.dim=7"),
     (("--config", "configs/missing.py"), "--config configs/missing.py"),
+    (("--config", "{tmp}/no_get_config.py"), "defines no get_config()"),
+    (("--config", "{tmp}/syntax_error.py"), "syntax_error.py:2: "),
     # Passes the config checks, fails reading the data.
     (("--config.data.source=folder", "--config.data.train_dir=/nonexistent"),
      "/nonexistent"),
 ])
 def test_bad_config_values_are_one_line_and_write_nothing(tmp_path, args,
                                                           expect):
+  (tmp_path / "no_get_config.py").write_text("NUM_STEPS = 3\n")
+  (tmp_path / "syntax_error.py").write_text("\ndef get_config(:\n")
+  args = [a.format(tmp=tmp_path) for a in args]
   out = _train_cli("--workdir", str(tmp_path / "run"), *args)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
@@ -216,7 +223,9 @@ def test_bad_config_values_are_one_line_and_write_nothing(tmp_path, args,
 
 @pytest.mark.parametrize("field, value", [("seed", -1),
                                           ("data.crop_size", 0),
-                                          ("eval.batch_size", 0)])
+                                          ("eval.batch_size", 0),
+                                          # orbax would delete every one
+                                          ("train.keep_checkpoints", 0)])
 def test_config_checks_name_the_field(field, value):
   config = tiny.get_config()
   parent, _, name = ("config." + field).rpartition(".")
@@ -388,3 +397,78 @@ def test_reference_model_errors_name_the_field(full_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"model.dim.*reference_from"):
     train_loop.check_param_sources(config)
+
+
+def test_text_dtype_and_batch_split_are_checked_by_name():
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from textfusion_jax.text import encoder as text_encoder  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.text.dtype = "float16"
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"config.text.dtype='float16': must be one of "
+                     "float32, bfloat16"):
+    text_encoder.from_config(config.text)
+  eight = SimpleNamespace(size=8, shape={"data": 4, "fsdp": 2})
+  config.train.batch_size = 12
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"config.train.batch_size=12 does not split over "
+                     r"the mesh's 8 devices"):
+    train_loop.check_batch_fits_mesh(config, eight)
+  config.train.batch_size = 16
+  train_loop.check_batch_fits_mesh(config, eight)
+
+
+def test_corrupt_run_files_are_one_line(full_run, tmp_path):
+  """A cut-short data position or run record names the file; guessing the
+  data position would resume at the wrong example."""
+  from textfusion_jax import run_record  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "copy"
+  shutil.copytree(full_run[0], workdir)
+  step = tiny.get_config().train.num_steps
+  manager = checkpointing.make_manager(workdir, save_interval_steps=1,
+                                       max_to_keep=None, async_save=False)
+  assert checkpointing.restore_data_position(manager, step) == {
+      "examples_seen": step * 8, "global_batch_size": 8}
+  position = workdir / "checkpoints" / str(step) / "data" / "metadata"
+  position.write_text(position.read_text()[:10])
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=rf"{position}: unreadable data position"):
+    checkpointing.restore_data_position(manager, step)
+  record = workdir / run_record.RUN_INFO
+  record.write_text(record.read_text()[:20])
+  with pytest.raises(train_loop.errors.UserError,
+                     match=rf"{record}: not valid JSON"):
+    run_record.load(workdir)
+
+
+def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
+    full_run, tmp_path, monkeypatch):
+  """config.json and run_info.json describe the checkpoints until the new
+  run's first step has compiled; a changed schedule is announced."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "copy"
+  shutil.copytree(full_run[0], workdir)
+  before = {name: (workdir / name).read_text()
+            for name in ("config.json", "run_info.json")}
+
+  def fail_at(name):
+    if name == "train_step_compiled":
+      raise RuntimeError("out of memory (simulated)")
+
+  monkeypatch.setattr(distributed, "barrier", fail_at)
+  config = tiny.get_config()
+  config.train.num_steps += 2
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logging.getLogger(train_loop.__name__).addHandler(handler)
+  try:
+    with pytest.raises(RuntimeError, match="simulated"):
+      train_loop.train_and_evaluate(config, str(workdir))
+  finally:
+    logging.getLogger(train_loop.__name__).removeHandler(handler)
+  assert {name: (workdir / name).read_text() for name in before} == before
+  assert any("train.num_steps 6 -> 8" in r.getMessage() for r in records)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -37,9 +38,10 @@ def ensure_writable_workdir(workdir: str | os.PathLike) -> Path:
   workdir = Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write-probe-{os.getpid()}"
+    # Unique per call: processes on other hosts may share a PID.
+    probe = workdir / f".write-probe-{uuid.uuid4().hex}"
     probe.write_text("ok")
-    probe.unlink()
+    probe.unlink(missing_ok=True)
   except OSError as error:
     raise CheckpointError(
         f"workdir {workdir} cannot be written: {error.strerror or error}"
@@ -107,6 +109,28 @@ def check_compatible(saved: ml_collections.ConfigDict,
         + "; ".join(diffs) + f"); {remedy}")
 
 
+# Fields whose change on resume alters what the remaining steps do (the
+# learning-rate schedule follows optim.* and train.num_steps).
+_TRAINING_FIELDS = ("seed", "optim.", "loss.", "data.", "train.num_steps",
+                    "train.batch_size", "train.init_from",
+                    "train.reference_from")
+# ... except those that change only how fast the same data arrives.
+_THROUGHPUT_FIELDS = ("data.worker_count", "data.prefetch_buffer_size",
+                      "data.cache_in_memory")
+
+
+def changed_training_fields(saved: ml_collections.ConfigDict,
+                            current: ml_collections.ConfigDict) -> list[str]:
+  """'field: saved -> current' for each training field that differs."""
+  saved_flat = _flatten(saved.to_dict())
+  current_flat = _flatten(json.loads(config_to_json(current)))
+  return [f"{key} {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"
+          for key in sorted(set(saved_flat) | set(current_flat))
+          if key.startswith(_TRAINING_FIELDS)
+          and not key.startswith(_THROUGHPUT_FIELDS)
+          and saved_flat.get(key) != current_flat.get(key)]
+
+
 def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Writes config.json atomically (a crash never leaves half a file)."""
   files.write_text_atomic(workdir / CONFIG_FILE, config_to_json(config))
@@ -171,18 +195,23 @@ def restore_data_position(manager: ocp.CheckpointManager, step: int
   """The data position saved with `step`, or None if it has none.
 
   Checkpoints written before data positions hold grain iterator files
-  there instead; they consumed one batch per step, which the caller assumes
-  for None.
+  there instead (no JSON `metadata` file); they consumed one batch per
+  step, which the caller assumes for None. A position file that cannot be
+  read is an error: guessing would resume the data at the wrong example.
   """
-  if not (Path(manager.directory) / str(step) / "data").exists():
+  path = Path(manager.directory) / str(step) / "data" / "metadata"
+  if not path.exists():
     return None
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         data=ocp.args.JsonRestore()))
     position = dict(restored["data"])
-  except (ValueError, KeyError, TypeError, OSError):
-    return None
-  return position if "examples_seen" in position else None
+    int(position["examples_seen"])
+  except (ValueError, KeyError, TypeError, OSError) as error:
+    raise CheckpointError(
+        f"{path}: unreadable data position ({type(error).__name__}); restore "
+        "the file or resume from another step") from None
+  return position
 
 
 def _existing_step(manager: ocp.CheckpointManager, step: int | None) -> int:

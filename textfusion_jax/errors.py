@@ -44,7 +44,13 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as error:
     fail(str(error))
+  except SyntaxError as error:  # a config file that does not parse
+    fail(f"{error.filename}:{error.lineno}: {error.msg} (a config file must "
+         "be Python defining get_config())")
   except (AttributeError, KeyError) as error:
+    if "get_config" in str(error):
+      path = _config_file_argument(argv) or "the config file"
+      fail(f"--config {path} defines no get_config()")
     # ml_collections reports an unknown override as a nested Key/AttributeError.
     text = str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     field = next((a.split("=")[0].lstrip("-") for a in argv[1:]
@@ -53,6 +59,16 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
                   re.search(r"'(\w+)'", text).group(1) in a), None)
     fail(f"unknown config field {field or text}: {text}")
   return []  # unreachable; fail exits
+
+
+def _config_file_argument(argv: Sequence[str]) -> str | None:
+  """The value of --config (either form) in `argv`, if given."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
 
 
 def run_absl_app(main: Callable[[list[str]], None],

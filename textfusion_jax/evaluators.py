@@ -66,8 +66,11 @@ class FusionEvaluator:
                batches: Callable[[], Iterable[Mapping[str, Any]]],
                to_device: Callable[[Mapping[str, np.ndarray]], Any],
                workdir: str | Path, save_images: int = 16,
-               pad_multiple: int = 1):
+               pad_multiple: int = 1, row_multiple: int = 1):
     self._apply_fn = apply_fn
+    # Batches are split over every device: rows are padded to a multiple of
+    # the device count (padded rows are not scored).
+    self._row_multiple = max(1, row_multiple)
     # Padding every image up to a multiple of `pad_multiple` (the metrics
     # score only the true region) bounds the number of compiled shapes on
     # datasets of many image sizes.
@@ -93,13 +96,14 @@ class FusionEvaluator:
       names = list(batch["name"])
       valid = np.asarray(batch.get("valid", np.ones(len(names), bool)))
       height, width = batch["vis"].shape[1:3]
+      rows = -(-len(names) // self._row_multiple) * self._row_multiple
       device_batch = self._to_device({
-          "vis": _pad_images(batch["vis"], self._pad_multiple),
-          "ir": _pad_images(batch["ir"], self._pad_multiple),
-          "text_emb": batch["text_emb"],
-          "valid_size": np.tile([[height, width]], (len(names), 1)
-                                ).astype(np.int32),
-          "sizes": np.tile([[height, width]], (len(METHODS) * len(names), 1)
+          "vis": _pad_rows(_pad_images(batch["vis"], self._pad_multiple),
+                           rows),
+          "ir": _pad_rows(_pad_images(batch["ir"], self._pad_multiple), rows),
+          "text_emb": _pad_rows(np.asarray(batch["text_emb"]), rows),
+          "valid_size": np.tile([[height, width]], (rows, 1)).astype(np.int32),
+          "sizes": np.tile([[height, width]], (len(METHODS) * rows, 1)
                            ).astype(np.int32)})
       args = (params, device_batch["vis"], device_batch["ir"],
               device_batch["text_emb"], device_batch["valid_size"])
@@ -117,7 +121,7 @@ class FusionEvaluator:
       # Per-image metrics need no collectives; gathering them does.
       distributed.barrier("eval_metrics")
       stacked = sharding_lib.to_host(metric_values)
-      scores = {method: {k: v[m * len(names):(m + 1) * len(names)]
+      scores = {method: {k: v[m * rows:m * rows + len(names)]
                          for k, v in stacked.items()}
                 for m, method in enumerate(METHODS)}
       fused_u8 = np.asarray(sharding_lib.to_host(fused_u8))[:, :height,
@@ -205,6 +209,14 @@ def _pad_images(images: np.ndarray, multiple: int) -> np.ndarray:
   height, width = images.shape[1:3]
   return tiling.pad_bottom_right(images, height + -height % multiple,
                                  width + -width % multiple)
+
+
+def _pad_rows(batch: np.ndarray, rows: int) -> np.ndarray:
+  """`batch` with its last row repeated up to `rows` rows."""
+  extra = rows - len(batch)
+  if not extra:
+    return batch
+  return np.concatenate([batch, np.repeat(batch[-1:], extra, axis=0)])
 
 
 def _mean_over_images(per_image: Mapping[str, Mapping[str, float]]

@@ -44,14 +44,15 @@ _TEXT = flags.DEFINE_string("text", None, "One prompt for every pair.")
 _CAPTIONS = flags.DEFINE_string("captions", None,
                                 "captions.jsonl with a caption per pair.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
-                                      "Which caption of each line to use.")
+                                      "Which caption of each line to use.", lower_bound=0)
 _CAPTION_SPLIT = flags.DEFINE_string(
     "caption_split", None, "Use the --captions lines tagged with this "
     "\"split\" (else the untagged ones).")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (or directory).")
 _TILE = flags.DEFINE_integer(
     "tile", inference.DEFAULT_TILE, "Images up to this size run whole; larger"
-    " ones in tiles of this size (at least 32).")
+    " ones in tiles of this size (at least 32; below 256 the result drifts "
+    "from the whole-image fusion).")
 _OVERLAP = flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP,
                                 "Tile overlap in pixels (0 to tile / 2).")
 
@@ -71,6 +72,11 @@ def main(argv: Sequence[str]) -> None:
   if _CAPTION_SPLIT.value is not None and not _CAPTIONS.value:
     raise errors.UserError("--caption_split needs --captions")
   tiling.check_tiling(_TILE.value, _OVERLAP.value)
+  if _TILE.value < tiling.SMALL_TILE:
+    print(f"warning: --tile={_TILE.value}: an image larger than a tile is "
+          "fused tile by tile, and the attention of a small tile sees little "
+          "of the scene: expect visible differences from the whole-image "
+          f"fusion below {tiling.SMALL_TILE} pixels", file=sys.stderr)
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
   inference.check_sizes(pairs)  # before the model loads
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else

@@ -89,6 +89,17 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
     if out.resolve() == path.resolve():
       raise errors.UserError(f"--out {out} is the {flag} input; fusing would "
                              "overwrite it: choose another path")
+  # One pair's --out may be another pair's source image: ir/2.png beside
+  # vi/2.png.
+  if not ir.is_dir() and out.is_file() and ir.parent.resolve() != (
+      vis.parent.resolve()):
+    for folder, other in ((ir.parent, vis.parent), (vis.parent, ir.parent)):
+      if out.parent.resolve() == folder.resolve():
+        partner = image_io.list_images(other).get(out.stem)
+        if partner is not None:
+          raise errors.UserError(
+              f"--out {out} is a source image (its pair is {partner}); "
+              "fusing would overwrite it: choose another path")
   folder = ir.is_dir()
   if out.exists() and out.is_dir() != folder:
     raise errors.UserError(

@@ -154,6 +154,13 @@ def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
   return x.reshape(b, h // factor, w // factor, c * factor**2)
 
 
+# Floor of the mean square per pixel in `_l2_normalize_pixels` (an RMS of
+# 1e-3). An absolute floor of 1e-24 (torch's F.normalize) multiplies the
+# gradient of an all-zero feature, e.g. of an all-black crop at init, by
+# 1e12; global-norm clipping then turns the whole update toward it.
+_NORMALIZE_MEAN_SQUARE_FLOOR = 1e-6
+
+
 def _l2_normalize_pixels(x: jax.Array) -> jax.Array:
   """Unit L2 norm over the pixel axis 1, computed in float32.
 
@@ -161,7 +168,8 @@ def _l2_normalize_pixels(x: jax.Array) -> jax.Array:
   """
   x32 = x.astype(jnp.float32)
   sum_sq = jnp.sum(x32 * x32, axis=1, keepdims=True)
-  return (x32 * jax.lax.rsqrt(jnp.maximum(sum_sq, 1e-24))).astype(x.dtype)
+  floor = _NORMALIZE_MEAN_SQUARE_FLOOR * x.shape[1]
+  return (x32 * jax.lax.rsqrt(jnp.maximum(sum_sq, floor))).astype(x.dtype)
 
 
 class QKVProjection(nnx.Module):

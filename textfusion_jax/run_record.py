@@ -100,7 +100,7 @@ def _write(workdir: Path, info: dict[str, Any]) -> None:
 
 def load(workdir: str | os.PathLike) -> dict[str, Any]:
   path = Path(workdir) / RUN_INFO
-  return json.loads(path.read_text()) if path.is_file() else {}
+  return files.read_json(path) if path.is_file() else {}
 
 
 def check_text_encoder(info: dict[str, Any], fingerprint: str | None,

@@ -308,6 +308,19 @@ def _csv_text(result: Mapping) -> str:
   return out.getvalue()
 
 
+def _image_among_inputs(path: Path, folders: Sequence[Path], flag: str
+                        ) -> str | None:
+  """A table written as an image file in a scored folder would replace a
+  source (or be scored as one next time)."""
+  if path.suffix.lower() not in image_io.IMAGE_SUFFIXES:
+    return None
+  for folder in folders:
+    if path.resolve().parent == Path(folder).resolve():
+      return (f"{flag} {path} is an image path in the scored folder "
+              f"{folder}; write the table elsewhere (e.g. a .json file)")
+  return None
+
+
 def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
                      baselines: bool, json_path: Path | None,
                      csv_path: Path | None, batch_size: int) -> None:
@@ -315,7 +328,9 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
   out_problems = [problem for flag, path in (("json", json_path),
                                              ("csv", csv_path))
                   if path is not None
-                  for problem in [files.unwritable_reason(path, f"--{flag}")]
+                  for problem in [files.unwritable_reason(path, f"--{flag}") or
+                                  _image_among_inputs(path, (ir, vis, *fused),
+                                                      f"--{flag}")]
                   if problem]
   # A file that changes after it was checked raises ImageReadError, also a
   # UserError: one line either way.

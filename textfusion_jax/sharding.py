@@ -75,21 +75,45 @@ def logical_shardings(abstract_state: Any, rules: Sequence[tuple[str, Any]],
   anything else, and any dim that its mesh axes do not divide, is replicated.
   """
   rules = resolve_rules(rules)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+
+  def logical_axes(variable: Any) -> Sequence[str | None]:
+    return ((variable.get_metadata().get("out_sharding")
+             if is_variable(variable) else None) or ())
+
+  used = {name for v in jax.tree.leaves(abstract_state, is_leaf=is_variable)
+          for name in logical_axes(v) if name is not None}
+  _check_rules(rules, used, mesh)
 
   def to_sharding(variable: Any) -> NamedSharding:
-    logical = (variable.get_metadata().get("out_sharding")
-               if isinstance(variable, nnx.Variable) else None)
-    spec = logical_to_mesh_spec(logical, rules)
+    spec = logical_to_mesh_spec(logical_axes(variable), rules)
     return NamedSharding(mesh, _fit_spec_to_shape(spec, variable.shape, mesh))
 
-  return jax.tree.map(to_sharding, abstract_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(to_sharding, abstract_state, is_leaf=is_variable)
+
+
+def _check_rules(rules: Sequence[tuple[str, Any]], used: set[str],
+                 mesh: Mesh) -> None:
+  """A mistyped rule would silently replicate everything: name it."""
+  for logical, physical in rules:
+    if logical not in used:
+      raise UserError(
+          f"config.sharding_rules: {logical!r} is not a parameter axis of "
+          f"this model (it has {', '.join(sorted(used))})")
+    for axis in (physical if isinstance(physical, tuple) else (physical,)):
+      if axis is not None and axis not in mesh.axis_names:
+        raise UserError(
+            f"config.sharding_rules: ({logical!r}, {physical!r}) names mesh "
+            f"axis {axis!r}, but the mesh has {', '.join(mesh.axis_names)}")
 
 
 def resolve_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
   """Normalises config rules (lists from the command line) to tuples."""
   resolved = []
   for rule in rules:
+    if isinstance(rule, str) or len(rule) != 2:
+      raise UserError(f"config.sharding_rules: {rule!r} is not a pair "
+                      "(logical axis, mesh axis or None)")
     logical, physical = rule
     if isinstance(physical, list):
       physical = tuple(physical)

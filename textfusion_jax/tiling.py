@@ -104,6 +104,11 @@ def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
   return {shape: sorted(names) for shape, names in buckets}
 
 
+# Below this tile size a tiled fusion visibly drifts from the whole-image
+# one: each tile's channel attention pools only its own window.
+SMALL_TILE = 256
+
+
 def check_tiling(tile: int, overlap: int) -> None:
   """UserError unless tiles of `tile` pixels overlapping by `overlap` cover
   an image: tile >= 32 (the model's coarsest level) and 0 <= overlap <=

@@ -1,8 +1,9 @@
 """Training and evaluation loop, split into plainly named phases.
 
-  check_config -> setup_workdir -> make_mesh -> create_datasets -> build_trainer
-  -> restore_or_init -> record_config -> train loop (log, checkpoint,
-  evaluate) -> final evaluation
+  check_config -> setup_workdir -> make_mesh -> check_batch_fits_mesh ->
+  build_trainer -> create_datasets -> restore_or_init -> train loop (its first
+  step compiled: record_start; then log, checkpoint, evaluate) -> final
+  evaluation
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class NonFiniteLossError(errors.UserError):
 
 # train.* fields that must be positive / non-negative integers.
 _POSITIVE_TRAIN_FIELDS = ("num_steps", "batch_size", "log_every",
-                          "checkpoint_every")
+                          "checkpoint_every", "keep_checkpoints")
 _NON_NEGATIVE_TRAIN_FIELDS = ("eval_every", "stop_after_steps")
 
 
@@ -77,12 +78,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   """Checks the workdir and a previous run's config; writes nothing there
-  but the directory itself (`record_config` writes the config once the run
+  but the directory itself (`record_start` writes the config once the run
   has started)."""
   path = checkpointing.ensure_writable_workdir(workdir)
   if (path / checkpointing.CONFIG_FILE).exists():
     saved = checkpointing.load_saved_config(path)
     checkpointing.check_compatible(saved, config, path)
+    changed = checkpointing.changed_training_fields(saved, config)
+    if changed and jax.process_index() == 0:
+      # Allowed (extending a run is common), but the schedule jumps.
+      log.warning("Resuming %s with changed settings (the remaining steps "
+                  "follow the new values): %s", path, "; ".join(changed))
     # The model's text MLPs were trained on this encoder's embeddings.
     was = saved.get("text", {}).get("encoder")
     if was is not None and not sources.same_text_encoder(
@@ -94,12 +100,29 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   return path
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """config.json, written only after data, model and state are ready: a
-  run that fails before its first step leaves an earlier run's config (the
-  one its checkpoints were written by) as it was."""
-  if jax.process_index() == 0:
-    checkpointing.write_config(workdir, config)
+def check_batch_fits_mesh(config: ml_collections.ConfigDict,
+                          mesh: Any) -> None:
+  """A training batch is split evenly over every device of the mesh (eval
+  batches are padded to fit)."""
+  if config.train.batch_size % mesh.size:
+    raise errors.UserError(
+        f"config.train.batch_size={config.train.batch_size} does not split "
+        f"over the mesh's {mesh.size} devices ({dict(mesh.shape)}); use a "
+        f"multiple of {mesh.size}")
+
+
+def record_start(config: ml_collections.ConfigDict, workdir: Path,
+                 start_step: int, encoder_fingerprint: str | None
+                 ) -> dict[str, Any] | None:
+  """Writes config.json and opens a run_info segment (process 0), once the
+  run is known to start: after its first train step compiled, or before an
+  evaluation-only run. A run that fails earlier leaves an earlier run's
+  config (the one its checkpoints were written by) and record as they were.
+  Returns the segment record, None on other processes."""
+  if jax.process_index() != 0:
+    return None
+  checkpointing.write_config(workdir, config)
+  return run_record.start(workdir, config, start_step, encoder_fingerprint)
 
 
 def create_datasets(config: ml_collections.ConfigDict, workdir: Path
@@ -282,14 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
+  check_batch_fits_mesh(config, mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)  # checks sharding_rules
   inputs = create_datasets(config, workdir_path)
-  trainer = train_step.ShardedTrainer(config, mesh)
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                    config)
-  record_config(config, workdir_path)
   reference = reference_params(trainer, config)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
@@ -297,17 +320,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   evaluator = evaluators.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
       save_images=config.eval.save_images,
-      pad_multiple=config.eval.pad_multiple)
+      pad_multiple=config.eval.pad_multiple, row_multiple=mesh.size)
   base_rng = jax.random.key(config.seed + 1)
   num_steps = config.train.num_steps
   # A preemption stand-in: stop early, as a killed job would, after saving.
   stop_at = (min(num_steps, start_step + config.train.stop_after_steps)
              if config.train.stop_after_steps else num_steps)
 
-  is_writer = jax.process_index() == 0
-  info = (run_record.start(workdir_path, config, start_step,
-                           inputs.text_encoder_fingerprint) if is_writer
-          else None)
+  info = None
+  if start_step >= stop_at:  # nothing to train: an evaluation-only run
+    info = record_start(config, workdir_path, start_step,
+                        inputs.text_encoder_fingerprint)
   loop_start = time.time()
   with jax.set_mesh(mesh):
     step_fn = None
@@ -326,6 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           step_fn = trainer.jitted_train_step.lower(
               state, batch, base_rng, reference).compile()
           distributed.barrier("train_step_compiled")
+          info = record_start(config, workdir_path, start_step,
+                              inputs.text_encoder_fingerprint)
         state, step_metrics = step_fn(state, batch, base_rng, reference)
         step += 1
         batches_seen += 1
@@ -355,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     finally:
       progress.close()
       manager.wait_until_finished()
-      if is_writer:
+      if info is not None:
         run_record.finish(workdir_path, info, step, time.time() - loop_start)
     if manager.latest_step() != step:
       checkpointing.save(manager, step, state,

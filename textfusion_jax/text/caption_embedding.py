@@ -136,27 +136,35 @@ def run(encoder, records: Sequence[caption_files.CaptionRecord],
   bar = tqdm.tqdm(total=total, initial=total - sum(len(s.texts) for s in todo),
                   unit="caption", desc=f"embed captions [{process_index}]",
                   disable=not progress)
+  stopped = False
   with bar:
     for done, shard in enumerate(todo):
       if max_shards is not None and done >= max_shards:
         logger.warning("stopped after %d shard(s) as asked; rerun to resume",
                        done)
-        return None
+        stopped = True
+        break
       ids, num_truncated = encoder.tokenize(shard.texts)
       embeddings = encoder.encode_ids(ids, batch_size)
       _write_shard(out, shard, embeddings, num_truncated)
       bar.update(len(shard.texts))
 
+  # Every process meets the barrier, also one that stopped early: the
+  # others would wait for it forever.
   if process_count > 1:
     (barrier or _sync_all_processes)()
-  if process_index != 0:
+  if process_index != 0 or stopped:
     return None
-  return _assemble(encoder, records, out, texts, index, shards)
+  return _assemble(encoder, records, out, texts, index, shards,
+                   missing_ok=max_shards is not None)
 
 
 def _assemble(encoder, records, out: Path, texts: list[str],
               index: dict[str, dict[str, list[int]]],
-              shards: list[_Shard]) -> caption_store.CaptionEmbeddings:
+              shards: list[_Shard], missing_ok: bool = False
+              ) -> caption_store.CaptionEmbeddings | None:
+  """The store from every shard; None if some are missing and
+  `missing_ok` (another process stopped early, as asked)."""
   table = np.zeros((len(texts), encoder.embed_dim), np.float32)
   num_truncated, missing = 0, []
   for shard in shards:
@@ -166,6 +174,10 @@ def _assemble(encoder, records, out: Path, texts: list[str],
       continue
     table[shard.start:shard.start + len(shard.texts)] = found[0]
     num_truncated += found[1]
+  if missing and missing_ok:
+    logger.warning("%d shard(s) not embedded yet (--max_shards); rerun to "
+                   "resume", len(missing))
+    return None
   if missing:
     raise RuntimeError(f"{len(missing)} shard(s) missing or invalid after all "
                        f"processes finished: {', '.join(missing[:5])}")

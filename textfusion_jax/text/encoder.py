@@ -247,6 +247,8 @@ class TextEncoder:
 TINY_RANDOM = "tiny-random"
 # Fixed, so training, evaluation and the fuse command embed identically.
 TINY_RANDOM_SEED = 0
+# config.text.dtype -> the tower's compute dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def fingerprint(model: clip_text.ClipTextTower, tokenizer: Any) -> str:
@@ -280,7 +282,10 @@ def fingerprint(model: clip_text.ClipTextTower, tokenizer: Any) -> str:
 def from_config(text_config: Any) -> TextEncoder:
   """The encoder `config.text` names: 'tiny-random' (no download), a local
   Hugging Face CLIP directory, or a hub id."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[text_config.dtype]
+  dtype = DTYPES.get(text_config.dtype)
+  if dtype is None:
+    raise UserError(f"config.text.dtype={text_config.dtype!r}: must be one of "
+                    f"{', '.join(DTYPES)}")
   if text_config.encoder == TINY_RANDOM:
     return TextEncoder.tiny_random(TINY_RANDOM_SEED, dtype=dtype)
   return TextEncoder.from_pretrained(text_config.encoder, dtype=dtype)

@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.reference_from = ""  # Frozen bundle or workdir for loss.reference (same model config and text encoder).
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 8  # Eval batch size (a multiple of the device count).
+  config.eval.batch_size = 8  # Eval batch size (padded to a multiple of the device count).
   config.eval.save_images = 8  # Fused eval images also written to TensorBoard.
   config.eval.max_images = 0  # Cap on eval images (0 = all).
   config.eval.pad_multiple = 1  # Pad eval images to multiples of this (fewer compiled shapes on mixed sizes).

@@ -1,4 +1,4 @@
-"""CPU demo: the README's main command (about 7 minutes on 2 cores, see README).
+"""CPU demo: the README's main command (about 5 minutes on 2 cores, see README).
 
 Run:
   python train.py --config configs/demo.py --workdir /tmp/textfusion_demo

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from input_pipeline import datasets
 from input_pipeline import layouts
@@ -59,7 +60,12 @@ _LIST_CONFIGS = flags.DEFINE_bool(
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}",
+          file=sys.stderr)
+    sys.exit(2)
+  # tfds's own progress notes (e.g. "Variant folder ... has no
+  # dataset_info.json" before every first build) would bury the outcome.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   if _LIST_CONFIGS.value:
     for name, layout in layouts.LAYOUTS.items():
       print(f"{datasets.NAME}/{name}: {layout.description}")
@@ -95,5 +101,14 @@ def main(argv: Sequence[str]) -> None:
       print(f"  {layouts.Problem(**problem)}")
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's parser, with a flag mistake as one `error:` line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

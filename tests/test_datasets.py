@@ -703,6 +703,19 @@ def test_cli_error_and_skip(tmp_path):
   assert "train 3" in built.stdout
   assert "only_ir.png" in built.stdout and "only_vi.png" in built.stdout
   assert len(datasets.load_source("folders", "train", tmp_path / "b")) == 3
+  # Flag mistakes, missing flags and an unwritable --data_dir: one line each.
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  for args, message in (((*common, "--data_dir", "x", "--bogus=1"),
+                         "Unknown command line flag 'bogus'"),
+                        (("--dataset", "folders"), "missing --manual_dir, "
+                         "--data_dir"),
+                        ((*common, "--data_dir", str(blocker / "sub")),
+                         str(blocker))):
+    out = _cli(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
 
 
 def test_a_build_in_an_older_format_asks_for_a_rebuild(tmp_path):

@@ -376,3 +376,15 @@ def test_single_pair_out_never_replaces_another_pairs_source(tmp_path):
   pairs = inference.collect_pairs(str(same / "ir.png"), str(same / "vis.png"),
                                   str(same / "fused.png"))
   assert [p.out for p in pairs] == [same / "fused.png"]
+
+
+def test_unwritable_out_folder_is_refused_before_the_model_loads(
+    tmp_path, monkeypatch):
+  # (As root, os.access grants everything: the check is simulated.)
+  _write_pair(tmp_path, "a")
+  monkeypatch.setattr(inference.os, "access",
+                      lambda path, mode: Path(path) != tmp_path)
+  with pytest.raises(inference.errors.UserError,
+                     match=rf"folder {tmp_path} is not writable"):
+    inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                            str(tmp_path / "out"))

@@ -281,11 +281,12 @@ def test_incompatible_checkpoint_is_one_line(full_run):
 
 
 def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
-    tmp_path, monkeypatch):
+    full_run, tmp_path, monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path)
+  shutil.copytree(full_run[0], tmp_path)  # trained to step 6
   config = tiny.get_config()
-  config.train.stop_after_steps = 3
-  train_loop.train_and_evaluate(config, str(tmp_path))
-  config.train.stop_after_steps = 0
+  config.train.num_steps = 8
 
   # A finite loss whose gradient is NaN (an overflow in the backward pass).
   @jax.custom_vjp
@@ -326,14 +327,14 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
   # A NaN loss goes through the same check (a divergent run's, without
   # compiling another one).
   with pytest.raises(train_loop.NonFiniteLossError,
-                     match=r"non-finite loss nan at step 7; .* step 3 in"):
+                     match=r"non-finite loss nan at step 7; .* step 6 in"):
     train_loop._check_finite((float("nan"), 1.0), 7,  # pylint: disable=protected-access
                              checkpointing.make_manager(
                                  tmp_path, save_interval_steps=1,
                                  max_to_keep=None, async_save=False),
                              tmp_path)
   step, params = _params(tmp_path, tiny.get_config())
-  assert step == 3
+  assert step == 6
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 

@@ -20,6 +20,7 @@ in a larger bucket can differ by a level or two (tests/test_fuse.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -110,6 +111,8 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
   if not existing.is_dir():
     raise errors.UserError(f"--out {out}: {existing} is a file, not a "
                            "directory")
+  if not os.access(existing, os.W_OK | os.X_OK):  # before the model loads
+    raise errors.UserError(f"--out {out}: folder {existing} is not writable")
 
 
 def _natural_key(stem: str) -> tuple:

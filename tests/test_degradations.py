@@ -399,6 +399,18 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(
   assert info["text_encoder"]["fingerprint"] == fuser.encoder.fingerprint
   import shutil  # pylint: disable=g-import-not-at-top
   from textfusion_jax import run_bundle  # pylint: disable=g-import-not-at-top
+  # The same encoder copied to another folder resumes (its fingerprint is
+  # the recorded one); another name that is not a folder does not.
+  moved = config.copy_and_resolve_references()
+  moved.text.encoder = str(shutil.copytree(clip_dir, tmp_path / "moved"))
+  moved.loss.reference = 0.0
+  moved.train.init_from = moved.train.reference_from = ""
+  train_loop.setup_workdir(moved, str(workdir))
+  assert train_loop.create_datasets(moved, workdir).text_dim == 64
+  moved.text.encoder = "openai/clip-vit-base-patch32"
+  with pytest.raises(UserError, match=r"was trained with text encoder "
+                     rf"'{clip_dir}', not config.text.encoder="):
+    train_loop.setup_workdir(moved, str(workdir))
   shutil.rmtree(clip_dir)
   tiny_clip.save_tiny_random_clip(clip_dir, seed=4)
   config.loss.reference = 0.0

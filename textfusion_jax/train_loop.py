@@ -89,9 +89,14 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
       # Allowed (extending a run is common), but the schedule jumps.
       log.warning("Resuming %s with changed settings (the remaining steps "
                   "follow the new values): %s", path, "; ".join(changed))
-    # The model's text MLPs were trained on this encoder's embeddings.
+    # The model's text MLPs were trained on this encoder's embeddings. A run
+    # that recorded what its encoder computes may find it in another local
+    # folder (a moved or copied checkpoint; create_datasets compares the
+    # fingerprints); otherwise the name must match.
     was = saved.get("text", {}).get("encoder")
-    if was is not None and not sources.same_text_encoder(
+    moved = (Path(config.text.encoder).is_dir() and "fingerprint" in
+             run_record.load(path).get("text_encoder", {}))
+    if was is not None and not moved and not sources.same_text_encoder(
         was, config.text.encoder):
       raise checkpointing.CheckpointError(
           f"checkpoint in {path} was trained with text encoder {was!r}, not "

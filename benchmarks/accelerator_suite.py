@@ -1,7 +1,7 @@
 """Everything worth timing on an accelerator, in one short run, as one table.
 
   python benchmarks/accelerator_suite.py            # one GPU: <= 8 minutes
-  python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: <= 1 min
+  python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: about 2 min
   [--out RESULTS.md] [--peak_tflops 989]
 
 Measures, on the first device, with random weights and data (speed does not
@@ -45,6 +45,7 @@ from absl import flags
 from absl import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from input_pipeline import files
 from textfusion_jax import errors
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU-sized run of every part.")
@@ -265,6 +266,7 @@ def main(argv) -> None:
     print_wheels()
     return
   logging.set_verbosity(logging.WARNING)
+  files.check_writable({"--out": _OUT.value})
   check_imports()
   smoke = _SMOKE.value
   device = jax.devices()[0]
@@ -278,25 +280,38 @@ def main(argv) -> None:
             f"{'; --smoke (tiny preset, CPU sizes)' if smoke else ''}")
   print(header, flush=True)
   rows = []
+
+  def table() -> str:
+    lines = [header, "", "| work | textfusion-jax | Text-IF on one H100 "
+             "(bf16) / baseline |", "|---|---|---|"]
+    lines += [f"| {work} | {ours} | {anchor} |" for work, ours, anchor in rows]
+    lines.append(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return "\n".join(lines)
+
   # Inference first: the device's peak memory then reads per size.
-  for part in (lambda: inference_rows(smoke, on_gpu),
-               lambda: metric_rows(smoke), lambda: text_rows(smoke),
-               lambda: train_rows(smoke, on_gpu, peak)):
+  for name, part in (("inference", lambda: inference_rows(smoke, on_gpu)),
+                     ("metrics", lambda: metric_rows(smoke)),
+                     ("text", lambda: text_rows(smoke)),
+                     ("train", lambda: train_rows(smoke, on_gpu, peak))):
     part_start = time.perf_counter()
-    part_rows = part()
+    try:
+      part_rows = part()
+    except Exception as error:  # pylint: disable=broad-except
+      # An out-of-memory part must not cost the other parts' figures (device
+      # time is scarce): it becomes a row of its own.
+      first = (str(error).strip().splitlines() or [""])[0][:200]
+      part_rows = [(f"{name} (failed)", f"{type(error).__name__}: {first}",
+                    "")]
     for row in part_rows:
       print(f"  {row[0]}: {row[1]}", flush=True)
     print(f"  ({time.perf_counter() - part_start:.0f} s, compiling "
           "included)", flush=True)
     rows += part_rows
-  lines = [header, "", "| work | textfusion-jax | Text-IF on one H100 (bf16) / "
-           "baseline |", "|---|---|---|"]
-  lines += [f"| {work} | {ours} | {anchor} |" for work, ours, anchor in rows]
-  lines.append(f"\ntotal {time.perf_counter() - start:.0f} s")
-  table = "\n".join(lines)
-  print("\n" + table)
-  if _OUT.value:
-    Path(_OUT.value).write_text(table + "\n")
+    if _OUT.value:  # after every part: a killed run keeps what it measured
+      files.write_text_atomic(_OUT.value, table() + "\n")
+  print("\n" + table())
+  if any(work.endswith("(failed)") for work, _, _ in rows):
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Times `metrics.all_metrics` under jax.jit on one (480, 640) triple and
 oracle (`metrics_reference`, the cost of the evaluator most papers copy),
 all in the same run on the same images: the MSRS triple msrs_1 of the shared
 fixtures when present, otherwise synthetic images. Compilation is reported
-separately. Runners are timed in interleaved rounds and each one's best round
-counts (median also shown), so background load on a shared machine hits them
+separately. Runners are timed in interleaved rounds, one sample each per
+round (the mean of 5 calls for the JAX runners, one call for numpy); each
+one's best round counts (median also shown), so background load on a shared machine hits them
 alike. On a GPU it also reports batched throughput (triples/s) at the
 --gpu_batch_sizes.
 """
@@ -107,12 +108,15 @@ def main(argv) -> None:
   times: dict[str, list[float]] = {name: [] for name in runners}
   for _ in range(args.rounds):
     for name, (fn, per_call) in runners.items():
+      # One sample per runner and round (the mean of a few calls for the
+      # fast ones), so that best and median are over the same counts.
       repeats = 1 if name == "numpy oracle" else 5
-      times[name] += [timed(fn) / per_call for _ in range(repeats)]
+      times[name].append(
+          sum(timed(fn) for _ in range(repeats)) / repeats / per_call)
   best = {name: min(t) for name, t in times.items()}
   for name, t in times.items():
-    print(f"{name:22s} best {1e3 * best[name]:8.1f} ms/triple   median "
-          f"{1e3 * statistics.median(t):8.1f} ms/triple")
+    print(f"{name:22s} best round {1e3 * best[name]:8.1f} ms/triple   "
+          f"median round {1e3 * statistics.median(t):8.1f} ms/triple")
   numpy_best = best["numpy oracle"]
   print(f"speedup vs numpy (best rounds): single "
         f"{numpy_best / best['jax single']:.1f}x, batched "

@@ -33,6 +33,7 @@ from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from input_pipeline import files  # pylint: disable=wrong-import-position
 from textfusion_jax import errors  # pylint: disable=wrong-import-position
 
 _OUT = flags.DEFINE_string("out", None, "Also write the tables here.")
@@ -152,6 +153,7 @@ def main(argv) -> None:
   if _WORKER.value == "memory":
     print(json.dumps(memory_worker(_QUICK.value)))
     return
+  files.check_writable({"--out": _OUT.value})
   lines = [f"CPU: {os.cpu_count()} cores; fake devices "
            "(--xla_force_host_platform_device_count) share them.", "",
            "Weak scaling (small preset, 64x64, 2 images per device, float32, "
@@ -181,7 +183,7 @@ def main(argv) -> None:
   text = "\n".join(lines)
   print(text)
   if _OUT.value:
-    Path(_OUT.value).write_text(text + "\n")
+    files.write_text_atomic(_OUT.value, text + "\n")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def main(argv) -> None:
     for name in names:
       per_image[k][name]["PSNR_ref"] = psnr(fused[k][name],
                                             fused["reference"][name])
-  metrics = ("PSNR_ref",) + fusion_baselines.RANKED_METRICS
+  # CC is shown beside the 8 ranked metrics (not counted in the wins).
+  metrics = ("PSNR_ref",) + fusion_baselines.RANKED_METRICS + ("CC",)
   lines = [f"### Text effect on {len(pairs)} degraded TNO pairs (checkpoint "
            f"`{_CHECKPOINT.value}`, seed {_SEED.value}"
            + ("" if shuffle_seed == _SEED.value

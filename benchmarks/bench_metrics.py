@@ -10,9 +10,9 @@ all in the same run on the same images: the MSRS triple msrs_1 of the shared
 fixtures when present, otherwise synthetic images. Compilation is reported
 separately. Runners are timed in interleaved rounds, one sample each per
 round (the mean of 5 calls for the JAX runners, one call for numpy); each
-one's best round counts (median also shown), so background load on a shared machine hits them
-alike. On a GPU it also reports batched throughput (triples/s) at the
---gpu_batch_sizes.
+one's best round counts (median also shown), so background load on a
+shared machine hits them alike. On a GPU it also reports batched throughput
+(triples/s) at the --gpu_batch_sizes.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ _OUT = flags.DEFINE_string("out", "runs/tno_report",
 _FIGURE = flags.DEFINE_string("figure", None, "Write the comparison figure.")
 _REPORT = flags.DEFINE_string("report", None, "Write the markdown here too.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
-                                      "Which caption of each pair to use.", lower_bound=0)
+                                      "Which caption of each pair to use.",
+                                      lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.")
 _PROMPT = flags.DEFINE_string(
     "prompt", None, "One prompt for every pair instead of its caption (e.g. "

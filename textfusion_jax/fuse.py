@@ -44,7 +44,8 @@ _TEXT = flags.DEFINE_string("text", None, "One prompt for every pair.")
 _CAPTIONS = flags.DEFINE_string("captions", None,
                                 "captions.jsonl with a caption per pair.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
-                                      "Which caption of each line to use.", lower_bound=0)
+                                      "Which caption of each line to use.",
+                                      lower_bound=0)
 _CAPTION_SPLIT = flags.DEFINE_string(
     "caption_split", None, "Use the --captions lines tagged with this "
     "\"split\" (else the untagged ones).")

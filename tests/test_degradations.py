@@ -430,6 +430,33 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(
                        "another tokenizer"):
       attempt()
   assert not (tmp_path / "bundle").exists()
+  # The encoder the run was trained with, moved: `fuse` and `export` take
+  # its new place (--text_encoder) and refuse another one there.
+  moved_dir = tmp_path / "moved"
+  moved_fuser = inference.Fuser.load(str(workdir),
+                                     text_encoder_dir=str(moved_dir))
+  np.testing.assert_array_equal(
+      moved_fuser.encoder.encode(["heavily underexposed visible image"])[0],
+      emb)
+  run_bundle.export_run(str(workdir), str(tmp_path / "bundle"),
+                        text_encoder_dir=str(moved_dir))
+  exported = inference.Fuser.load(str(tmp_path / "bundle"))
+  np.testing.assert_array_equal(
+      exported.encoder.encode(["heavily underexposed visible image"])[0], emb)
+  with pytest.raises(UserError, match=r"--text_encoder is for training "
+                     "workdirs"):
+    inference.Fuser.load(str(tmp_path / "bundle"),
+                         text_encoder_dir=str(moved_dir))
+  other_dir = tiny_clip.save_tiny_random_clip(tmp_path / "other", seed=5)
+  with pytest.raises(UserError, match=rf"but '{other_dir}' computes other "
+                     "embeddings"):
+    inference.Fuser.load(str(workdir), text_encoder_dir=str(other_dir))
+  shutil.rmtree(clip_dir)
+  with pytest.raises(UserError, match=rf"{clip_dir}: not a checkpoint "
+                     rf"directory \(the text encoder {workdir} was trained "
+                     "with; if it moved, pass its new location with "
+                     r"--text_encoder\)"):
+    inference.Fuser.load(str(workdir))
 
 
 def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):

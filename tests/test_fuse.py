@@ -131,7 +131,7 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
                                   "bad_jsonl", "out_is_input", "out_is_a_file",
                                   "long_text", "caption_split_only",
                                   "caption_split_without_captions",
-                                  "overlap"])
+                                  "overlap", "text_encoder"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
@@ -177,6 +177,11 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--text", "x", "--tile", "128", "--overlap", "128"]
     expect = "--overlap=128: give 0 <= overlap <= tile / 2"
+  elif case == "text_encoder":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "x", "--text_encoder", str(tmp_path / "no_clip")]
+    expect = f"{tmp_path / 'no_clip'}: not a checkpoint directory"
   elif case.startswith("caption_split"):
     _write_pair(tmp_path, "a")
     tagged = tmp_path / "c.jsonl"

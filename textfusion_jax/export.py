@@ -1,7 +1,7 @@
 """Exports a trained workdir as a self-contained, verifiable model bundle.
 
   python -m textfusion_jax.export --workdir runs/real_pairs --out DIR \
-      [--step N] [--report REPORT.md]
+      [--step N] [--report REPORT.md] [--text_encoder DIR]
 
 Writes DIR atomically (see `textfusion_jax.bundle` for the layout):
 params.safetensors, config.json, text_encoder/ (the run's CLIP text tower in
@@ -31,6 +31,9 @@ _OUT = flags.DEFINE_string("out", None, "Bundle directory to write.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _REPORT = flags.DEFINE_string("report", None,
                               "Markdown file appended to MODEL_CARD.md.")
+_TEXT_ENCODER = flags.DEFINE_string(
+    "text_encoder", None, "Where the run's text encoder is now, if it moved "
+    "(it must compute the embeddings the run was trained with).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -40,7 +43,8 @@ def main(argv: Sequence[str]) -> None:
   for name, value in (("--workdir", _WORKDIR.value), ("--out", _OUT.value)):
     if not value:
       raise errors.UserError(f"{name} is required")
-  path = run_bundle.export_run(_WORKDIR.value, _OUT.value, _STEP.value, _REPORT.value)
+  path = run_bundle.export_run(_WORKDIR.value, _OUT.value, _STEP.value,
+                               _REPORT.value, _TEXT_ENCODER.value)
   manifest = json.loads((path / bundle.MANIFEST).read_text())
   size = sum(f["size"] for f in manifest["files"].values())
   print(f"wrote {path}: {len(manifest['files'])} files, "

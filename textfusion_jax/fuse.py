@@ -7,7 +7,8 @@
 
 --checkpoint is a model bundle (`python -m textfusion_jax.export`, e.g. the
 shipped pretrained/textfusion-small), verified against its manifest before
-anything is loaded, or a training workdir. Directories are matched by file
+anything is loaded, or a training workdir (whose text encoder, if it moved
+since training, --text_encoder names). Directories are matched by file
 stem. With --captions, each pair uses its own caption (index --caption_index
 of its captions.jsonl line; with --caption_split S, of its line tagged
 "split": S where it has one); --text gives one prompt for all. Images up to
@@ -38,6 +39,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A model bundle (python -m textfusion_jax.export) or "
     "a training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_TEXT_ENCODER = flags.DEFINE_string(
+    "text_encoder", None, "For a workdir: where its text encoder is now, if "
+    "it moved (it must compute the embeddings the run was trained with).")
 _IR = flags.DEFINE_string("ir", None, "Infrared image or directory.")
 _VIS = flags.DEFINE_string("vis", None, "Visible image or directory.")
 _TEXT = flags.DEFINE_string("text", None, "One prompt for every pair.")
@@ -84,7 +88,8 @@ def main(argv: Sequence[str]) -> None:
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
                                      _CAPTION_INDEX.value,
                                      _CAPTION_SPLIT.value))
-  fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value)
+  fuser = inference.Fuser.load(_CHECKPOINT.value, _STEP.value,
+                               text_encoder_dir=_TEXT_ENCODER.value)
   fuser.encoder.check_fits(prompts, (
       ["--text"] * len(prompts) if _TEXT.value else
       [f"{_CAPTIONS.value}: caption {_CAPTION_INDEX.value} of {p.name!r}"

@@ -39,6 +39,7 @@ from textfusion_jax import model as model_lib
 from textfusion_jax import run_record
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax.text import encoder as text_encoder
+from textfusion_jax.text import hf_checkpoint
 from textfusion_jax import tiling
 from textfusion_jax import train_step
 from input_pipeline import caption_files
@@ -191,20 +192,58 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
           ir[..., None].astype(np.float32) / 255.0)
 
 
+def check_text_width(config: Any, encoder: text_encoder.TextEncoder,
+                     source: str) -> None:
+  """CheckpointError unless `encoder` gives the model's embedding width."""
+  if encoder.embed_dim != config.model.text_dim:
+    raise checkpointing.CheckpointError(
+        f"checkpoint {source} expects {config.model.text_dim}-d text "
+        f"embeddings but encoder {config.text.encoder!r} gives "
+        f"{encoder.embed_dim}")
+
+
+def run_text_encoder(workdir: str, config: Any,
+                     text_encoder_dir: str | None = None
+                     ) -> text_encoder.TextEncoder:
+  """The text encoder a training run was trained with, checked.
+
+  `config.text.encoder` (the run's saved config) unless `text_encoder_dir`
+  replaces it: the same encoder copied elsewhere after the run moved to
+  another machine. Either must give the run's embedding width and, when
+  run_info.json recorded one, its fingerprint (same weights, same tokenizer).
+  Sets config.text.encoder to what was loaded.
+  """
+  if text_encoder_dir is not None:
+    if not text_encoder_dir.strip():
+      raise errors.UserError("--text_encoder is empty: give the directory (or "
+                             "hub id) of the run's text encoder")
+    config.text.encoder = text_encoder_dir
+  try:
+    encoder = text_encoder.from_config(config.text)
+  except hf_checkpoint.CheckpointError as error:
+    if text_encoder_dir is not None:
+      raise
+    raise hf_checkpoint.CheckpointError(
+        f"{hf_checkpoint.first_line(error)} (the text encoder {workdir} was "
+        "trained with; if it moved, pass its new location with "
+        "--text_encoder)") from None
+  check_text_width(config, encoder, workdir)
+  run_record.check_text_encoder(run_record.load(workdir), encoder.fingerprint,
+                                config.text.encoder, workdir)
+  return encoder
+
+
 class Fuser:
   """A trained model, from a bundle or a training workdir, ready to fuse."""
 
-  def __init__(self, config: Any, params: Any, encoder: Any, *, step: int,
+  def __init__(self, config: Any, params: Any,
+               encoder: text_encoder.TextEncoder, *, step: int,
                source: str):
     self.config = config
     self.step = step
     self.source = source
     self.encoder = encoder
-    if encoder is not None and encoder.embed_dim != config.model.text_dim:
-      raise checkpointing.CheckpointError(
-          f"checkpoint {source} expects {config.model.text_dim}-d text "
-          f"embeddings but encoder {config.text.encoder!r} gives "
-          f"{encoder.embed_dim}")
+    check_text_width(config, encoder, source)
     self.mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
     replicated = sharding_lib.replicated(self.mesh)
     self.params = jax.device_put(params, replicated)
@@ -229,17 +268,22 @@ class Fuser:
     return nnx.merge(self._graphdef, self.params)
 
   @classmethod
-  def load(cls, path: str, step: int | None = None) -> Fuser:
-    """A bundle (verified first) or a training workdir."""
+  def load(cls, path: str, step: int | None = None, *,
+           text_encoder_dir: str | None = None) -> Fuser:
+    """A bundle (verified first) or a training workdir; `text_encoder_dir`
+    replaces a workdir's recorded encoder (see `run_text_encoder`)."""
     if (Path(path) / bundle.PARAMS).exists() and not bundle.is_bundle(path):
       raise bundle.BundleError(f"{path}: has {bundle.PARAMS} but no "
                                f"{bundle.MANIFEST}; not a complete bundle")
     if bundle.is_bundle(path):
-      if step is not None:
-        raise errors.UserError(f"--step is for training workdirs; {path} is "
-                               "a bundle of one step")
+      for flag, value in (("--step", step),
+                          ("--text_encoder", text_encoder_dir)):
+        if value is not None:
+          raise errors.UserError(f"{flag} is for training workdirs; {path} "
+                                 "is a bundle of one step with its own text "
+                                 "encoder")
       return cls.from_bundle(path)
-    return cls.from_workdir(path, step)
+    return cls.from_workdir(path, step, text_encoder_dir=text_encoder_dir)
 
   @classmethod
   def from_bundle(cls, root: str) -> Fuser:
@@ -252,8 +296,9 @@ class Fuser:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, *,
-                   with_text_encoder: bool = True) -> Fuser:
+                   text_encoder_dir: str | None = None) -> Fuser:
     config = checkpointing.load_saved_config(workdir)
+    encoder = run_text_encoder(workdir, config, text_encoder_dir)
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
     trainer = train_step.ShardedTrainer(config, mesh)
     manager = checkpointing.make_manager(
@@ -261,14 +306,7 @@ class Fuser:
         create=False)
     state, step = checkpointing.restore(manager, trainer.abstract_state(),
                                         step=step)
-    encoder = (text_encoder.from_config(config.text)
-               if with_text_encoder else None)
-    fuser = cls(config, state.params, encoder, step=step, source=str(workdir))
-    if encoder is not None:  # (its width was checked first, by cls)
-      run_record.check_text_encoder(run_record.load(workdir),
-                                    encoder.fingerprint, config.text.encoder,
-                                    workdir)
-    return fuser
+    return cls(config, state.params, encoder, step=step, source=str(workdir))
 
   def fuse(self, vis: np.ndarray, ir: np.ndarray, text_emb: np.ndarray, *,
            tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,

@@ -37,10 +37,12 @@ LIMITS = """\
 """
 
 
-def _params_at(workdir: str, step: int | None) -> tuple[Any, int, Any]:
+def _params_at(workdir: str, step: int | None, text_encoder_dir: str | None
+               ) -> tuple[Any, int, Any, text_encoder.TextEncoder]:
   from textfusion_jax import inference  # pylint: disable=g-import-not-at-top
-  fuser = inference.Fuser.from_workdir(workdir, step, with_text_encoder=False)
-  return jax.device_get(fuser.params), fuser.step, fuser.config
+  fuser = inference.Fuser.from_workdir(workdir, step,
+                                       text_encoder_dir=text_encoder_dir)
+  return jax.device_get(fuser.params), fuser.step, fuser.config, fuser.encoder
 
 
 def _eval_table(workdir: Path, step: int) -> str:
@@ -112,8 +114,10 @@ The bundle is checked against manifest.json before anything is loaded.
 
 
 def export_run(workdir: str, out: str, step: int | None = None,
-           report_path: str | None = None) -> Path:
-  """Writes the bundle; returns its path."""
+               report_path: str | None = None,
+               text_encoder_dir: str | None = None) -> Path:
+  """Writes the bundle; returns its path. `text_encoder_dir` replaces the
+  run's recorded text encoder (`inference.run_text_encoder`)."""
   report = ""
   if report_path:
     try:
@@ -121,17 +125,9 @@ def export_run(workdir: str, out: str, step: int | None = None,
     except OSError as error:
       raise errors.UserError(f"--report {report_path}: {error.strerror}"
                              ) from None
-  params, step, config = _params_at(workdir, step)
-  info = run_record.load(workdir)
-  card = model_card(config, info, step, _eval_table(Path(workdir), step),
-                    report)
-  encoder = text_encoder.from_config(config.text)
-  if encoder.embed_dim != config.model.text_dim:
-    raise errors.UserError(
-        f"{workdir}: model expects {config.model.text_dim}-d text embeddings "
-        f"but encoder {config.text.encoder!r} gives {encoder.embed_dim}")
-  run_record.check_text_encoder(info, encoder.fingerprint,
-                                config.text.encoder, workdir)
+  params, step, config, encoder = _params_at(workdir, step, text_encoder_dir)
+  card = model_card(config, run_record.load(workdir), step,
+                    _eval_table(Path(workdir), step), report)
   bundle_config = ml_collections.ConfigDict(config.to_dict())
   bundle_config.text.encoder = bundle.TEXT_ENCODER
   bundle_config.text.embeddings_dir = ""

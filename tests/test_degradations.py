@@ -440,6 +440,9 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(
       emb)
   run_bundle.export_run(str(workdir), str(tmp_path / "bundle"),
                         text_encoder_dir=str(moved_dir))
+  # The card names the encoder the run was trained with, not where it is now.
+  card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+  assert f"- Text encoder: `{clip_dir}`" in card
   exported = inference.Fuser.load(str(tmp_path / "bundle"))
   np.testing.assert_array_equal(
       exported.encoder.encode(["heavily underexposed visible image"])[0], emb)
@@ -454,9 +457,18 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(
   shutil.rmtree(clip_dir)
   with pytest.raises(UserError, match=rf"{clip_dir}: not a checkpoint "
                      rf"directory \(the text encoder {workdir} was trained "
-                     "with; if it moved, pass its new location with "
-                     r"--text_encoder\)"):
+                     "with; if it moved, `fuse` and `export` take its new "
+                     r"place with --text_encoder\)"):
     inference.Fuser.load(str(workdir))
+  # A run that recorded no fingerprint: the replacement is taken, with a
+  # warning that it cannot be checked.
+  del info["text_encoder"]
+  (workdir / "run_info.json").write_text(json.dumps(info))
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  warned = []
+  monkeypatch.setattr(logging, "warning", lambda *a: warned.append(a[0] % a[1:]))
+  inference.Fuser.load(str(workdir), text_encoder_dir=str(other_dir))
+  assert len(warned) == 1 and "cannot check that --text_encoder" in warned[0]
 
 
 def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):

@@ -362,3 +362,36 @@ def test_table_paths_among_the_scored_images_are_refused(folders, capsys):
     assert f"{flag} {path} is an image path in the scored folder" in err
   assert (folders / "vis" / "a.png").read_bytes() == before
   assert not (folders / "fused" / "new.png").exists()
+
+
+def test_ir_folder_also_scored_as_a_method_keeps_each_reading(folders,
+                                                              capsys):
+  """16-bit infrared given as a --fused folder too: the source is stretched
+  per image (as training reads it), the method read as any fused file, and
+  the 16-bit note names the file once."""
+  deep = (1000 + 8 * grey_image(50, 48, 56).astype(np.uint16))  # 1000-3040
+  (folders / "ir" / "c.png").unlink()
+  Image.fromarray(deep).save(folders / "ir" / "c.png")
+  result = score_folders.evaluate_folders(
+      folders / "ir", folders / "vis", [folders / "ir"])["methods"]
+  source = image_io.as_grey_u8(image_io.read_image(folders / "ir" / "c.png",
+                                                   layouts.IR_16BIT_RULE))
+  as_fused = image_io.as_grey_u8(image_io.read_image(
+      folders / "ir" / "c.png", layouts.VIS_16BIT_RULE))
+  vis = image_io.as_grey_u8(image_io.read_image(folders / "vis" / "c.png"))
+  expected = metrics_reference.all_metrics(as_fused, source, vis)
+  for name in ("MI", "SSIM", "CC"):
+    assert result["ir"]["per_image"]["c"][name] == pytest.approx(
+        expected[name], rel=1e-4, abs=1e-4), name
+  cli(args_for(folders, fused=("ir",)))
+  note = next(line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("note:"))
+  assert note.count(str(folders / "ir" / "c.png")) == 1, note
+
+
+def test_json_and_csv_at_one_path_are_refused(folders, capsys):
+  with pytest.raises(SystemExit):
+    cli(args_for(folders, "--json", str(folders / "out"), "--csv",
+                 str(folders / "out")))
+  assert "--json and --csv are the same file" in capsys.readouterr().err
+  assert not (folders / "out").exists()

@@ -16,6 +16,7 @@ from textfusion_jax import bundle
 from textfusion_jax import run_bundle
 from textfusion_jax import inference
 from input_pipeline import image_io
+from input_pipeline.errors import UserError
 from textfusion_jax import run_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,13 @@ def test_exporting_twice_gives_identical_manifests(exported, workdir,
   again = run_bundle.export_run(str(workdir), str(tmp_path / "again"))
   assert ((again / "manifest.json").read_bytes() ==
           (exported / "manifest.json").read_bytes())
+  # --report must be text: a binary file is one line, and nothing is written.
+  binary = tmp_path / "report.png"
+  binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+  with pytest.raises(UserError, match=rf"--report {binary}: not UTF-8 text"):
+    run_bundle.export_run(str(workdir), str(tmp_path / "third"),
+                          report_path=str(binary))
+  assert not (tmp_path / "third").exists()
 
 
 def _copy(exported: Path, tmp_path: Path) -> Path:

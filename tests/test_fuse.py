@@ -131,7 +131,8 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
                                   "bad_jsonl", "out_is_input", "out_is_a_file",
                                   "long_text", "caption_split_only",
                                   "caption_split_without_captions",
-                                  "overlap", "text_encoder"])
+                                  "overlap", "text_encoder",
+                                  "unquoted_text"])
 def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
@@ -177,6 +178,11 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--text", "x", "--tile", "128", "--overlap", "128"]
     expect = "--overlap=128: give 0 <= overlap <= tile / 2"
+  elif case == "unquoted_text":
+    _write_pair(tmp_path, "a")
+    args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
+             "--text", "two", "warm", "pedestrians"]
+    expect = "unexpected arguments: warm pedestrians (quote a prompt"
   elif case == "text_encoder":
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
@@ -393,3 +399,49 @@ def test_unwritable_out_folder_is_refused_before_the_model_loads(
                      match=rf"folder {tmp_path} is not writable"):
     inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
                             str(tmp_path / "out"))
+
+
+def test_pair_collection_errors_name_the_path_before_the_model_loads(
+    tmp_path):
+  _write_pair(tmp_path, "a")
+  with pytest.raises(inference.errors.UserError,
+                     match=rf"--ir {tmp_path / 'irx'}: no such file or "
+                     "directory"):
+    inference.collect_pairs(str(tmp_path / "irx"), str(tmp_path / "vi"),
+                            str(tmp_path / "out"))
+  # A folder where an output goes would have stopped the run half way.
+  (tmp_path / "out" / "a.png").mkdir(parents=True)
+  with pytest.raises(inference.errors.UserError,
+                     match=rf"--out {tmp_path / 'out' / 'a.png'} is a "
+                     "directory"):
+    inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                            str(tmp_path / "out"))
+  # Natural order, and a stem with a non-decimal digit ('²') still sorts.
+  for name in ("10", "9", "2²"):
+    _write_pair(tmp_path, name)
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "fused"))
+  assert [p.name for p in pairs] == ["2²", "9", "10", "a"]
+
+
+def test_a_failed_write_is_reported_and_the_other_pairs_are_fused(
+    workdir, tmp_path, monkeypatch):
+  for name in "abc":
+    _write_pair(tmp_path, name)
+  fuser = inference.Fuser.load(str(workdir))
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  write = image_io.write_png_atomic
+
+  def full_disk_on_b(path, image):
+    if Path(path).name == "b.png":
+      raise OSError(28, "No space left on device")
+    write(path, image)
+
+  monkeypatch.setattr(inference.image_io, "write_png_atomic", full_disk_on_b)
+  result = inference.fuse_pairs(fuser, pairs,
+                                fuser.encoder.encode(["x"] * 3))
+  assert result.failed == [f"{tmp_path / 'out' / 'b.png'}: cannot write "
+                           "(No space left on device)"]
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "a.png", "c.png"]

@@ -16,8 +16,9 @@ of its captions.jsonl line; with --caption_split S, of its line tagged
 compilation each, whatever the mix of sizes); larger ones are fused in
 overlapping tiles, so memory stays bounded. Output: colour PNGs the size of
 the visible input, each written atomically. --out may not be an input. A pair
-whose file does not decode is skipped; the others are fused, and the skipped
-ones are named in one error line (exit status 2). A prompt longer than the
+whose file does not decode, or whose output cannot be written, is skipped;
+the others are fused, and the skipped ones are named in one error line (exit
+status 2). A prompt longer than the
 text encoder's limit (77 tokens) is refused.
 """
 
@@ -63,7 +64,9 @@ _OVERLAP = flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP,
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  if len(argv) > 1:  # e.g. an unquoted --text: its other words land here
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])} "
+                           "(quote a prompt of several words)")
   logging.set_verbosity(logging.WARNING)  # orbax/jax info lines are noise here
   for name, value in (("--checkpoint", _CHECKPOINT.value), ("--ir", _IR.value),
                       ("--vis", _VIS.value), ("--out", _OUT.value)):
@@ -106,7 +109,7 @@ def main(argv: Sequence[str]) -> None:
           f"{1000 * result.seconds[0]:.1f} ms)")
   if result.failed:
     raise errors.UserError(f"{len(result.failed)} of {len(pairs)} pair(s) not "
-                           "fused (unreadable): " + "; ".join(result.failed))
+                           "fused or not written: " + "; ".join(result.failed))
 
 
 def _warn_if_off_grammar(fuser: inference.Fuser, prompts: list[str]) -> None:

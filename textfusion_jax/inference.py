@@ -10,7 +10,8 @@ command-line flags here.
 * `Fuser`: a model from a bundle (verified against its manifest first) or a
   training workdir; `fuse` returns the uint8 colour image.
 * `fuse_pairs`: fuse files to files, each output written atomically; a pair
-  that does not decode is skipped and reported, the others still fused.
+  that does not decode or cannot be written is skipped and reported, the
+  others still fused.
 
 The fusion rule's image means are taken over each image's own pixels, not
 its padding; channel attention does see the mirror padding, so one pair fused
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from textfusion_jax import bundle
@@ -60,14 +63,14 @@ class Pair:
 def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
   """Single files, or two directories matched by stem (all problems listed)."""
   ir_path, vis_path, out_path = Path(ir), Path(vis), Path(out)
+  for flag, path in (("--ir", ir_path), ("--vis", vis_path)):
+    if not path.exists():
+      raise errors.UserError(f"{flag} {path}: no such file or directory")
   if ir_path.is_dir() != vis_path.is_dir():
     raise errors.UserError(f"--ir {ir} and --vis {vis} must both be files or "
                            "both directories")
   _check_out(ir_path, vis_path, out_path)
   if not ir_path.is_dir():
-    for path in (ir_path, vis_path):
-      if not path.exists():
-        raise errors.UserError(f"{path}: file not found")
     if out_path.suffix.lower() != ".png":
       raise errors.UserError(f"--out {out} must end in .png for a single pair")
     return [Pair(vis_path.stem, ir_path, vis_path, out_path)]
@@ -79,6 +82,10 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
                for s in sorted(set(vis_files) - set(ir_files))]
   if not ir_files and not vis_files:
     problems.append(f"no images in {ir_path} or {vis_path}")
+  # Before the model loads: a folder in an output's place would stop the
+  # run half way.
+  problems += [f"--out {out_path / s}.png is a directory" for s in ir_files
+               if (out_path / f"{s}.png").is_dir()]
   if problems:
     raise errors.UserError("; ".join(problems))
   return [Pair(s, ir_files[s], vis_files[s], out_path / f"{s}.png")
@@ -117,7 +124,8 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
 
 
 def _natural_key(stem: str) -> tuple:
-  return tuple(int(t) if t.isdigit() else t for t in
+  # isdecimal, not isdigit: '²' is a digit that int() refuses.
+  return tuple(int(t) if t.isdecimal() else t for t in
                re.split(r"(\d+)", stem))
 
 
@@ -198,7 +206,7 @@ def check_text_width(config: Any, encoder: text_encoder.TextEncoder,
   if encoder.embed_dim != config.model.text_dim:
     raise checkpointing.CheckpointError(
         f"checkpoint {source} expects {config.model.text_dim}-d text "
-        f"embeddings but encoder {config.text.encoder!r} gives "
+        f"embeddings but encoder {encoder.source!r} gives "
         f"{encoder.embed_dim}")
 
 
@@ -207,29 +215,38 @@ def run_text_encoder(workdir: str, config: Any,
                      ) -> text_encoder.TextEncoder:
   """The text encoder a training run was trained with, checked.
 
-  `config.text.encoder` (the run's saved config) unless `text_encoder_dir`
-  replaces it: the same encoder copied elsewhere after the run moved to
-  another machine. Either must give the run's embedding width and, when
-  run_info.json recorded one, its fingerprint (same weights, same tokenizer).
-  Sets config.text.encoder to what was loaded.
+  `config.text.encoder` (the run's saved config, left unchanged) unless
+  `text_encoder_dir` replaces it: the same encoder copied elsewhere after the
+  run moved to another machine. Either must give the run's embedding width
+  and, when run_info.json recorded one, its fingerprint (same weights, same
+  tokenizer); a replacement that cannot be checked so is warned about.
   """
+  text_config = config.text
+  info = run_record.load(workdir)
   if text_encoder_dir is not None:
     if not text_encoder_dir.strip():
       raise errors.UserError("--text_encoder is empty: give the directory (or "
                              "hub id) of the run's text encoder")
-    config.text.encoder = text_encoder_dir
+    text_config = ml_collections.ConfigDict(config.text.to_dict())
+    text_config.encoder = text_encoder_dir
+    if "fingerprint" not in info.get("text_encoder", {}):
+      logging.warning(
+          "%s: run_info.json records no text encoder fingerprint (a run from "
+          "before they were recorded): cannot check that --text_encoder %s "
+          "computes the embeddings the run was trained with", workdir,
+          text_encoder_dir)
   try:
-    encoder = text_encoder.from_config(config.text)
+    encoder = text_encoder.from_config(text_config)
   except hf_checkpoint.CheckpointError as error:
     if text_encoder_dir is not None:
       raise
     raise hf_checkpoint.CheckpointError(
         f"{hf_checkpoint.first_line(error)} (the text encoder {workdir} was "
-        "trained with; if it moved, pass its new location with "
-        "--text_encoder)") from None
+        "trained with; if it moved, `fuse` and `export` take its new place "
+        "with --text_encoder)") from None
   check_text_width(config, encoder, workdir)
-  run_record.check_text_encoder(run_record.load(workdir), encoder.fingerprint,
-                                config.text.encoder, workdir)
+  run_record.check_text_encoder(info, encoder.fingerprint, text_config.encoder,
+                                workdir)
   return encoder
 
 
@@ -336,7 +353,7 @@ class Fuser:
 @dataclasses.dataclass(frozen=True)
 class FusedPairs:
   seconds: list[float]  # per fused pair, the first with compilation
-  failed: list[str]  # one line per pair that did not decode
+  failed: list[str]  # one line per pair not decoded or not written
 
 
 def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
@@ -345,9 +362,9 @@ def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
   """Fuses each pair under its row of `embeddings` into `pair.out`.
 
   Headers were checked up front (`check_sizes`); a file whose data is
-  corrupt fails here. The other pairs are still fused, so an output folder is
-  not left half old and half new, and every failure is returned. A write
-  that fails raises UserError naming the file.
+  corrupt, or an output that cannot be written (a full disk), fails here.
+  The other pairs are still fused, so an output folder is not left half old
+  and half new, and every failure is returned.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   shapes = bucket_shapes(check_sizes(pairs), tile)
@@ -366,6 +383,6 @@ def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
     try:
       image_io.write_png_atomic(pair.out, fused)
     except OSError as error:
-      reason = error.strerror or str(error)
-      raise errors.UserError(f"{pair.out}: cannot write ({reason})") from error
+      failed.append(f"{pair.out}: cannot write "
+                    f"({error.strerror or error})")
   return FusedPairs(seconds, failed)

@@ -121,10 +121,13 @@ def export_run(workdir: str, out: str, step: int | None = None,
   report = ""
   if report_path:
     try:
-      report = Path(report_path).read_text()
+      report = Path(report_path).read_text(encoding="utf-8")
     except OSError as error:
       raise errors.UserError(f"--report {report_path}: {error.strerror}"
                              ) from None
+    except UnicodeDecodeError:
+      raise errors.UserError(f"--report {report_path}: not UTF-8 text (a "
+                             "markdown file is expected)") from None
   params, step, config, encoder = _params_at(workdir, step, text_encoder_dir)
   card = model_card(config, run_record.load(workdir), step,
                     _eval_table(Path(workdir), step), report)

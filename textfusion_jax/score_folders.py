@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -79,18 +78,16 @@ class _Inputs:
   vis: dict[str, Path]
   fused: dict[str, dict[str, Path]]  # method name -> stem -> path
   sixteen_bit: list[str]
-  cache: dict[Path, np.ndarray]
+  # Keyed by (path, read as infrared): a folder given as both the IR source
+  # and a --fused method is read by each rule.
+  cache: dict[tuple[Path, bool], np.ndarray]
 
-  def grey(self, path: Path) -> np.ndarray:
+  def grey(self, path: Path, is_ir: bool = False) -> np.ndarray:
     """The decoded grey image, from the cache (once) or decoded again."""
-    cached = self.cache.pop(path, None)
+    cached = self.cache.pop((path, is_ir), None)
     if cached is not None:
       return cached
-    return _read_grey(path, path in self._ir_paths)[0]
-
-  @functools.cached_property
-  def _ir_paths(self) -> frozenset[Path]:
-    return frozenset(self.ir.values())
+    return _read_grey(path, is_ir)[0]
 
 
 def _method_names(fused_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
@@ -143,8 +140,8 @@ def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
                       f"folders are missing here: {shown}")
 
   sizes: dict[str, tuple[int, int]] = {}
-  sixteen_bit: list[str] = []
-  cache: dict[Path, np.ndarray] = {}
+  sixteen_bit: dict[str, None] = {}  # (ordered, each file once)
+  cache: dict[tuple[Path, bool], np.ndarray] = {}
   cached_bytes = 0
   for stem in tqdm(all_stems, desc="checking", unit="image", leave=False,
                    disable=not progress):
@@ -159,10 +156,10 @@ def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
         continue
       shapes[files[stem]] = grey.shape
       if cached_bytes + grey.nbytes <= _CACHE_BYTES:
-        cache[files[stem]] = grey
+        cache[(files[stem], label == "IR")] = grey
         cached_bytes += grey.nbytes
       if was_16bit:
-        sixteen_bit.append(str(files[stem]))
+        sixteen_bit[str(files[stem])] = None
     if len(set(shapes.values())) > 1:
       problems.append(f"image {stem!r} differs in size between folders: " +
                       ", ".join(f"{p} is {s[1]}x{s[0]}"
@@ -177,7 +174,7 @@ def _validate(ir_dir: Path, vis_dir: Path, fused_dirs: Sequence[Path],
     raise EvaluationInputError(problems)
   return _Inputs(
       stems=all_stems, sizes=sizes, ir=folders["IR"][1],
-      vis=folders["VIS"][1], sixteen_bit=sixteen_bit, cache=cache,
+      vis=folders["VIS"][1], sixteen_bit=list(sixteen_bit), cache=cache,
       fused={n: folders[f"fused {n!r}"][1] for n in names})
 
 
@@ -216,8 +213,8 @@ def _score(inputs: _Inputs, batch_size: int, progress: bool,
         # that are dropped below.
         sizes[:] = shape
         sizes[:len(chunk)] = [inputs.sizes[s] for s in chunk]
-        ir = _pad_batch([inputs.grey(inputs.ir[s]) for s in chunk], shape,
-                        batch_size)
+        ir = _pad_batch([inputs.grey(inputs.ir[s], is_ir=True)
+                         for s in chunk], shape, batch_size)
         vis = _pad_batch([inputs.grey(inputs.vis[s]) for s in chunk], shape,
                          batch_size)
         candidates = {
@@ -332,6 +329,9 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
                                   _image_among_inputs(path, (ir, vis, *fused),
                                                       f"--{flag}")]
                   if problem]
+  if json_path and csv_path and json_path.resolve() == csv_path.resolve():
+    out_problems.append(f"--json and --csv are the same file {json_path}; "
+                        "the CSV would replace the JSON")
   # A file that changes after it was checked raises ImageReadError, also a
   # UserError: one line either way.
   result, sixteen_bit = _evaluate(ir, vis, fused, batch_size, True,

@@ -182,7 +182,7 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--text", "two", "warm", "pedestrians"]
-    expect = "unexpected arguments: warm pedestrians (quote a prompt"
+    expect = "unexpected arguments: warm pedestrians (flags take one word"
   elif case == "text_encoder":
     _write_pair(tmp_path, "a")
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),

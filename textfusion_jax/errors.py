@@ -76,12 +76,15 @@ def run_absl_app(main: Callable[[list[str]], None],
   app.run(main, argv=list(argv), flags_parser=_parse_flags)
 
 
-def run_cli(main: Callable[[list[str]], None]) -> None:
+def run_cli(main: Callable[[list[str]], None], *,
+            positional: bool = False) -> None:
   """Runs an absl `main` on sys.argv with one-line user errors.
 
   --help (-h) prints the CLI module's docstring and its own flags, and exits
   0, however it was started (`python -m ...` or an installed console script,
-  where absl's own help would list the flags of the script wrapper).
+  where absl's own help would list the flags of the script wrapper). Unless
+  `positional`, words that are not flags are refused: absl hands them to
+  `main`, so an unquoted `--text two words` would silently mean "two".
   """
   if any(a in ("--help", "-h", "--helpshort") for a in sys.argv[1:]):
     module = sys.modules[main.__module__]
@@ -91,6 +94,9 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv: list[str]) -> None:
     with one_line_errors():
+      if len(argv) > 1 and not positional:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags "
+                        "take one word: quote a value with spaces)")
       main(argv)
 
   run_absl_app(guarded, sys.argv)

@@ -37,8 +37,7 @@ _TEXT_ENCODER = flags.DEFINE_string(
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # (stray words: refused by errors.run_cli)
   logging.set_verbosity(logging.WARNING)
   for name, value in (("--workdir", _WORKDIR.value), ("--out", _OUT.value)):
     if not value:

@@ -64,9 +64,7 @@ _OVERLAP = flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP,
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:  # e.g. an unquoted --text: its other words land here
-    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])} "
-                           "(quote a prompt of several words)")
+  del argv  # (stray words: refused by errors.run_cli)
   logging.set_verbosity(logging.WARNING)  # orbax/jax info lines are noise here
   for name, value in (("--checkpoint", _CHECKPOINT.value), ("--ir", _IR.value),
                       ("--vis", _VIS.value), ("--out", _OUT.value)):

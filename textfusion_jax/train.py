@@ -50,8 +50,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # (stray words: refused by errors.run_cli)
   absl_logging.set_verbosity(absl_logging.WARNING)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, auto=_MULTIHOST.value,

@@ -46,8 +46,7 @@ logger = logging.getLogger(caption_embedding.__name__)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # (stray words: refused by errors.run_cli)
   for name, value in (("--encoder", _ENCODER.value),
                       ("--captions", _CAPTIONS.value), ("--out", _OUT.value)):
     if not value:

@@ -242,4 +242,4 @@ if __name__ == "__main__":
   # Defined only when run: library users (tests, the encoder) import this
   # module beside CLIs that have a --seed of their own.
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
-  errors.run_cli(main)
+  errors.run_cli(main, positional=True)

@@ -91,5 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   # Logical parameter axis -> mesh axis. Output channels shard over fsdp;
   # names without a rule (and dims an axis does not divide) replicate.
-  config.sharding_rules = [("channels_out", "fsdp"), ("text_embed", None)]
+  # (A tuple, so that --config.sharding_rules="(('channels_in', 'fsdp'),)"
+  # overrides it.)
+  config.sharding_rules = (("channels_out", "fsdp"), ("text_embed", None))
   return config

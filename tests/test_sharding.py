@@ -82,10 +82,32 @@ def test_mesh_shape_errors():
     sharding_lib.make_mesh({"data": 3, "fsdp": 5})
 
 
+def test_sharding_rules_override_from_the_command_line():
+  """ml_collections overrides tuples, not lists: the default is a tuple."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  # (ml_collections reads the overrides from the process's own argv.)
+  parse = ("import sys; from absl import flags; "
+           "from ml_collections import config_flags; "
+           "config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
+           "print(flags.FLAGS.config.sharding_rules)")
+  out = subprocess.run([sys.executable, "-c", parse, "--config",
+                        "configs/tiny.py",
+                        "--config.sharding_rules=(('channels_in', 'fsdp'),)"],
+                       capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "(('channels_in', 'fsdp'),)"
+
+
 @pytest.mark.parametrize("rules, message", [
     ([("channel_out", "fsdp")], "'channel_out' is not a parameter axis"),
     ([("channels_out", "fsdb")], "names mesh axis 'fsdb'"),
     (["channels_out"], "is not a pair"),
+    ((("channels_out", "fsdp"), ("channels_in", "fsdp")),
+     r"axes \('channels_in', 'channels_out'\) would use a mesh axis twice"),
 ])
 def test_mistyped_sharding_rules_are_named(rules, message):
   # A rule that matched nothing used to replicate every parameter silently.

@@ -163,7 +163,9 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   lines = [json.loads(line) for line in
            (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = [line["step"] for line in lines if "train/loss" in line]
-  assert logged == [2, 4, 6]  # a restart from 0 would log step 2 twice
+  # Step 3, where the first segment stopped, is logged too; a restart from
+  # 0 would log step 2 twice.
+  assert logged == [2, 3, 4, 6]
 
 
 def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
@@ -177,6 +179,17 @@ def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
   logged = [json.loads(line) for line in path.read_text().splitlines()]
   assert [(r["step"], r["train/loss"]) for r in logged] == [
       (2, 1.0), (4, 1.0), (6, 0.5)]
+  # An evaluation-only rerun at step 6 replaces that step's evaluation, not
+  # its training record.
+  with open(path, "a", encoding="utf-8") as handle:
+    handle.write(json.dumps({"step": 6, "eval/model/EN": 7.0}) + "\n")
+  writer = metric_writer.MetricWriter(tmp_path, start_step=6,
+                                      replace_evaluation=True)
+  writer.write_scalars(6, {"eval/model/EN": 7.5})
+  writer.close()
+  logged = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r.get("eval/model/EN") for r in logged if r["step"] == 6] == [
+      None, 7.5]
 
 
 def _train_cli(*args, env=None):
@@ -287,6 +300,10 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
   shutil.copytree(full_run[0], tmp_path)  # trained to step 6
   config = tiny.get_config()
   config.train.num_steps = 8
+  # The bad step is the last of a segment that neither logs nor saves on
+  # its own: it is still checked before the segment's final save.
+  config.train.stop_after_steps = 1
+  config.train.log_every = config.train.checkpoint_every = 100
 
   # A finite loss whose gradient is NaN (an overflow in the backward pass).
   @jax.custom_vjp
@@ -300,8 +317,10 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
                   lambda *a, **k: (lambda total, parts: (
                       nan_gradient(total), parts))(*fusion_loss(*a, **k)))
     with pytest.raises(train_loop.NonFiniteLossError,
-                       match=r"non-finite gradient norm nan \(loss [0-9.]+\)"):
+                       match=r"non-finite gradient norm nan \(loss [0-9.]+\) "
+                       r"at step 7"):
       train_loop.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints" / "7").exists()
     # The step itself skips that update (not only the loop's check).
     mesh = sharding_lib.make_mesh(config.mesh)
     trainer = train_step.ShardedTrainer(config, mesh)
@@ -441,6 +460,19 @@ def test_corrupt_run_files_are_one_line(full_run, tmp_path):
   with pytest.raises(train_loop.errors.UserError,
                      match=rf"{record}: not valid JSON"):
     run_record.load(workdir)
+  # Damaged tensor data: one line naming the step, not tensorstore's trace.
+  data_files = [p for p in (workdir / "checkpoints" / str(step) /
+                            "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    path.write_bytes(path.read_bytes()[:100])
+  trainer = train_step.ShardedTrainer(
+      tiny.get_config(), sharding_lib.make_mesh({"data": -1, "fsdp": 1}))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=rf"checkpoints/{step}: unreadable \(damaged or "
+                     "cut short\?\); move this step's folder aside"):
+    checkpointing.restore(manager, trainer.abstract_state(), step=step)
 
 
 def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
@@ -473,3 +505,60 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
     logging.getLogger(train_loop.__name__).removeHandler(handler)
   assert {name: (workdir / name).read_text() for name in before} == before
   assert any("train.num_steps 6 -> 8" in r.getMessage() for r in records)
+
+
+def test_eval_every_includes_the_last_step_without_an_end_evaluation():
+  config = tiny.get_config()
+  config.train.num_steps, config.train.eval_every = 6, 2
+  due = lambda: [s for s in range(1, 7)
+                 if train_loop.evaluates_in_loop(config, s)]
+  assert due() == [2, 4]  # step 6: the end evaluation follows the loop
+  config.eval.at_end = False
+  assert due() == [2, 4, 6]
+  config.train.eval_every = 0
+  assert not due()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("optim.learning_rate", -1.0), ("optim.learning_rate", float("nan")),
+    ("optim.b2", 1.0), ("optim.grad_clip_norm", 0.0),
+    ("optim.warmup_steps", -5), ("eval.max_images", -1),
+    ("eval.pad_multiple", -4), ("eval.save_images", -1)])
+def test_optimizer_and_eval_values_are_checked_by_name(field, value):
+  config = tiny.get_config()
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(train_loop.errors.UserError,
+                     match=rf"config.{field}={value!r}: must be"):
+    train_loop.check_config(config)
+
+
+def test_mesh_axis_sizes_below_one_are_one_line():
+  from textfusion_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  for shape in ({"data": 0, "fsdp": -1}, {"data": -1, "fsdp": 0}):
+    with pytest.raises(train_loop.errors.UserError,
+                       match=r"each axis size must be >= 1 or -1"):
+      sharding_lib.make_mesh(shape)
+
+
+def test_a_workdir_whose_run_saved_no_checkpoint_starts_afresh(tmp_path):
+  """A run that failed at its first step left config.json and run_info.json
+  but no checkpoint: a new run there is not held to that config, and its
+  record names its own data and text encoder."""
+  from textfusion_jax import run_record  # pylint: disable=g-import-not-at-top
+  failed = tiny.get_config()
+  failed.model.dim = 16
+  train_loop.record_start(failed, tmp_path, 0, "an-encoder-fingerprint")
+  (tmp_path / "checkpoints").mkdir()
+  config = tiny.get_config()
+  assert train_loop.setup_workdir(config, str(tmp_path)) == tmp_path
+  train_loop.record_start(config, tmp_path, 0, None)
+  info = run_record.load(tmp_path)
+  assert "text_encoder" not in info  # not the failed run's encoder
+  assert info["data"] == run_record.data_fingerprint(config)
+  assert len(info["segments"]) == 2
+  assert checkpointing.load_saved_config(tmp_path).model.dim == 8
+  # Once a step is saved, the config is held again.
+  (tmp_path / "checkpoints" / "3").mkdir()
+  with pytest.raises(checkpointing.CheckpointError, match=r"model.dim"):
+    train_loop.setup_workdir(failed, str(tmp_path))

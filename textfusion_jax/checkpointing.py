@@ -49,6 +49,14 @@ def ensure_writable_workdir(workdir: str | os.PathLike) -> Path:
   return workdir
 
 
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` holds a finished checkpoint step (Orbax names a step
+  folder by its number once it is complete)."""
+  directory = Path(workdir) / CHECKPOINT_DIR
+  return directory.is_dir() and any(
+      p.name.isdecimal() and p.is_dir() for p in directory.iterdir())
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
@@ -182,11 +190,26 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
-  except (ValueError, KeyError, TypeError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error) else ""
-    raise CheckpointError(
-        f"{manager.directory}/{step}: cannot restore into this model "
-        f"({type(error).__name__}: {first_line[:300]})") from None
+  except Exception as error:  # pylint: disable=broad-except
+    # Other shapes or names raise these; damaged tensor data comes back from
+    # tensorstore as a bare Exception (or an OUT_OF_RANGE/DATA_LOSS error).
+    text = str(error).strip()
+    damaged = not isinstance(error, (KeyError, TypeError)) and (
+        type(error) in (Exception, RuntimeError) or any(
+            mark in text for mark in ("OUT_OF_RANGE", "DATA_LOSS",
+                                      "Encountered error while reading")))
+    first_line = text.splitlines()[0].split(" See full TensorStore")[0] if (
+        text) else ""
+    failure = CheckpointError(
+        f"{manager.directory}/{step}: " +
+        ("unreadable (damaged or cut short?); move this step's folder aside "
+         "to resume from an earlier one" if damaged else
+         "cannot restore into this model") +
+        f" ({type(error).__name__}: {first_line[:300]})")
+    # Tensorstore's reads still in flight report a closed event loop, one
+    # traceback each, for seconds: a CLI ends at once after the line.
+    failure.exit_now = damaged
+    raise failure from None
   return restored["state"], step
 
 

@@ -23,8 +23,15 @@ from input_pipeline.errors import UserError
 __all__ = ["UserError", "fail", "one_line_errors", "run_absl_app", "run_cli"]
 
 
-def fail(message: str, status: int = 2) -> None:
+def fail(message: str, status: int = 2, *, exit_now: bool = False) -> None:
+  """Prints `error: message` and exits; `exit_now` skips interpreter
+  shutdown, where background threads of a failed library call would print
+  tracebacks after the line."""
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  if exit_now:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)
 
 
@@ -36,7 +43,8 @@ def one_line_errors() -> Iterator[None]:
   except (UserError, FileNotFoundError) as error:
     if os.environ.get("TEXTFUSION_DEBUG"):
       raise
-    fail(str(error) or type(error).__name__)
+    fail(str(error) or type(error).__name__,
+         exit_now=getattr(error, "exit_now", False))
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

@@ -19,9 +19,12 @@ from input_pipeline import files
 class MetricWriter:
   """Writes to `<workdir>/tensorboard/` and `<workdir>/metrics.jsonl`."""
 
-  def __init__(self, workdir: str | Path, start_step: int = 0):
+  def __init__(self, workdir: str | Path, start_step: int = 0, *,
+               replace_evaluation: bool = False):
     """start_step: the step a run resumes from. Lines a crashed run logged
-    after it (steps it will log again) are dropped from metrics.jsonl."""
+    after it (steps it will log again) are dropped from metrics.jsonl, and
+    with `replace_evaluation` (an evaluation-only run) its evaluation at
+    start_step too, which this run writes anew."""
     self._enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
@@ -29,7 +32,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
       path = Path(workdir) / "metrics.jsonl"
-      _drop_after(path, start_step)
+      _drop_after(path, start_step, replace_evaluation)
       self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -61,17 +64,23 @@ class MetricWriter:
       self._jsonl.close()
 
 
-def _drop_after(path: Path, step: int) -> None:
-  """Rewrites the JSONL at `path` (atomically) without records past `step`."""
+def _drop_after(path: Path, step: int, evaluation_too: bool = False) -> None:
+  """Rewrites the JSONL at `path` (atomically) without records past `step`
+  (and, `evaluation_too`, without its evaluation at `step`)."""
   if not path.exists():
     return
   lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
 
   def keep(line: str) -> bool:
     try:
-      return int(json.loads(line)["step"]) <= step
+      record = json.loads(line)
+      at = int(record["step"])
     except (ValueError, KeyError, TypeError):
       return False  # a torn last line from a crash
+    if evaluation_too and at == step and any(
+        k.startswith("eval/") for k in record):
+      return False
+    return at <= step
 
   kept = [line for line in lines if keep(line)]
   if len(kept) != len(lines):

@@ -127,14 +127,17 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
   """Records a new segment (and the data fingerprint on the first; the text
   encoder's when the run starts at step 0)."""
   info = load(workdir)
-  if "data" not in info:
+  if "data" not in info or start_step == 0:
+    # (A run at step 0 trains from scratch: an earlier attempt there that
+    # saved no checkpoint may have used other data or another encoder.)
     info["data"] = data_fingerprint(config)
   # Only a fresh run knows the encoder it trains with: a resumed run from
   # before fingerprints were recorded may meet another one now.
-  if (text_encoder_fingerprint is not None and start_step == 0 and
-      "text_encoder" not in info):
-    info["text_encoder"] = {"source": config.text.encoder,
-                            "fingerprint": text_encoder_fingerprint}
+  if start_step == 0:
+    info.pop("text_encoder", None)
+    if text_encoder_fingerprint is not None:
+      info["text_encoder"] = {"source": config.text.encoder,
+                              "fingerprint": text_encoder_fingerprint}
   info["seed"] = config.seed
   info.setdefault("segments", []).append(
       {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": git_commit(),

@@ -30,6 +30,9 @@ def make_mesh(mesh_shape: MeshShape,
   devices = list(devices if devices is not None else jax.devices())
   names = tuple(mesh_shape.keys())
   sizes = [int(s) for s in mesh_shape.values()]
+  if any(s < 1 and s != -1 for s in sizes):
+    raise UserError(f"mesh: each axis size must be >= 1 or -1 (the rest), "
+                    f"got {dict(mesh_shape)}")
   if sizes.count(-1) > 1:
     raise UserError(f"mesh: at most one axis may be -1, got {dict(mesh_shape)}")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -87,6 +90,13 @@ def logical_shardings(abstract_state: Any, rules: Sequence[tuple[str, Any]],
 
   def to_sharding(variable: Any) -> NamedSharding:
     spec = logical_to_mesh_spec(logical_axes(variable), rules)
+    taken = [a for axes in spec if axes is not None
+             for a in (axes if isinstance(axes, tuple) else (axes,))]
+    if len(taken) != len(set(taken)):  # (JAX would raise DuplicateSpecError)
+      raise UserError(
+          f"config.sharding_rules: a parameter with axes "
+          f"{tuple(logical_axes(variable))} would use a mesh axis twice "
+          f"({spec}); map its axes to different mesh axes")
     return NamedSharding(mesh, _fit_spec_to_shape(spec, variable.shape, mesh))
 
   return jax.tree.map(to_sharding, abstract_state, is_leaf=is_variable)

@@ -52,6 +52,22 @@ _POSITIVE_TRAIN_FIELDS = ("num_steps", "batch_size", "log_every",
 _NON_NEGATIVE_TRAIN_FIELDS = ("eval_every", "stop_after_steps")
 
 
+def _check_optimizer(optim: ml_collections.ConfigDict) -> None:
+  """The AdamW settings: a negative rate would ascend the loss."""
+  for field, test, wanted in (
+      ("learning_rate", lambda v: v > 0, "> 0"),
+      ("final_lr_fraction", lambda v: v >= 0, ">= 0"),
+      ("weight_decay", lambda v: v >= 0, ">= 0"),
+      ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("grad_clip_norm", lambda v: v > 0, "> 0")):
+    value = optim.get(field)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+        not math.isfinite(value) or not test(value)):
+      raise errors.UserError(f"config.optim.{field}={value!r}: must be a "
+                             f"finite number {wanted}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for bad values, before anything is read or written."""
   model_lib.validate_config(config.model)
@@ -66,10 +82,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                               ("config.data.crop_size",
                                config.data.crop_size, 1),
                               ("config.eval.batch_size",
-                               config.eval.batch_size, 1)):
+                               config.eval.batch_size, 1),
+                              ("config.eval.max_images",
+                               config.eval.get("max_images", 0), 0),
+                              ("config.eval.pad_multiple",
+                               config.eval.get("pad_multiple", 1), 1),
+                              ("config.eval.save_images",
+                               config.eval.get("save_images", 0), 0),
+                              ("config.optim.warmup_steps",
+                               config.optim.warmup_steps, 0)):
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise errors.UserError(f"{field}={value!r}: must be an integer >= "
                              f"{least}")
+  _check_optimizer(config.optim)
   if config.data.get("degradations", {}).get("enabled"):
     degradations.check_level_probs(config.data.degradations.level_probs,
                                    "config.data.degradations.level_probs")
@@ -81,6 +106,11 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   but the directory itself (`record_start` writes the config once the run
   has started)."""
   path = checkpointing.ensure_writable_workdir(workdir)
+  if not checkpointing.has_checkpoint(path):
+    if (path / checkpointing.CONFIG_FILE).exists():
+      log.info("%s: the earlier run there saved no checkpoint; starting "
+               "afresh", path)
+    return path
   if (path / checkpointing.CONFIG_FILE).exists():
     saved = checkpointing.load_saved_config(path)
     checkpointing.check_compatible(saved, config, path)
@@ -135,8 +165,10 @@ def create_datasets(config: ml_collections.ConfigDict, workdir: Path
   """The datasets, after checking that the text encoder is the one the run
   in `workdir` trained with (before captions are embedded with it)."""
   encoder = text_encoder.from_config(config.text)
-  run_record.check_text_encoder(run_record.load(workdir), encoder.fingerprint,
-                                config.text.encoder, workdir)
+  if checkpointing.has_checkpoint(workdir):  # (else nothing was trained)
+    run_record.check_text_encoder(run_record.load(workdir),
+                                  encoder.fingerprint, config.text.encoder,
+                                  workdir)
   return input_pipeline.create_datasets(config, lambda: encoder)
 
 
@@ -290,6 +322,24 @@ def _eval_and_log(evaluator: evaluators.FusionEvaluator,
   return result
 
 
+def stop_at_step(config: ml_collections.ConfigDict, start_step: int) -> int:
+  """Where this segment stops: train.num_steps, or earlier with
+  train.stop_after_steps (a preemption stand-in: stop as a killed job
+  would, after saving)."""
+  num_steps = config.train.num_steps
+  after = config.train.stop_after_steps
+  return min(num_steps, start_step + after) if after else num_steps
+
+
+def evaluates_in_loop(config: ml_collections.ConfigDict, step: int) -> bool:
+  """An evaluation every train.eval_every steps, except at the last step
+  when the end evaluation (eval.at_end) follows the loop."""
+  every = config.train.eval_every
+  at_end = (step == config.train.num_steps and
+            config.eval.get("at_end", True))
+  return bool(every) and step % every == 0 and not at_end
+
+
 def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
                   manager: Any, workdir: Path) -> None:
   # One transfer of both scalars (the previous step's: already computed).
@@ -297,10 +347,13 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
     what = (f"loss {loss}" if not math.isfinite(loss) else
             f"gradient norm {grad_norm} (loss {loss})")
+    latest = manager.latest_step()
+    kept = (f"Last good checkpoint: step {latest} in "
+            f"{workdir / checkpointing.CHECKPOINT_DIR}" if latest is not None
+            else "No checkpoint was saved yet")
     raise NonFiniteLossError(
-        f"non-finite {what} at step {step}; stopped without applying it."
-        f" Last good checkpoint: step {manager.latest_step()} in "
-        f"{workdir / checkpointing.CHECKPOINT_DIR}")
+        f"non-finite {what} at step {step}; stopped without applying it. "
+        f"{kept}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -321,16 +374,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   reference = reference_params(trainer, config)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
-  writer = metric_writer.MetricWriter(workdir_path, start_step)
+  writer = metric_writer.MetricWriter(
+      workdir_path, start_step,
+      replace_evaluation=start_step >= stop_at_step(config, start_step))
   evaluator = evaluators.FusionEvaluator(
       trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
       save_images=config.eval.save_images,
       pad_multiple=config.eval.pad_multiple, row_multiple=mesh.size)
   base_rng = jax.random.key(config.seed + 1)
   num_steps = config.train.num_steps
-  # A preemption stand-in: stop early, as a killed job would, after saving.
-  stop_at = (min(num_steps, start_step + config.train.stop_after_steps)
-             if config.train.stop_after_steps else num_steps)
+  stop_at = stop_at_step(config, start_step)
 
   info = None
   if start_step >= stop_at:  # nothing to train: an evaluation-only run
@@ -341,6 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     step_fn = None
     pending = None
     last_log_time, last_log_step = time.time(), start_step
+    # Compilation and evaluations inside a log window: not training time.
+    paused = 0.0
     progress = tqdm(total=num_steps, initial=start_step, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     step = start_step
@@ -351,9 +406,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                           trainer.batch_sharding)
         if step_fn is None:
           # Compiled ahead, then all processes start it together.
+          compile_start = time.time()
           step_fn = trainer.jitted_train_step.lower(
               state, batch, base_rng, reference).compile()
           distributed.barrier("train_step_compiled")
+          paused += time.time() - compile_start
           info = record_start(config, workdir_path, start_step,
                               inputs.text_encoder_fingerprint)
         state, step_metrics = step_fn(state, batch, base_rng, reference)
@@ -368,20 +425,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         pending = (step_metrics if pending is None else
                    pending.merge(step_metrics))
         progress.update(1)
-        is_log_step = step % config.train.log_every == 0 or step == num_steps
+        # The segment's last step too: its loss is checked before the
+        # final save and logged, even when a preemption stops it early.
+        is_log_step = (step % config.train.log_every == 0 or
+                       step == stop_at)
         if is_log_step or manager.should_save(step):
           _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
         if is_log_step:
           now = time.time()
-          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          rate = (step - last_log_step) / max(now - last_log_time - paused,
+                                              1e-9)
           scalars = _log_scalars(writer, step, pending, rate)
           progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
           pending, last_log_time, last_log_step = None, now, step
+          paused = 0.0
         checkpointing.save(manager, step, state,
                            data_position(batches_seen, batch_size))
-        if (config.train.eval_every and step % config.train.eval_every == 0
-            and step < num_steps):
+        if evaluates_in_loop(config, step):
+          eval_start = time.time()
           _eval_and_log(evaluator, writer, state.params, step)
+          paused += time.time() - eval_start
     finally:
       progress.close()
       manager.wait_until_finished()

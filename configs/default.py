@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # Eval batch size (padded to a multiple of the device count).
   config.eval.save_images = 8  # Fused eval images also written to TensorBoard.
   config.eval.max_images = 0  # Cap on eval images (0 = all).
-  config.eval.pad_multiple = 1  # Pad eval images to multiples of this (fewer compiled shapes on mixed sizes).
+  config.eval.pad_multiple = 1  # Pad eval images to multiples of this (fewer compiled shapes; the border convolutions see the padding, so compare scores at one value).
   config.eval.at_end = True  # Evaluate when training finishes (False: only every train.eval_every steps).
 
   # Mesh axes and sizes; -1 takes the remaining devices.

@@ -74,8 +74,8 @@ class FusionEvaluator:
     # Padding every image up to a multiple of `pad_multiple` (the metrics
     # score only the true region) bounds the number of compiled shapes on
     # datasets of many image sizes. The model's convolutions near the border
-    # see the (mirror) padding, so its scores shift slightly with the value
-    # (AG 9.620 at 1, 9.697 at 64 on a tiny run): compare at one value.
+    # see the (mirror) padding, so its scores shift slightly with the value:
+    # compare runs at one value.
     self._pad_multiple = max(1, pad_multiple)
     self._batches = batches
     self._to_device = to_device

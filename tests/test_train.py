@@ -471,7 +471,7 @@ def test_corrupt_run_files_are_one_line(full_run, tmp_path):
       tiny.get_config(), sharding_lib.make_mesh({"data": -1, "fsdp": 1}))
   with pytest.raises(checkpointing.CheckpointError,
                      match=rf"checkpoints/{step}: unreadable \(damaged or "
-                     "cut short\?\); move this step's folder aside"):
+                     r"cut short\?\); move this step's folder aside"):
     checkpointing.restore(manager, trainer.abstract_state(), step=step)
 
 

@@ -66,6 +66,29 @@ def _fuse(*args):
                         check=False)
 
 
+def _fuse_here(capsys, *args):
+  """`_fuse` in this process: the same `fuse.run()` (flag parsing, one-line
+  errors, exit status) without a ~10 s interpreter and JAX start-up. For
+  commands that fail."""
+  import types  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import fuse  # pylint: disable=g-import-not-at-top
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.unparse_flags()  # no value left from an earlier call
+  capsys.readouterr()
+  try:
+    with mock.patch.object(sys, "argv", ["fuse", *args]):
+      with pytest.raises(SystemExit) as exit_info:
+        fuse.run()
+  finally:
+    flags.FLAGS.unparse_flags()
+    if was_parsed:
+      flags.FLAGS.mark_as_parsed()
+  return types.SimpleNamespace(returncode=exit_info.value.code,
+                               stderr=capsys.readouterr().err)
+
+
 def _single_error_line(stderr: str) -> str:
   """The one `error:` line a failed command printed, with no traceback."""
   assert "Traceback" not in stderr, stderr[-2000:]
@@ -133,12 +156,12 @@ def test_fuse_large_llvip_pair_in_tiles(workdir, shared_dir, tmp_path):
                                   "caption_split_without_captions",
                                   "overlap", "text_encoder",
                                   "unquoted_text"])
-def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
+def test_fuse_bad_input_is_one_line(workdir, tmp_path, case, capsys):
   args = ["--checkpoint", str(workdir), "--out", str(tmp_path / "out")]
   if case in ("out_is_input", "out_is_a_file"):
     _write_pair(tmp_path, "a")
     before = (tmp_path / "vi" / "a.jpg").read_bytes()
-    out = _fuse("--checkpoint", str(workdir), "--ir", str(tmp_path / "ir"),
+    out = _fuse_here(capsys, "--checkpoint", str(workdir), "--ir", str(tmp_path / "ir"),
                 "--vis", str(tmp_path / "vi"), "--text", "x", "--out",
                 str(tmp_path / ("vi" if case == "out_is_input" else
                                 "vi/a.jpg")))
@@ -206,8 +229,8 @@ def test_fuse_bad_input_is_one_line(workdir, tmp_path, case):
     args += ["--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vi"),
              "--captions", str(bad)]
     expect = "c.jsonl:2"
-  out = _fuse(*args)
-  assert out.returncode != 0
+  out = _fuse_here(capsys, *args)
+  assert out.returncode == 2
   assert expect in _single_error_line(out.stderr), out.stderr[-2000:]
   assert not (tmp_path / "out").exists()
 

@@ -21,10 +21,11 @@ the untagged line, as the caption files' readers do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from input_pipeline import files
@@ -106,13 +107,15 @@ class CaptionEmbeddings:
       table = np.load(directory / TABLE_FILE, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as e:
       raise CaptionStoreError(f"{directory}: unreadable store ({e})") from None
+    if not isinstance(manifest, dict):
+      raise CaptionStoreError(f"{manifest_path}: not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
       raise CaptionStoreError(
           f"{directory}: not a {FORMAT} v{VERSION} store "
           f"(format={manifest.get('format')!r}, "
           f"version={manifest.get('version')!r})")
-    if not isinstance(manifest, dict) or not all(
-        isinstance(manifest.get(k), int) for k in ("num_unique", "dim")):
+    if not all(isinstance(manifest.get(k), int)
+               for k in ("num_unique", "dim")):
       raise CaptionStoreError(f"{directory}: {MANIFEST_FILE} lacks integer "
                               "num_unique and dim")
     expected = (manifest["num_unique"], manifest["dim"])
@@ -132,14 +135,42 @@ class CaptionEmbeddings:
     """The path or hub id of the text encoder that produced the store."""
     return self.manifest["encoder"]
 
-  def first_texts(self, count: int) -> list[str]:
-    """The captions of the table's first `count` rows (texts.json)."""
+  @functools.cached_property
+  def texts(self) -> list[str]:
+    """The caption of every table row (texts.json)."""
+    path = Path(self.directory) / TEXTS_FILE
     try:
-      texts = json.loads((Path(self.directory) / TEXTS_FILE).read_text())
+      texts = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
       raise CaptionStoreError(f"{self.directory}: unreadable {TEXTS_FILE} "
                               f"({e})") from None
-    return list(texts[:count])
+    if not isinstance(texts, list) or len(texts) != self.table.shape[0]:
+      raise CaptionStoreError(f"{path}: not a list of the table's "
+                              f"{self.table.shape[0]} captions")
+    return texts
+
+  def first_texts(self, count: int) -> list[str]:
+    """The captions of the table's first `count` rows (texts.json)."""
+    return list(self.texts[:count])
+
+  def check_current(self, key: str, rows: Sequence[int],
+                    captions_now: Sequence[str]) -> str | None:
+    """Why `rows` (a pair's, `key` naming it) no longer embed the pair's
+    `captions_now` (edited caption files since the store was built), or
+    None."""
+    stored = [self.texts[r] for r in rows]
+    if stored == list(captions_now):
+      return None
+    if len(stored) != len(captions_now):
+      what = (f"holds {len(stored)} caption(s), the caption files now have "
+              f"{len(captions_now)}")
+    else:
+      first = next(i for i, (a, b) in enumerate(zip(stored, captions_now))
+                   if a != b)
+      what = (f"caption {first} is {stored[first]!r} in the store, "
+              f"{captions_now[first]!r} in the caption files")
+    return (f"{self.directory}: {key} {what}; the store is stale: rebuild it "
+            "with python -m textfusion_jax.text.embed_captions")
 
   def check_encoder(self, name: str, encoder: Any, count: int = 8) -> None:
     """Raises CaptionStoreError unless `encoder` (configured as `name`)

@@ -157,7 +157,7 @@ def check_level_probs(level_probs: Sequence[float], field: str) -> np.ndarray:
     probs = np.zeros(0)
   if (probs.shape != (NUM_LEVELS,) or not np.all(np.isfinite(probs)) or
       np.any(probs < 0) or not np.isclose(probs.sum(), 1.0)):
-    raise UserError(f"{field}={tuple(level_probs)!r}: give 4 probabilities "
+    raise UserError(f"{field}={level_probs!r}: give 4 probabilities "
                     "(levels 0, 1, 2, 3) that sum to 1")
   return probs / probs.sum()
 

@@ -289,17 +289,19 @@ def locate(root: str | os.PathLike, layout: Layout, *,
   return groups
 
 
-def _check_file(path: Path, decode: bool) -> tuple[int, int] | Problem:
+def _check_file(path: Path, decode: bool, rule: str
+                ) -> tuple[int, int] | Problem:
   """(height, width) of an image file, or the Problem that makes it unusable.
 
   decode=False only reads the header (cheap), so truncated pixel data is
-  found later, when the image is read.
+  found later, when the image is read; decode=True reads it by `rule`, the
+  16-bit rule `read_pair` uses for that source (infrared may be float).
   """
   try:
     if path.stat().st_size == 0:
       return Problem("empty_file", (str(path),), "empty file (0 bytes)")
     if decode:
-      return image_io.read_image_with_info(path)[0].shape[:2]
+      return image_io.read_image_with_info(path, rule)[0].shape[:2]
     with Image.open(path) as image:
       return image.height, image.width
   except (image_io.ImageReadError, *image_io.DECODE_ERRORS) as error:
@@ -333,7 +335,8 @@ def _check_images(paired: dict[str, dict[str, tuple[Path, Path]]],
   jobs = [(group, stem, paths) for group, stems in paired.items()
           for stem, paths in stems.items()]
   checks = map_ordered(
-      lambda job: tuple(_check_file(path, decode) for path in job[2]), jobs)
+      lambda job: tuple(_check_file(path, decode, rule) for path, rule in
+                        zip(job[2], (IR_16BIT_RULE, VIS_16BIT_RULE))), jobs)
   problems = []
   for (group, stem, (ir, vi)), (ir_size, vi_size) in zip(jobs, checks):
     split = None if group == _NO_SPLIT else group
@@ -424,6 +427,12 @@ def _attach_text_emb(path: Path, dataset: str, pairs: list[Pair],
   only).
   """
   store = caption_store.CaptionEmbeddings.load(path, mmap=True)
+  if pairs and not any(store.has(dataset, s) for pair in pairs
+             for s in pair.caption_sources):
+    # (Else every pair would be "no rows", and skipping would drop them all.)
+    raise LayoutError(f"{path}: the caption store has no dataset "
+                      f"{dataset!r} (has {', '.join(store.datasets())}); "
+                      "name the store's key with --text_emb_dataset")
   names = set(store.names(dataset)) if store.has(dataset) else set()
   where = (f"{path}[{dataset}]",)
   problems = [Problem("text_emb", where,
@@ -444,11 +453,13 @@ def _attach_text_emb(path: Path, dataset: str, pairs: list[Pair],
           f"{', '.join(missing)})", pair.split, pair.name))
       continue
     rows = [row for s in sources for row in found[s]]
-    if len(rows) != len(pair.captions):
-      problems.append(Problem(
-          "text_emb", where,
-          f"{len(rows)} rows for {pair.name!r}, which has "
-          f"{len(pair.captions)} caption(s)", pair.split, pair.name))
+    stale = store.check_current(
+        repr(pair.name), rows,
+        [c for s in sources for c, cs in zip(pair.captions,
+                                             pair.caption_sources) if cs == s])
+    if stale:
+      problems.append(Problem("text_emb", where, stale, pair.split,
+                              pair.name))
       continue
     emb = np.asarray(store.table[rows], np.float32).reshape(len(rows),
                                                             store.dim)

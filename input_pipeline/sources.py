@@ -297,8 +297,15 @@ def _table_from_store(source: Sequence[Any], store: Any
     dataset, name = source.dataset_and_name(i)
     split = source.record_split(i)
     record_rows, record_sources = [], []
-    for caption_source in dict.fromkeys(record_caption_sources(source, i)):
+    sources_now = record_caption_sources(source, i)
+    captions_now = record_captions(source, i)
+    for caption_source in dict.fromkeys(sources_now):
       found = store.rows(dataset, name, caption_source, split)
+      stale = store.check_current(
+          f"{dataset}/{name} ({caption_source})", found,
+          [c for c, s in zip(captions_now, sources_now) if s == caption_source])
+      if stale:
+        raise UserError(stale)
       record_rows += found
       record_sources += [caption_source] * len(found)
     if not record_rows:

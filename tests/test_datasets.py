@@ -415,21 +415,29 @@ def _split_file(root: Path) -> Bad:
 
 
 def _write_store(path: Path, dataset: str, table: np.ndarray,
-                 rows: dict[str, list[int]]) -> Path:
+                 rows: dict[str, list[int]],
+                 texts: list[str] | None = None) -> Path:
   caption_store.write_store(path, table, {dataset: rows},
-                            [f"t{i}" for i in range(len(table))],
+                            texts or [f"t{i}" for i in range(len(table))],
                             {"encoder": "test"})
   return path
 
 
 def _text_emb(root: Path) -> Bad:
+  _add_pair(root, "ir/g4.png", "vi/g4.png", (16, 20), 40)
+  with (root / "captions.jsonl").open("a") as f:
+    f.write(json.dumps({"name": "g4", "captions": ["g4 text"]}) + "\n")
   # The store's key defaults to the captions file's folder name, 'src'.
   store = _write_store(root.parent / "store", "src",
-                       np.eye(4, dtype=np.float32),
+                       np.eye(5, dtype=np.float32),
                        {"g1": [0, 1, 2],  # g1 has 1 caption, not 3
-                        "g3": [3], "stray": [0]})  # g2: none
-  return Bad(["'g1'", "'g2'", "'stray'"], ["text_emb"] * 3,
-             {"train": {"g3"}}, {"text_emb": store})
+                        "g3": [3],
+                        "g4": [4],  # edited since: "g4 text" in the files
+                        "stray": [0]},  # g2: none
+                       ["g1 text", "x", "y", "g3 text", "g4 old text"])
+  return Bad(["'g1'", "'g2'", "'stray'", "caption 0 is 'g4 old text' in the "
+              "store, 'g4 text' in the caption files; the store is stale"],
+             ["text_emb"] * 4, {"train": {"g3"}}, {"text_emb": store})
 
 
 BAD_CASES = {
@@ -584,7 +592,8 @@ def test_text_embeddings_round_trip(tmp_path):
   wants = _folders(root)["train"]  # a: 2 captions, b: 3, c: none
   table = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
   store = _write_store(tmp_path / "store", "mine", table,
-                       {"a": [0, 1], "b": [2, 3, 4]})
+                       {"a": [0, 1], "b": [2, 3, 4]},
+                       ["a person", "a warm person", "x", "y", "z"])
   rows = {"a": table[:2], "b": table[2:], "c": np.zeros((0, 8), np.float32)}
   options = {"text_emb": store, "text_emb_dataset": "mine"}
   datasets.build("folders", manual_dir=root, data_dir=data_dir, **options)
@@ -749,6 +758,19 @@ def test_float_and_32_bit_images_are_stretched_or_refused_by_name(tmp_path):
     image_io.read_image_with_info(tmp_path / "i.tif", "full")
   assert image_io.read_image_with_info(tmp_path / "i.tif", "minmax")[0].max(
       ) == 255
+  # As infrared, both are usable when a build decodes every image up front.
+  root = tmp_path / "set"
+  for name in ("f", "i"):
+    _add_pair(tmp_path / "scratch", f"ir/{name}.png", f"vi/{name}.png",
+              (40, 48), 1)
+    (root / "ir").mkdir(parents=True, exist_ok=True)
+    (root / "vi").mkdir(parents=True, exist_ok=True)
+    (tmp_path / f"{name}.tif").rename(root / "ir" / f"{name}.tif")
+    (tmp_path / "scratch" / "vi" / f"{name}.png").rename(
+        root / "vi" / f"{name}.png")
+  scan = layouts.scan(root, layouts.LAYOUTS["folders"], decode=True)
+  assert not scan.problems, scan.problems
+  assert sorted(p.name for p in scan.splits["train"]) == ["f", "i"]
 
 
 def test_a_build_is_reused_only_for_the_same_sources(tmp_path):

@@ -48,7 +48,8 @@ def test_bad_levels_and_probabilities_name_the_field():
                                    "config.data.degradations.level_probs")
   with pytest.raises(UserError, match="sum to 1"):
     degradations.check_level_probs((0.5, 0.4, 0.0, 0.0), "p")
-  for not_numbers in ("abc", (0.25, "x", 0.25, 0.25), (float("nan"),) * 4):
+  for not_numbers in ("abc", (0.25, "x", 0.25, 0.25), (float("nan"),) * 4,
+                      None, 0.5):
     with pytest.raises(UserError, match="give 4 probabilities"):
       degradations.check_level_probs(not_numbers, "p")
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import caption_files
+from input_pipeline.errors import UserError
 from textfusion_jax.text import caption_embedding, tiny_clip
 from input_pipeline.caption_store import (CaptionEmbeddings,
                                                CaptionStoreError)
@@ -234,6 +235,15 @@ def test_store_errors(encoder, tmp_path):
   mapped = CaptionEmbeddings.load(tmp_path / "out", mmap=True)
   np.testing.assert_array_equal(mapped.lookup("custom", "a", 1),
                                 store.lookup("custom", "a", 1))
+  # Hand-edited JSON of the wrong shape: one line naming the file.
+  (tmp_path / "out" / "texts.json").write_text('["fine"]')
+  with pytest.raises(CaptionStoreError, match=r"texts.json: not a list of "
+                     "the table's 2 captions"):
+    CaptionEmbeddings.load(tmp_path / "out").texts  # pylint: disable=expression-not-assigned
+  (tmp_path / "out" / "manifest.json").write_text("[1, 2]")
+  with pytest.raises(CaptionStoreError, match=r"manifest.json: not a JSON "
+                     "object"):
+    CaptionEmbeddings.load(tmp_path / "out")
 
 
 def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
@@ -269,6 +279,16 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
   expected = encoder.encode(["gen a 1", "gen a 2"])
   np.testing.assert_allclose(table.embeddings[table.rows[0]], expected,
                              rtol=1e-5, atol=1e-6)
+  # Caption files edited after embedding: the store is refused as stale, by
+  # name, rather than giving pairs other captions' embeddings.
+  _write_jsonl(root / "captions_gen.jsonl",
+               [{"name": "a", "captions": ["gen a 1", "gen a 2", "gen a 3"]},
+                {"name": "b", "captions": ["gen b 1", "gen b 2"]}])
+  train_source, _ = sources.make_sources(config)
+  with pytest.raises(UserError, match=r"set/a \(gen\) holds 2 caption\(s\), "
+                     "the caption files now have 3; the store is stale"):
+    sources.make_caption_tables(config, lambda: encoder, train_source,
+                                train_source)
 
 
 def test_store_from_another_encoder_is_refused(encoder, tiny_dir, tmp_path):

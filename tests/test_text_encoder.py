@@ -318,6 +318,9 @@ def test_no_weights_and_wrong_model_type(tiny_dir, tmp_path):
   config["model_type"] = "bert"
   (directory / "config.json").write_text(json.dumps(config))
   assert "'bert' is not a CLIP model" in _error(directory)
+  (directory / "config.json").write_text("[1]")
+  assert "config.json: not a config (a JSON object expected, got list)" in (
+      _error(directory))
 
 
 @pytest.mark.parametrize("field, value", [("num_attention_heads", 0),

@@ -56,8 +56,10 @@ def _vehicles_phrase(vehicles: Sequence[Vehicle], width: int) -> list[str]:
 
 
 def degradation_phrase(d: Degradation) -> str:
-  """e.g. 'heavily underexposed, moderately noisy visible image with heavy
-  glare from headlights'."""
+  """e.g. 'heavily underexposed and moderately noisy visible image with
+  heavy glare from headlights' (the synthetic scenes' wording, with glare;
+  real pairs' condition sentences join kinds with ', ' instead:
+  `input_pipeline.degradations`)."""
   lv = d.levels()
   words = [f"{SEVERITY_ADVERBS[lv[k]]} {name}" for k, name in (
       ("gain", "underexposed"), ("noise_sigma", "noisy"), ("haze", "hazy"))

@@ -87,7 +87,6 @@ def _read_shard(out: Path, shard: _Shard,
       return embeddings, int(f["num_truncated"])
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
     return None  # absent or damaged
-    return None
 
 
 def _write_shard(out: Path, shard: _Shard, embeddings: np.ndarray,

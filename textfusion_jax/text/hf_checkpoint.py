@@ -71,9 +71,13 @@ def load_config(directory: Path) -> clip_text.ClipTextConfig:
   import transformers
   config_path = directory / CONFIG_FILE
   try:
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    config_json = json.loads(config_path.read_text())
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{config_path}: unreadable config ({e})") from None
+  if not isinstance(config_json, dict):
+    raise CheckpointError(f"{config_path}: not a config (a JSON object "
+                          f"expected, got {type(config_json).__name__})")
+  model_type = config_json.get("model_type")
   try:
     if model_type == "clip":
       config = transformers.CLIPConfig.from_pretrained(directory)

@@ -101,8 +101,9 @@ def main(argv: Sequence[str]) -> None:
                                 progress=True)
   if result.seconds:
     steady = result.seconds[1:] or result.seconds
-    print(f"fused {len(result.seconds)} pair(s) with checkpoint step "
-          f"{fuser.step} -> {_OUT.value}; {1000 * np.mean(steady):.1f} "
+    # (Counted as written: a pair fused but not written is in `failed`.)
+    print(f"fused {len(pairs) - len(result.failed)} pair(s) with checkpoint "
+          f"step {fuser.step} -> {_OUT.value}; {1000 * np.mean(steady):.1f} "
           f"ms/pair (first, with compilation: "
           f"{1000 * result.seconds[0]:.1f} ms)")
   if result.failed:

@@ -29,7 +29,8 @@ class CaptionFileError(UserError):
 
 
 DEFAULT_SOURCE = "default"
-_SOURCE_FILE = re.compile(r"^captions(?:_(\w+))?\.jsonl$")
+# Letters, digits, '_', '-' and '.' (blip-2, v1.5), so a model's name fits.
+_SOURCE_FILE = re.compile(r"^captions(?:_(\w[\w.-]*))?\.jsonl$")
 
 
 def source_of(path: str | os.PathLike) -> str:
@@ -53,9 +54,19 @@ def file_of(source: str) -> str:
 
 
 def find_sources(root: str | os.PathLike) -> list[str]:
-  """The caption sources with a file directly in `root`, default first."""
-  found = [source_of(p) for p in sorted(Path(root).glob("captions*.jsonl"))
-           if _SOURCE_FILE.match(p.name)]
+  """The caption sources with a file directly in `root`, default first.
+
+  A `captions_*.jsonl` whose source name is not allowed is refused by name
+  rather than skipped: its captions would silently go unused."""
+  found = []
+  for path in sorted(Path(root).glob("captions*.jsonl")):
+    if _SOURCE_FILE.match(path.name):
+      found.append(source_of(path))
+    elif path.name.startswith("captions_"):
+      raise CaptionFileError(
+          f"{path}: not a caption source name (captions_NAME.jsonl, NAME "
+          "letters, digits, '_', '-' or '.', starting with a letter, digit "
+          "or '_'); rename it")
   return sorted(found, key=lambda s: (s != DEFAULT_SOURCE, s))
 
 
@@ -70,9 +81,16 @@ class CaptionRecord:
   split: str | None = None  # None: the line is for the stem in every split
 
 
+def dataset_key(folder: str | os.PathLike) -> str:
+  """A dataset folder's key in caption stores: its name as written, with '.'
+  and '..' worked out but symlinks not followed, so a store made through a
+  link is keyed as training through the same link reads it."""
+  return Path(os.path.abspath(folder)).name
+
+
 def default_dataset(path: str | os.PathLike) -> str:
-  """The dataset key of a caption file: its parent directory's name."""
-  return Path(path).resolve().parent.name
+  """The dataset key of a caption file: its folder's (`dataset_key`)."""
+  return dataset_key(Path(os.path.abspath(path)).parent)
 
 
 @dataclasses.dataclass(frozen=True)

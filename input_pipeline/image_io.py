@@ -113,6 +113,18 @@ def _reduce_wide(array: np.ndarray, mode: str, rule: SixteenBitRule,
   return sixteen_to_eight_bit(array, rule)
 
 
+def check_readable(image: Image.Image, name: str) -> Image.Image:
+  """Refuses, before decoding, what Pillow opens but decodes wrongly."""
+  if image.format == "PNG" and any(
+      getattr(tile, "args", None) == "LA;16B" for tile in image.tile):
+    # Pillow opens it as RGBA holding each value's low byte: noise.
+    image.close()
+    raise ImageReadError(f"{name}: 16-bit grey+alpha PNG is not supported "
+                         "(Pillow misreads it); save it without the alpha "
+                         "channel")
+  return image
+
+
 def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
               name: str) -> tuple[np.ndarray, ImageInfo]:
   """A loaded PIL image -> uint8 (H, W) grey or (H, W, 3) RGB + ImageInfo."""
@@ -165,7 +177,7 @@ def read_image_with_info(
     if path.stat().st_size == 0:
       raise ImageReadError(f"{path}: empty file (0 bytes)")
     with Image.open(path) as image:
-      image.load()
+      check_readable(image, str(path)).load()
       return _to_array(image, sixteen_bit_rule, str(path))
 
 
@@ -198,10 +210,10 @@ class EncodedImage:
     if isinstance(self._source, bytes):
       if not self._source:
         raise ImageReadError(f"{self.name}: empty image (0 bytes)")
-      return Image.open(io.BytesIO(self._source))
+      return check_readable(Image.open(io.BytesIO(self._source)), self.name)
     if self._source.stat().st_size == 0:
       raise ImageReadError(f"{self.name}: empty file (0 bytes)")
-    return Image.open(self._source)
+    return check_readable(Image.open(self._source), self.name)
 
   @property
   def shape(self) -> tuple[int, int, int]:

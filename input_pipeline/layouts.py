@@ -303,6 +303,7 @@ def _check_file(path: Path, decode: bool, rule: str
     if decode:
       return image_io.read_image_with_info(path, rule)[0].shape[:2]
     with Image.open(path) as image:
+      image_io.check_readable(image, str(path))
       return image.height, image.width
   except (image_io.ImageReadError, *image_io.DECODE_ERRORS) as error:
     detail = str(error).removeprefix(f"{path}: ")
@@ -565,7 +566,7 @@ def scan(root: str | os.PathLike, layout: Layout, *,
   if text_emb is not None:
     if text_emb_dataset is None:
       text_emb_dataset = (caption_files.default_dataset(caption_paths[0][1])
-                          if caption_paths else root.resolve().name)
+                          if caption_paths else caption_files.dataset_key(root))
     pairs, emb_problems = _attach_text_emb(Path(text_emb), text_emb_dataset,
                                            pairs, all_stems)
     problems += emb_problems

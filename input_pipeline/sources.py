@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging as _log
 
 from input_pipeline import image_io
+from input_pipeline.caption_files import dataset_key
 from input_pipeline.captions import CaptionTable
 from input_pipeline.captions import SAME_EMBEDDING_COSINE
 from input_pipeline.captions import embedding_cosines
@@ -136,9 +137,7 @@ def _folder_parts(roots: str, field: str
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
-  # '.' has no name of its own: the folder's real one, as stores use.
-  return [(p.name or p.resolve().name, datasets.PairedFolderSource(p))
-          for p in paths]
+  return [(dataset_key(p), datasets.PairedFolderSource(p)) for p in paths]
 
 
 def _folder_source(roots: str, field: str) -> ConcatSource:
@@ -211,8 +210,7 @@ def _mixture_part(spec: str, config: ml_collections.ConfigDict
   if not path.is_dir():
     raise UserError(f"config.data.mixture: {spec}: no such folder (a source "
                     "is a folder with ir/ and vi/, or 'tfds:<name>')")
-  return (path.name or path.resolve().name, datasets.PairedFolderSource(path),
-          None)
+  return dataset_key(path), datasets.PairedFolderSource(path), None
 
 
 def check_compatible(parts: Sequence[tuple[str, Sequence[Any]]]) -> None:

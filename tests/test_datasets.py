@@ -773,6 +773,45 @@ def test_float_and_32_bit_images_are_stretched_or_refused_by_name(tmp_path):
   assert sorted(p.name for p in scan.splits["train"]) == ["f", "i"]
 
 
+def _png_16bit_grey_alpha(grey: np.ndarray) -> bytes:
+  """A 16-bit grey+alpha PNG (colour type 4), which Pillow cannot write."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data)))
+
+  h, w = grey.shape
+  pixels = np.stack([grey.astype(">u2"), np.full((h, w), 65535, ">u2")], -1)
+  raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+  return (b"\x89PNG\r\n\x1a\n" +
+          chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0)) +
+          chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_grey_alpha_png_is_refused_by_name(tmp_path):
+  """Pillow opens a 16-bit grey+alpha PNG as 8-bit RGBA of each value's low
+  byte: noise that would be trained on without a word."""
+  grey = (np.arange(40 * 48).reshape(40, 48) * 20 + 1000).astype(np.uint16)
+  path = tmp_path / "ir.png"
+  path.write_bytes(_png_16bit_grey_alpha(grey))
+  message = r"ir.png: 16-bit grey\+alpha PNG is not supported"
+  with pytest.raises(image_io.ImageReadError, match=message):
+    image_io.read_image_with_info(path, "minmax")
+  with pytest.raises(image_io.ImageReadError, match=message):
+    image_io.EncodedImage(path, 1, "minmax").crop(0, 0, 8, 8)
+  with pytest.raises(image_io.ImageReadError, match=r"<bytes>: 16-bit grey"):
+    image_io.EncodedImage(path.read_bytes(), 1, "minmax").shape
+  # A build reading headers only names it as an unreadable image.
+  root = tmp_path / "set"
+  _add_pair(root, "ir/a.png", "vi/a.png", (40, 48), 1)
+  (root / "ir" / "a.png").write_bytes(path.read_bytes())
+  scan = layouts.scan(root, layouts.LAYOUTS["folders"], decode=False)
+  assert [p.kind for p in scan.problems] == ["unreadable_image"]
+  assert "16-bit grey+alpha" in scan.problems[0].detail
+
+
 def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
   root, other, data_dir = tmp_path / "src", tmp_path / "other", tmp_path / "d"
   _folders(root)

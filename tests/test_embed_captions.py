@@ -583,3 +583,46 @@ def test_damaged_store_index_and_misnamed_source_file_are_named(tmp_path):
                      match=r"captions_default.jsonl: the 'default' caption "
                      "source is captions.jsonl"):
     caption_files.find_sources(tmp_path)
+
+
+def test_source_names_may_hold_dashes_and_dots_and_bad_ones_are_named(
+    tmp_path):
+  """A captioning model's name (blip-2, v1.5) is a source; a captions_*
+  file whose name is no source is refused by name, never skipped."""
+  for name in ("captions.jsonl", "captions_blip-2.jsonl",
+               "captions_v1.5.jsonl", "captions-old.jsonl"):
+    (tmp_path / name).write_text("")
+  assert caption_files.find_sources(tmp_path) == ["default", "blip-2", "v1.5"]
+  assert caption_files.file_of("blip-2") == "captions_blip-2.jsonl"
+  (tmp_path / "captions_a b.jsonl").write_text("")
+  with pytest.raises(UserError, match=r"captions_a b.jsonl: not a caption "
+                     "source name"):
+    caption_files.find_sources(tmp_path)
+
+
+def test_a_dataset_reached_through_a_symlink_keeps_the_links_name(
+    encoder, tiny_dir, tmp_path):
+  """Embedding and training both key a dataset by the folder name they are
+  given: a store made through a symlink is read through it."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  real = _write_folder_dataset(tmp_path / "real_name", "ab", 0)
+  link = tmp_path / "link_name"
+  link.symlink_to(real, target_is_directory=True)
+  store = _run(encoder, [(None, link / "captions.jsonl")], tmp_path / "store")
+  assert store.datasets() == ["link_name"]
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(link)
+  config.text.embeddings_dir = str(tmp_path / "store")
+  config.text.encoder = str(tiny_dir)
+  train_source, _ = sources.make_sources(config)
+  table, _, _ = sources.make_caption_tables(config, lambda: encoder,
+                                            train_source, train_source)
+  assert len(table.rows) == 2
+  # '.' inside the path is worked out; the key is still the link's name.
+  assert caption_files.dataset_key(link / ".") == "link_name"
+  assert caption_files.default_dataset(link / "captions.jsonl") == "link_name"

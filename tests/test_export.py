@@ -116,6 +116,37 @@ def test_exporting_twice_gives_identical_manifests(exported, workdir,
   assert not (tmp_path / "third").exists()
 
 
+def test_exporting_over_a_bundle_swaps_it_in_one_step(exported, workdir,
+                                                     tmp_path, monkeypatch):
+  """Re-exporting to an existing bundle never leaves --out missing (a reader
+  or a kill between two renames would find no bundle), and leaves no hidden
+  temporary or old copy beside it."""
+  out = _copy(exported, tmp_path)
+  report = tmp_path / "report.md"
+  report.write_text("second export's report\n")
+  out_present = []
+  real_replace = os.replace
+
+  def watched_replace(src, dst):
+    real_replace(src, dst)
+    out_present.append(out.exists())
+
+  monkeypatch.setattr(bundle.os, "replace", watched_replace)
+  run_bundle.export_run(str(workdir), str(out), report_path=str(report))
+  assert all(out_present), "the bundle was missing between two renames"
+  assert "second export's report" in (out / bundle.MODEL_CARD).read_text()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle",
+                                                        "report.md"]
+  # Something else at --out is refused and kept as it was.
+  other = tmp_path / "notes"
+  other.mkdir()
+  (other / "keep.txt").write_text("mine")
+  with pytest.raises(UserError, match=rf"{other} exists and is not a model "
+                     "bundle"):
+    run_bundle.export_run(str(workdir), str(other))
+  assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
 def _copy(exported: Path, tmp_path: Path) -> Path:
   target = tmp_path / "bundle"
   shutil.copytree(exported, target)

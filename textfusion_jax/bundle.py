@@ -17,10 +17,13 @@ bundles; `fuse.py` reads them through `load`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -168,10 +171,32 @@ def flatten_params_shapes(tree: Mapping[str, Any]
   return {name: tuple(value.shape) for name, value in _dotted_leaves(tree)}
 
 
+def _exchange(a: Path, b: Path) -> bool:
+  """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE), so
+  no reader ever finds `b` missing; False where the system or file system
+  cannot, and the caller falls back to two renames."""
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):  # glibc < 2.28, or another libc
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+               rename_exchange) == 0:
+    return True
+  error = ctypes.get_errno()
+  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False  # e.g. a file system without exchange
+  raise OSError(error, os.strerror(error), str(b))
+
+
 def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
           config: ml_collections.ConfigDict, text_encoder_writer: Any,
           model_card: str) -> Path:
-  """Writes a bundle to `out` atomically (a temporary sibling, then rename).
+  """Writes a bundle to `out` atomically (a temporary sibling, then rename;
+  an existing bundle is swapped out in one step where Linux allows).
 
   `text_encoder_writer(directory)` fills text_encoder/. An existing `out` is
   replaced only if it is itself a bundle, and only once the new one is
@@ -205,16 +230,19 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
     os.umask(umask)
     for path in [tmp, *tmp.rglob("*")]:
       os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    if out.exists():
-      os.replace(out, old)
-    try:
-      os.replace(tmp, out)
-    except OSError:
+    if out.exists() and _exchange(tmp, out):
+      pass  # tmp now holds the previous bundle; removed below
+    else:
+      if out.exists():
+        os.replace(out, old)
+      try:
+        os.replace(tmp, out)
+      except OSError:
+        if old.exists():
+          os.replace(old, out)  # put the previous bundle back
+        raise
       if old.exists():
-        os.replace(old, out)  # put the previous bundle back
-      raise
-    if old.exists():
-      shutil.rmtree(old)
+        shutil.rmtree(old)
   except OSError as error:
     raise BundleError(f"{out}: cannot write ({error.strerror or error})"
                       ) from None

@@ -35,7 +35,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ivf_samples
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", str(Path(__file__).resolve().parents[1] / "pretrained" /
                       "textfusion-small"), "Model bundle or training workdir.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per path.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per path.",
+                               lower_bound=1)
 
 
 def scene(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

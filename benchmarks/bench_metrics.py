@@ -69,7 +69,8 @@ def first_call(fn) -> float:
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Triples per batched "
                                    "call.", lower_bound=1)
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (best is kept).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (best is kept).",
+                               lower_bound=1)
 _GPU_BATCH_SIZES = flags.DEFINE_list(
     "gpu_batch_sizes", ["32", "64"], "Extra batch sizes timed on an "
     "accelerator.")

@@ -325,21 +325,24 @@ flags.DEFINE_string(
     "LLVIP samples when present.")
 flags.DEFINE_bool("generate", False, "Use generated LLVIP-like pairs even "
                   "when the shared samples exist.")
-flags.DEFINE_integer("pairs", 32, "Pairs to generate.")
+flags.DEFINE_integer("pairs", 32, "Pairs to generate.", lower_bound=1)
 flags.DEFINE_bool("ir_rgb", False, "Store generated infrared JPGs as RGB "
                   "(grey content), as the LLVIP release does.")
 flags.DEFINE_integer("batch_size", 16, "Examples per batch.", lower_bound=1)
-flags.DEFINE_integer("crop", 256, "Crop size.")
-flags.DEFINE_integer("batches", 10, "Timed batches per variant and round.")
+flags.DEFINE_integer("crop", 256, "Crop size.", lower_bound=1)
+flags.DEFINE_integer("batches", 10, "Timed batches per variant and round.",
+                     lower_bound=1)
 flags.DEFINE_integer(
     "warmup", None, "Untimed batches before timing (>= 1; the first is "
     "start-up). Default: enough to drain every buffer grain may have filled "
     "during start-up (see auto_warmup); the PIL loop always uses 1.",
     lower_bound=1)
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker_count values.")
-flags.DEFINE_integer("read_threads", 2, "grain read threads per process.")
-flags.DEFINE_integer("rounds", 2, "Interleaved rounds.")
-flags.DEFINE_integer("seed", 0, "Seed of generated pairs and crops.")
+flags.DEFINE_integer("read_threads", 2, "grain read threads per process.",
+                     lower_bound=1)
+flags.DEFINE_integer("rounds", 2, "Interleaved rounds.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of generated pairs and crops.",
+                     lower_bound=0)
 flags.DEFINE_bool("no_tfds", False, "Skip the TFDS array_record variant.")
 flags.DEFINE_bool("no_cached", False, "Skip the decoded-once (CachedSource) "
                   "TFDS variant.")

@@ -106,9 +106,11 @@ def torch_runner(directory, captions, args, sort: bool):
   return run
 
 
-flags.DEFINE_integer("num_captions", 512, "Captions embedded per round.")
+flags.DEFINE_integer("num_captions", 512, "Captions embedded per round.",
+                     lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Captions per call.", lower_bound=1)
-flags.DEFINE_integer("repeats", 3, "Interleaved rounds (best is kept).")
+flags.DEFINE_integer("repeats", 3, "Interleaved rounds (best is kept).",
+                     lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                   "Compute dtype.")
 flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "eager"],

@@ -32,7 +32,7 @@ from textfusion_jax import train_step
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" /
                   "real_pairs.py"), "Training config.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1)
 
 
 def main(argv):

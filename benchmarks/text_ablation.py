@@ -14,12 +14,12 @@ Prints, per image of the shared eval set, paired differences true - shuffled:
 the mean, its standard error and how many images the true captions win, for
 the restoration errors against the clean synthetic scene (what the captions
 describe: `evaluators._restoration_errors`) and for the 12 fusion metrics.
-Writes the same to WORKDIR/text_ablation.json.
+Writes the same to WORKDIR/text_ablation.json ({"step", "rows"}; runs are
+compared at the newest step both evaluated).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
+from input_pipeline import files  # pylint: disable=g-import-not-at-top
+from textfusion_jax import errors
 from textfusion_jax import metrics as metrics_lib
 from textfusion_jax import paired_comparison
 from textfusion_jax import train_loop
@@ -70,10 +71,13 @@ def main(argv):
       config.data.shuffle_captions_across_pairs = run == "shuffled"
       print(f"\n== training with {run} captions: {root / run}")
       train_loop.train_and_evaluate(config, str(root / run))
-    rows = compare(*(paired_comparison.latest_eval(root / run)
-                     for run in RUNS))
-  (root / "text_ablation.json").write_text(json.dumps(rows, indent=2))
-  print("\nText ablation, paired over the eval images:\n" +
+    step, evaluations = paired_comparison.latest_shared_eval(
+        *(root / run for run in RUNS))
+    rows = compare(*evaluations)
+  files.write_text_atomic(root / "text_ablation.json",
+                          files.json_text({"step": step, "rows": rows},
+                                          indent=2) + "\n")
+  print(f"\nText ablation at step {step}, paired over the eval images:\n" +
         paired_comparison.markdown_table(rows))
 
 

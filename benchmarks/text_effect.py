@@ -65,11 +65,12 @@ SUMMED_METRICS = ("MI", "VIF", "Qabf", "SSIM")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle or workdir.")
 _OUT = flags.DEFINE_string("out", "runs/text_effect", "Output folder.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the degradations.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the degradations.",
+                             lower_bound=0)
 _SHUFFLE_SEED = flags.DEFINE_integer(
     "shuffle_seed", None, "Seed of the derangement (default: --seed); to see "
     "how much the true-vs-shuffled figures depend on which wrong sentences "
-    "were drawn.")
+    "were drawn.", lower_bound=0)
 _REPORT = flags.DEFINE_string("report", None, "Write the report here.")
 _FIGURE = flags.DEFINE_string("figure", None, "Write the figure here.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pairs (a smoke "
@@ -101,7 +102,11 @@ def shuffled_sentences(true: list[str], seed: int) -> list[str]:
     shuffled = [true[j] for j in order]
     if all(a != b for a, b in zip(true, shuffled)):
       return shuffled
-  raise ValueError("no derangement gives every pair another sentence")
+  same = sorted({t for t in true if true.count(t) > 1})
+  raise errors.UserError(
+      f"no derangement gives every pair another sentence (pairs share "
+      f"{'; '.join(repr(t) for t in same)}); try another --seed or a "
+      "larger --limit")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -156,10 +161,20 @@ def main(argv) -> None:
   files.check_writable({"--report": _REPORT.value,
                        "--figure": _FIGURE.value})
   out = Path(_OUT.value)
-  fuser = inference.Fuser.load(_CHECKPOINT.value)
   pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
                                   str(out / "reference"))
   pairs = pairs[:_LIMIT.value] if _LIMIT.value else pairs
+  names = [p.name for p in pairs]
+  levels = degraded_levels(len(pairs), _SEED.value)
+  true = [degradations.condition_sentence(l) for l in levels]
+  shuffle_seed = (_SEED.value if _SHUFFLE_SEED.value is None
+                  else _SHUFFLE_SEED.value)
+  shuffled = shuffled_sentences(true, shuffle_seed)  # before the model loads
+  # The figure shows prompt control: the first heavily underexposed pair,
+  # else the most underexposed one.
+  figure_index = next((i for i, l in enumerate(levels) if l[0] >= 2),
+                      max(range(len(levels)), key=lambda i: levels[i][0]))
+  fuser = inference.Fuser.load(_CHECKPOINT.value)
   # The folders are scored whole: fusions an earlier run (of more pairs)
   # left there would be scored with these.
   for folder in ("reference", "wiener_target", "true", "shuffled", "empty",
@@ -169,12 +184,6 @@ def main(argv) -> None:
   # shapes instead of one per image size.
   shapes = inference.bucket_shapes(inference.check_sizes(pairs),
                                    inference.DEFAULT_TILE)
-  names = [p.name for p in pairs]
-  levels = degraded_levels(len(pairs), _SEED.value)
-  true = [degradations.condition_sentence(l) for l in levels]
-  shuffle_seed = (_SEED.value if _SHUFFLE_SEED.value is None
-                  else _SHUFFLE_SEED.value)
-  shuffled = shuffled_sentences(true, shuffle_seed)
   encoder = fuser.encoder
   embed = lambda texts: encoder.encode(texts)
   empty = encoder.encode_ids(encoder.tokenize([""])[0])[0]
@@ -206,7 +215,7 @@ def main(argv) -> None:
     under_bright = fuse(bad, bright_emb)
     under_clean = fuse(bad, clean_emb)
     brighter.append(grey_mean(under_bright) - grey_mean(under_clean))
-    if figure_rows is None and levels[i][0] >= 2:
+    if i == figure_index:
       figure_rows = (pair.name, [bad, ir, under_clean, under_bright,
                                  fused["true"][pair.name],
                                  fused["reference"][pair.name]],
@@ -290,7 +299,7 @@ def main(argv) -> None:
   print(text)
   if _REPORT.value:
     files.write_text_atomic(_REPORT.value, text)
-  if _FIGURE.value and figure_rows:
+  if _FIGURE.value:
     write_figure(Path(_FIGURE.value), *figure_rows)
     print(f"wrote {_FIGURE.value}")
 

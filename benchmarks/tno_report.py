@@ -58,7 +58,8 @@ _REPORT = flags.DEFINE_string("report", None, "Write the markdown here too.")
 _CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0,
                                       "Which caption of each pair to use.",
                                       lower_bound=0)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption derangement.",
+                             lower_bound=0)
 _PROMPT = flags.DEFINE_string(
     "prompt", None, "One prompt for every pair instead of its caption (e.g. "
     "'clean visible image' for a model trained on condition sentences); "

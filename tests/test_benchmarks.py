@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,12 +61,14 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
   out = subprocess.run(
       [sys.executable, "benchmarks/text_effect.py",
        "--checkpoint=pretrained/textfusion-small-degraded", "--limit=2",
-       f"--out={tmp_path / 'out'}", f"--report={report}"],
+       f"--out={tmp_path / 'out'}", f"--report={report}",
+       f"--figure={tmp_path / 'figure.png'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   text = report.read_text()
   assert not any(path.exists() for path in stale)
+  assert (tmp_path / "figure.png").stat().st_size > 0
   assert "on 2 degraded TNO pairs" in text
   means = _table_rows(text, "method")
   for row in ("true", "shuffled", "empty", "reference", "wiener_target",
@@ -83,3 +87,25 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
         1.0, abs(total)), (metric, total, means["true"][metric])
   assert "visible parts: true better on" in text
   assert "infrared parts: reference better on" in text
+
+
+@pytest.mark.parametrize("args, expected", [
+    # Both pairs drawn at (2, 1, 1): no derangement can give either another
+    # sentence. Refused before the model loads (it was a ValueError
+    # traceback).
+    (("--limit=2", "--seed=19"), "no derangement gives every pair another "
+     "sentence (pairs share 'moderately underexposed, slightly noisy, "
+     "slightly hazy visible image')"),
+    (("--seed=-1",), "flag --seed=-1: -1 is not a non-negative integer")])
+def test_text_effect_bad_seeds_are_one_line(shared_dir, tmp_path, args,
+                                            expected):
+  del shared_dir
+  out = subprocess.run(
+      [sys.executable, "benchmarks/text_effect.py",
+       "--checkpoint=pretrained/textfusion-small-degraded",
+       f"--out={tmp_path / 'out'}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]

@@ -626,3 +626,15 @@ def test_a_dataset_reached_through_a_symlink_keeps_the_links_name(
   # '.' inside the path is worked out; the key is still the link's name.
   assert caption_files.dataset_key(link / ".") == "link_name"
   assert caption_files.default_dataset(link / "captions.jsonl") == "link_name"
+
+
+def test_distributed_outside_a_detected_job_is_one_line(tmp_path):
+  """--distributed where JAX detects no job (it was a ValueError traceback)."""
+  out = _cli("--encoder", str(tmp_path / "none"), "--captions",
+             str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "store"),
+             "--distributed")
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: --distributed: JAX detected no multi-process job"), out.stderr
+  assert not (tmp_path / "store").exists()

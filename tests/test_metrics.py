@@ -13,12 +13,14 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from input_pipeline import image_io
 from textfusion_jax import metrics
 from textfusion_jax import metrics_reference
+from input_pipeline.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "metrics"
@@ -247,3 +249,27 @@ def test_per_source_parts_add_up_and_match_single_source_metrics():
   ir_copy = jax.device_get(metrics.all_metrics(
       *(x.astype(np.float32) for x in (a, a, b))))
   assert ir_copy["Qabf_ir"] > ir_copy["Qabf_vis"]
+
+
+def test_a_concrete_size_outside_the_arrays_is_refused():
+  """size=(h, w) past the arrays scored the zeroed padding as image (EN
+  12.4 bits, above the 8-bit maximum); below MIN_SIZE it is unscorable."""
+  rng = np.random.default_rng(0)
+  triple = [rng.integers(0, 256, (50, 50)).astype(np.float32)
+            for _ in range(3)]
+  for size in ((100, 100), (30, 30), (50, 51)):
+    with pytest.raises(UserError, match=rf"size=\({size[0]}, {size[1]}\) "
+                       "must lie within the 50x50 arrays"):
+      metrics.all_metrics(*triple, size=size)
+  whole = metrics.all_metrics(*triple)
+  assert float(metrics.all_metrics(*triple, size=(50, 50))["EN"]) == float(
+      whole["EN"])
+
+
+def test_trivial_fusions_of_uint8_images_do_not_wrap():
+  from textfusion_jax import fusion_baselines  # pylint: disable=g-import-not-at-top
+  ir, vis = np.array([200, 3], np.uint8), np.array([100, 4], np.uint8)
+  for xp in (np, jnp):
+    mean = fusion_baselines.trivial_fusion("rule_mean", xp.asarray(ir),
+                                           xp.asarray(vis))
+    np.testing.assert_array_equal(np.asarray(mean), [150, 4])

@@ -224,16 +224,24 @@ def test_bad_job_flags_are_one_line(tmp_path, flags, message):
   assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
 
 
-def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("process_id,expected", [
+    # A worker whose coordinator never starts.
+    ("1", "cannot reach the coordinator"),
+    # Process 0 whose workers never join: JAX would abort it with a fatal
+    # C++ error (SIGABRT, a stack dump) at its deadline.
+    ("0", "the job's 2 processes (coordinator 127.0.0.1:"),
+])
+def test_a_job_that_never_forms_fails_within_the_timeout(tmp_path, process_id,
+                                                         expected):
   start = time.monotonic()
   out = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/tiny.py",
        "--workdir", str(tmp_path / "w"), "--coordinator_address",
        f"127.0.0.1:{_free_port()}", "--num_processes", "2", "--process_id",
-       "1", "--initialization_timeout", "3"], cwd=ROOT, env=_env(1),
+       process_id, "--initialization_timeout", "3"], cwd=ROOT, env=_env(1),
       capture_output=True, text=True, timeout=120, check=False)
-  assert out.returncode != 0
+  assert out.returncode == 2, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and "cannot reach the coordinator" in lines[0], (
-      out.stderr[-2000:])
+  assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
   assert time.monotonic() - start < 60
+  assert not (tmp_path / "w").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from textfusion_jax import paired_comparison
+from input_pipeline.errors import UserError
 
 
 def _per_image(**columns):
@@ -38,11 +39,25 @@ def test_only_shared_images_are_paired_and_names_select_metrics():
   assert paired_comparison.paired_differences(true, {}) == {}
 
 
-def test_latest_eval_reads_the_newest_step_and_names_a_missing_run(tmp_path):
-  for step, value in ((100, 1.0), (300, 3.0), (20, 0.5)):
-    out = tmp_path / "run" / "eval" / str(step)
-    out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({"v": value}))
-  assert paired_comparison.latest_eval(tmp_path / "run") == {"v": 3.0}
-  with pytest.raises(FileNotFoundError, match="missing"):
-    paired_comparison.latest_eval(tmp_path / "missing")
+def test_runs_are_compared_at_their_newest_shared_step(tmp_path):
+  """A finished run is not paired with an interrupted one's older step."""
+  for run, steps in (("true", (100, 300, 600)), ("shuffled", (100, 300))):
+    for step in steps:
+      out = tmp_path / run / "eval" / str(step)
+      out.mkdir(parents=True)
+      (out / "metrics.json").write_text(json.dumps({"v": step, "run": run}))
+  step, (true, shuffled) = paired_comparison.latest_shared_eval(
+      tmp_path / "true", tmp_path / "shuffled")
+  assert step == 300 and true == {"v": 300, "run": "true"}
+  assert shuffled == {"v": 300, "run": "shuffled"}
+  assert paired_comparison.latest_shared_eval(tmp_path / "true")[0] == 600
+  with pytest.raises(UserError, match="no eval/<step>/metrics.json under "
+                     ".*missing"):
+    paired_comparison.latest_shared_eval(tmp_path / "true",
+                                         tmp_path / "missing")
+  (tmp_path / "late" / "eval" / "900").mkdir(parents=True)
+  (tmp_path / "late" / "eval" / "900" / "metrics.json").write_text("{}")
+  with pytest.raises(UserError, match=r"share no evaluated step \(.*true: "
+                     r"\[100, 300, 600\]; .*late: \[900\]\)"):
+    paired_comparison.latest_shared_eval(tmp_path / "true",
+                                         tmp_path / "late")

@@ -418,6 +418,13 @@ def test_bin_checkpoint_loads_and_corrupt_bin_is_one_line(
   (directory / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
   assert "pytorch_model.bin: unreadable PyTorch weights file" in _error(
       directory)
+  # A text key holding a plain number (weights_only allows it).
+  state = _as_bin(tiny_dir, tmp_path / "d", torch_module)
+  directory = tmp_path / "d"
+  state["text_model.final_layer_norm.weight"] = 3
+  torch_module.save(state, directory / "pytorch_model.bin")
+  assert ("pytorch_model.bin: text_model.final_layer_norm.weight is not a "
+          "tensor (a int)") in _error(directory)
 
 
 class _RunsCode:

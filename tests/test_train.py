@@ -213,6 +213,9 @@ def test_unknown_config_key_is_one_line(tmp_path):
     (("--config.train.log_every=0",), "config.train.log_every=0"),
     (("--config.train.batch_size=-2",), "config.train.batch_size=-2"),
     (("--config.model.dim=7",), "config.model.dim=7"),
+    # A None default that the command line can still set.
+    (("--config.model.attention_impl=cudnn",),
+     "attention_impl='cudnn' needs config.model.dtype='bfloat16'"),
     (("--config", "configs/missing.py"), "--config configs/missing.py"),
     (("--config", "{tmp}/no_get_config.py"), "defines no get_config()"),
     (("--config", "{tmp}/syntax_error.py"), "syntax_error.py:2: "),
@@ -531,6 +534,62 @@ def test_optimizer_and_eval_values_are_checked_by_name(field, value):
   with pytest.raises(train_loop.errors.UserError,
                      match=rf"config.{field}={value!r}: must be"):
     train_loop.check_config(config)
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("ffn", "foo", "config.model.ffn='foo': must be one of"),
+    ("input_stride", 0, "config.model.input_stride=0: must be a whole"),
+    ("dim", 0, "config.model.dim=0: must be a whole number >= 2"),
+    ("heads", (0, 2), r"config.model.heads=\(0, 2\): each must be a whole"),
+    ("ffn_expansion", 0.0, "config.model.ffn_expansion=0.0: must be > 0"),
+    ("text_hidden", 0, "config.model.text_hidden=0: must be a whole"),
+    ("max_kv_tokens", -4, "config.model.max_kv_tokens=-4: must be a whole"),
+    # m >= 1 would let the visible gain m + (1 - m) exp(gamma) go negative.
+    ("text_vis_min_gain", 1.5, "config.model.text_vis_min_gain=1.5: must be"),
+    ("attention_impl", "flash", "config.model.attention_impl='flash': must"),
+    ("attention_impl", "cudnn", "needs config.model.dtype='bfloat16'")])
+def test_model_values_are_checked_by_name(field, value, expect):
+  """Each used to surface as a ZeroDivisionError, a ValueError deep in a
+  layer, a bad forward pass or (min gain) a silently inverted image."""
+  config = tiny.get_config()
+  config.model[field] = value
+  with pytest.raises(train_loop.errors.UserError, match=expect):
+    train_loop.check_config(config)
+
+
+def test_cudnn_attention_needs_a_gpu_to_train_but_its_model_fuses_anywhere():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.attention_impl = "cudnn"
+  config.model.dtype = "bfloat16"
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the non-GPU path")
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"attention_impl='cudnn' needs a GPU; this run's "
+                     "backend is 'cpu'"):
+    train_loop.check_config(config)
+  net = model_lib.FusionNet(config.model, rngs=nnx.Rngs(0))
+  out = net(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 1)),
+            jnp.zeros((1, config.model.text_dim)))
+  assert out.shape == (1, 32, 32, 3)
+
+
+def test_compute_settings_may_change_on_resume_and_are_announced():
+  """dtype, attention kernel and K/V pooling leave the parameters as they
+  are: a float32 run may go on in bfloat16 (it was refused as an
+  incompatible config)."""
+  saved = tiny.get_config()
+  current = tiny.get_config()
+  current.model.dtype = "bfloat16"
+  current.model.max_kv_tokens = 0
+  checkpointing.check_compatible(saved, current, "w")
+  assert checkpointing.changed_training_fields(saved, current) == [
+      "model.dtype 'float32' -> 'bfloat16'", "model.max_kv_tokens 256 -> 0"]
+  current.model.dim = 16
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"model.dim: checkpoint 8 != config 16"):
+    checkpointing.check_compatible(saved, current, "w")
 
 
 def test_mesh_axis_sizes_below_one_are_one_line():

@@ -27,6 +27,9 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"  # Orbax step folders, under the workdir.
 # Config sections whose change makes old parameters unusable.
 ARCHITECTURE_KEYS = ("model",)
+# ... except these model fields: how the same parameters are computed with
+# (a float32 run may go on in bfloat16, or with cuDNN's attention).
+COMPUTE_FIELDS = ("model.dtype", "model.attention_impl", "model.max_kv_tokens")
 
 
 class CheckpointError(errors.UserError):
@@ -110,6 +113,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
       f"{current_flat.get(key)!r}"
       for key in sorted(set(saved_flat) | set(current_flat))
       if saved_flat.get(key) != current_flat.get(key)
+      and key not in COMPUTE_FIELDS
   ]
   if diffs:
     raise CheckpointError(
@@ -121,7 +125,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
 # learning-rate schedule follows optim.* and train.num_steps).
 _TRAINING_FIELDS = ("seed", "optim.", "loss.", "data.", "train.num_steps",
                     "train.batch_size", "train.init_from",
-                    "train.reference_from")
+                    "train.reference_from", *COMPUTE_FIELDS)
 # ... except those that change only how fast the same data arrives.
 _THROUGHPUT_FIELDS = ("data.worker_count", "data.prefetch_buffer_size",
                       "data.cache_in_memory")

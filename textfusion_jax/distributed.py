@@ -12,18 +12,23 @@ the whole job; `jax.process_index()` picks each process's data shard and
 process 0 alone writes logs and evaluation outputs.
 
 JAX aborts the whole process (a fatal C++ error, no Python exception) when
-the coordinator never answers, so a worker first polls the coordinator's
-port itself and fails with one line after `timeout_s`.
+the coordinator never answers or a process never joins, so a worker first
+polls the coordinator's port itself, and every process runs a watchdog that
+fails with one line after `timeout_s`, before JAX's own deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import jax
 
+from textfusion_jax import errors
 from textfusion_jax.errors import UserError
 
 _BARRIERS = itertools.count()
@@ -56,8 +61,12 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
-               timeout_s: int = 300) -> None:
-  """Joins the job described by the flags; a no-op for a single process."""
+               timeout_s: int = 300, auto_flag: str = "--multihost",
+               auto_remedy: str = "pass --coordinator_address, "
+               "--num_processes and --process_id instead") -> None:
+  """Joins the job described by the flags; a no-op for a single process.
+  `auto_flag` and `auto_remedy` word the error of a CLI whose auto-detect
+  flag has another name."""
   explicit = {"--coordinator_address": coordinator_address,
               "--num_processes": num_processes, "--process_id": process_id}
   given = [name for name, value in explicit.items() if value is not None]
@@ -66,13 +75,14 @@ def initialize(coordinator_address: str | None = None,
                     f"{', '.join(given)} or drop --multihost")
   if auto:
     try:
-      jax.distributed.initialize(initialization_timeout=timeout_s)
+      with _watchdog(timeout_s, "the detected job's processes"):
+        jax.distributed.initialize(
+            initialization_timeout=timeout_s + _JAX_GRACE_S)
     except (ValueError, RuntimeError) as error:
       first = str(error).strip().splitlines()[0] if str(error) else ""
-      raise UserError(f"--multihost: JAX detected no multi-process job (Cloud"
-                      f" TPU pod, SLURM, Open MPI) here ({first[:200]}); pass "
-                      "--coordinator_address, --num_processes and "
-                      "--process_id instead") from None
+      raise UserError(f"{auto_flag}: JAX detected no multi-process job "
+                      f"(Cloud TPU pod, SLURM, Open MPI) here ({first[:200]})"
+                      f"; {auto_remedy}") from None
     return
   if not given:
     return
@@ -89,8 +99,35 @@ def initialize(coordinator_address: str | None = None,
   _host_port(coordinator_address)
   if process_id != 0:
     wait_for_coordinator(coordinator_address, timeout_s)
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             initialization_timeout=timeout_s)
+  with _watchdog(timeout_s, f"the job's {num_processes} processes "
+                 f"(coordinator {coordinator_address})"):
+    jax.distributed.initialize(coordinator_address, num_processes,
+                               process_id,
+                               initialization_timeout=timeout_s + _JAX_GRACE_S)
+
+
+# JAX's own deadline comes this much after the watchdog's, so the one-line
+# error always wins the race with its abort.
+_JAX_GRACE_S = 15
+
+
+@contextlib.contextmanager
+def _watchdog(timeout_s: float, who: str) -> Iterator[None]:
+  """Exits the process with one line if the block outlives `timeout_s`."""
+
+  def expire() -> None:
+    errors.fail(f"{who} did not all join within {timeout_s:g} s; start "
+                "every process with the same --coordinator_address and "
+                "--num_processes, and each --process_id once",
+                exit_now=True)
+
+  timer = threading.Timer(timeout_s, expire)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:

@@ -41,11 +41,14 @@ MEAN_RANK = "mean_rank"
 
 
 def trivial_fusion(rule: str, ir_grey, vis_grey):
-  """The `rule` fusion of grey levels (numpy or jax arrays, 0..255 floats).
+  """The `rule` fusion of grey levels (numpy or jax arrays, 0..255), as
+  float32.
 
   Rounds half to even, as numpy and jax both do.
   """
   xp = np if isinstance(ir_grey, np.ndarray) else jnp
+  # uint8 sums would wrap before the halving (200 + 100 -> 44).
+  ir_grey, vis_grey = (xp.asarray(x, xp.float32) for x in (ir_grey, vis_grey))
   if rule == "copy_vis":
     return vis_grey
   if rule == "copy_ir":

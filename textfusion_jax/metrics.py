@@ -69,8 +69,8 @@ Metrics against the sources:
   not 255).
 
 Zero-variance inputs. Where the reference is finite this module gives the
-same value (e.g. a constant F: EN = SD = SF = AG = MI = 0, VIF = 0; a constant
-source: its VIFp = 1). Where the reference divides 0 by 0 and returns NaN, we
+same value (e.g. a constant F: EN = SD = SF = AG = 0, MI = 0 up to float32
+round-off (~5e-7), VIF = 0; a constant source: its VIFp = 1). Where the reference divides 0 by 0 and returns NaN, we
 return a finite, documented value instead: a correlation with a zero-variance
 signal (CC, SCD terms) is 0; Qabf with no source edges at all is 0; PSNR with
 MSE = 0 is +inf. PSNR of an all-black F (max(F) = 0) is -inf, as in the
@@ -652,6 +652,20 @@ def mse(fused: Array, ir: Array, vis: Array) -> Array:
   return _mse(f, a, b, _full(f))
 
 
+def _check_concrete_size(size: tuple[Size, Size] | Array,
+                         shape: tuple[int, ...]) -> None:
+  """A size given as plain numbers must fit the arrays and be scorable (a
+  traced one is the caller's duty): past the array, EN came out 12.4 bits."""
+  if isinstance(size, jax.core.Tracer) or any(
+      isinstance(v, jax.core.Tracer) for v in size):
+    return
+  h, w = (int(v) for v in size)
+  if not (MIN_SIZE <= h <= shape[0] and MIN_SIZE <= w <= shape[1]):
+    raise UserError(f"size=({h}, {w}) must lie within the {shape[0]}x"
+                     f"{shape[1]} arrays and be at least {MIN_SIZE} pixels "
+                     "each way")
+
+
 def all_metrics(fused: Array, ir: Array, vis: Array,
                 size: tuple[Size, Size] | Array | None = None
                ) -> dict[str, Array]:
@@ -668,6 +682,8 @@ def all_metrics(fused: Array, ir: Array, vis: Array,
   Works under jax.jit and jax.vmap.
   """
   f, a, b = _check_images(fused, ir, vis, min_size=MIN_SIZE)
+  if size is not None:
+    _check_concrete_size(size, f.shape)
   region = _full(f) if size is None else _Region(size[0], size[1])
   # Zero the padding so that nothing computed from it can be inf or NaN.
   mask = region.mask(f.shape)

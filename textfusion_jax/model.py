@@ -82,10 +82,12 @@ training config maps them to mesh axes by rules:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 from flax import nnx
 
 from textfusion_jax import color
@@ -98,6 +100,8 @@ _HEAD_CHANNELS = {"fusion": 3, "rgb": 3, "ycbcr": 1}
 # Bounds of the fusion head's log-gains: gains stay in [e^-4, e^1].
 _LOG_GAIN_RANGE = (-4.0, 1.0)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FFN_KINDS = ("gdfn", "dense")
+ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's
 _HEAD_INIT_SCALE = 1e-4  # Variance multiplier of the output conv's init.
 # Logit handicap of each blurred visible copy, so the untrained head keeps
 # (at 3 copies) 87% of the sharp image.
@@ -150,8 +154,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   c.vis_smoothing_sigmas = ()
   # Compute dtype, 'float32' or 'bfloat16'; params and output stay float32.
   c.dtype = "float32"
-  # dot_product_attention implementation: None (XLA) or 'cudnn' (GPU, bf16).
-  c.attention_impl = None
+  # dot_product_attention implementation: None (XLA) or 'cudnn' (GPU, bf16);
+  # a placeholder, so --config.model.attention_impl=cudnn overrides it.
+  c.attention_impl = config_dict.placeholder(str)
   # Keys/values of the coarsest level's token attention are average-pooled
   # to at most this many positions (0: never); a 96x96 crop has 144.
   c.max_kv_tokens = 256
@@ -198,6 +203,43 @@ PRESETS = ("tiny", "small", "base", "large")
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first inconsistent config.model field."""
+
+  def whole(field: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise UserError(f"config.model.{field}={value!r}: must be a whole "
+                      f"number >= {least}")
+
+  for field, least in (("dim", 2), ("input_stride", 1), ("text_hidden", 1),
+                       ("refinement_blocks", 0), ("max_kv_tokens", 0)):
+    whole(field, config.get(field, least), least)
+  for field in ("num_blocks", "heads"):
+    values = tuple(config[field])
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+           for v in values):
+      raise UserError(f"config.model.{field}={values}: each must be a whole "
+                      "number >= 1")
+  expansion = config.ffn_expansion
+  if isinstance(expansion, bool) or not (
+      isinstance(expansion, (int, float)) and expansion > 0
+      and math.isfinite(expansion)):
+    raise UserError(f"config.model.ffn_expansion={expansion!r}: must be > 0")
+  if config.ffn not in FFN_KINDS:
+    raise UserError(f"config.model.ffn={config.ffn!r}: must be one of "
+                    f"{FFN_KINDS}")
+  if config.get("attention_impl") not in ATTENTION_IMPLS:
+    raise UserError(f"config.model.attention_impl={config.attention_impl!r}"
+                    f": must be one of {ATTENTION_IMPLS}")
+  if config.get("attention_impl") == "cudnn" and config.dtype == "float32":
+    raise UserError("config.model.attention_impl='cudnn' needs "
+                    "config.model.dtype='bfloat16' (cuDNN's fused attention "
+                    "has no float32 kernel)")
+  min_gain = config.get("text_vis_min_gain")
+  if min_gain is not None and (
+      isinstance(min_gain, bool) or not isinstance(min_gain, (int, float))
+      or not 0 <= min_gain < 1):
+    # m >= 1 makes m + (1 - m) exp(gamma) fall below 0 for gamma > 0.
+    raise UserError(f"config.model.text_vis_min_gain={min_gain!r}: must be "
+                    ">= 0 and < 1 (or None: unbounded)")
   levels = len(config.num_blocks)
   if levels < 2:
     raise UserError(f"config.model.num_blocks={tuple(config.num_blocks)}: "
@@ -302,11 +344,16 @@ class FusionNet(nnx.Module):
     self.ir_encoder = Encoder(self.stride**2, config, rngs=rngs)
 
     # Cross-domain attention and stream merging, finest level first.
+    # cuDNN is a GPU kernel for the same math: a model trained with it
+    # still fuses on a CPU or TPU, through XLA.
+    attention_impl = (None if config.attention_impl == "cudnn" and
+                      jax.default_backend() != "gpu"
+                      else config.attention_impl)
     self.cross = nnx.List([
         layers.CrossDomainAttention(
             dims[level], config.heads[level],
             "token" if level == deepest else "channel", dtype=dtype,
-            rngs=rngs, implementation=config.attention_impl,
+            rngs=rngs, implementation=attention_impl,
             max_kv_tokens=config.get("max_kv_tokens"))
         for level in range(self.num_levels)])
     self.merge = nnx.List([
@@ -314,7 +361,7 @@ class FusionNet(nnx.Module):
         for level in range(self.num_levels)])
     self.deep_attention = layers.SpatialSelfAttention(
         dims[deepest], config.heads[deepest], dtype=dtype, rngs=rngs,
-        implementation=config.attention_impl,
+        implementation=attention_impl,
         max_kv_tokens=config.get("max_kv_tokens"))
 
     # Decoder, finest level first; the finest works at 2 * dim channels.

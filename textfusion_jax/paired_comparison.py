@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from input_pipeline import files
+from input_pipeline.errors import UserError
 
 # Lower is better for these; higher for every other number compared.
 LOWER_IS_BETTER = frozenset({"target_L1", "color_L1", "MSE"})
@@ -34,18 +35,20 @@ def paired_differences(true: PerImage, shuffled: PerImage,
   if not names:
     return {}
   out = {}
-  for metric in metric_names or true[names[0]]:
-    x = np.array([true[n][metric] for n in names], np.float64)
-    y = np.array([shuffled[n][metric] for n in names], np.float64)
-    diff = x - y
-    lower = metric in LOWER_IS_BETTER
-    out[metric] = {
-        "true": float(x.mean()), "shuffled": float(y.mean()),
-        "diff": float(diff.mean()),
-        "stderr": float(diff.std(ddof=1) / np.sqrt(len(names)))
-                  if len(names) > 1 else float("nan"),
-        "true_better": int(np.sum(diff < 0 if lower else diff > 0)),
-        "images": len(names), "lower_is_better": lower}
+  # inf - inf (the PSNR of an exact copy) is NaN, reported as such.
+  with np.errstate(invalid="ignore"):
+    for metric in metric_names or true[names[0]]:
+      x = np.array([true[n][metric] for n in names], np.float64)
+      y = np.array([shuffled[n][metric] for n in names], np.float64)
+      diff = x - y
+      lower = metric in LOWER_IS_BETTER
+      out[metric] = {
+          "true": float(x.mean()), "shuffled": float(y.mean()),
+          "diff": float(diff.mean()),
+          "stderr": float(diff.std(ddof=1) / np.sqrt(len(names)))
+                    if len(names) > 1 else float("nan"),
+          "true_better": int(np.sum(diff < 0 if lower else diff > 0)),
+          "images": len(names), "lower_is_better": lower}
   return out
 
 
@@ -65,12 +68,27 @@ def markdown_table(rows: Mapping[str, dict],
   return "\n".join(lines)
 
 
-def latest_eval(workdir: Path) -> dict:
-  """The metrics.json of a workdir's newest evaluation."""
+def eval_steps(workdir: Path) -> list[int]:
+  """The steps with an eval/<step>/metrics.json in `workdir`, ascending."""
   evals = workdir / "eval"
-  steps = sorted(int(p.name) for p in evals.iterdir()
-                 if p.name.isdigit() and (p / "metrics.json").exists()
-                 ) if evals.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f"no eval/<step>/metrics.json under {workdir}")
-  return files.read_json_numbers(evals / str(steps[-1]) / "metrics.json")
+  return sorted(int(p.name) for p in evals.iterdir()
+                if p.name.isdecimal() and (p / "metrics.json").exists()
+                ) if evals.is_dir() else []
+
+
+def latest_shared_eval(*workdirs: Path) -> tuple[int, list[dict]]:
+  """The newest step every workdir evaluated, and each one's metrics.json
+  there: a finished run is never paired with an interrupted one's earlier
+  step."""
+  steps = {w: eval_steps(w) for w in workdirs}
+  for workdir, found in steps.items():
+    if not found:
+      raise UserError(f"no eval/<step>/metrics.json under {workdir}")
+  shared = set.intersection(*(set(found) for found in steps.values()))
+  if not shared:
+    raise UserError("the runs share no evaluated step (" + "; ".join(
+        f"{w}: {found}" for w, found in steps.items()) + "); finish them, "
+        "or evaluate each at the same step")
+  step = max(shared)
+  return step, [files.read_json_numbers(w / "eval" / str(step) /
+                                        "metrics.json") for w in workdirs]

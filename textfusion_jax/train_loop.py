@@ -71,6 +71,12 @@ def _check_optimizer(optim: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for bad values, before anything is read or written."""
   model_lib.validate_config(config.model)
+  if (config.model.get("attention_impl") == "cudnn" and
+      jax.default_backend() != "gpu"):
+    raise errors.UserError(
+        "config.model.attention_impl='cudnn' needs a GPU; this run's "
+        f"backend is {jax.default_backend()!r} (leave the field unset for "
+        "XLA's attention)")
   for fields, least in ((_POSITIVE_TRAIN_FIELDS, 1),
                         (_NON_NEGATIVE_TRAIN_FIELDS, 0)):
     for field in fields:

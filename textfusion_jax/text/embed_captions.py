@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import jax
 from absl import flags
 
 from input_pipeline import caption_files
+from textfusion_jax import distributed
 from textfusion_jax import errors
 from textfusion_jax.text import caption_embedding
 
@@ -39,8 +39,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _MAX_SHARDS = flags.DEFINE_integer(
     "max_shards", None, "Stop after embedding this many shards.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (a "
-    "multi-host job: run the same command on every host).")
+    "distributed", False, "Join the multi-host job JAX detects (Cloud TPU "
+    "pod, SLURM, Open MPI) first: run the same command on every host.")
 
 logger = logging.getLogger(caption_embedding.__name__)
 
@@ -57,7 +57,9 @@ def main(argv: Sequence[str]) -> None:
   logger.setLevel(logging.INFO)  # our progress notes, not every library's
   datasets = _DATASET.value or [None] * len(_CAPTIONS.value)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    distributed.initialize(
+        auto=True, auto_flag="--distributed",
+        auto_remedy="run it inside such a job, or drop --distributed")
   # pylint: disable=g-import-not-at-top
   from textfusion_jax.text import encoder as encoder_lib
   # Caption files first: a bad line should not wait for a large encoder.

@@ -198,8 +198,12 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
   if not isinstance(state, dict):
     raise CheckpointError(f"{file}: expected a state dict of tensors, got "
                           f"{type(state).__name__}")
-  return {k: state[k].float().numpy()
-          for k in weight_map.text_keys(state.keys())}
+  keys = weight_map.text_keys(state.keys())
+  for key in keys:
+    if not isinstance(state[key], torch.Tensor):
+      raise CheckpointError(f"{file}: {key} is not a tensor (a "
+                            f"{type(state[key]).__name__})")
+  return {k: state[k].float().numpy() for k in keys}
 
 
 def first_line(error: BaseException) -> str:

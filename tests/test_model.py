@@ -322,7 +322,7 @@ def test_count_params_matches_concrete_model(tiny):
     (dict(heads=(1, 3)), "split"),
     (dict(output="grey"), "output"),
     (dict(dtype="float16"), "dtype"),
-    (dict(ffn="mlp"), "FFN kind"),
+    (dict(ffn="mlp"), "config.model.ffn='mlp': must be one of"),
     (dict(dim=5, heads=(1, 1)), "even"),
     (dict(vis_smoothing_sigmas=(1.0,), output="rgb"),
      "needs config.model.output='fusion'"),

@@ -52,6 +52,8 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline import layouts
 from input_pipeline.errors import UserError
@@ -280,8 +283,9 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
           overwrite: bool = False) -> IvfPairs:
   """Builds `dataset` (a config name or 'ivf_pairs/<config>') into data_dir.
 
-  An existing complete build is reused unless overwrite=True, which deletes it
-  first (a failed rebuild then leaves none, never a half one); reusing one
+  An existing complete build is reused unless overwrite=True, which builds
+  anew beside it and swaps the new one in once complete (a failed rebuild
+  leaves the old build as it was); reusing one
   made from other sources (folder, caption/split/embedding files, bad-data
   rule) is an error.
   """
@@ -298,12 +302,28 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
         manual_dir, dict(captions=captions, split_file=split_file,
                          text_emb=text_emb, text_emb_dataset=text_emb_dataset),
         on_bad_data))
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
-          tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=os.fspath(manual_dir), download_mode=mode))
-  return builder
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir),
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if not (overwrite and builder.is_prepared()):
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+  # A rebuild is made beside the old build and swapped in only once it is
+  # complete: a bad split file or caption line must not cost the old one.
+  Path(data_dir).mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=".rebuild-", dir=data_dir))
+  try:
+    fresh = IvfPairs(config=config, data_dir=staging, on_bad_data=on_bad_data,
+                     captions=captions, split_file=split_file,
+                     text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+    fresh.download_and_prepare(download_config=download_config)
+    files.replace_directory(os.fspath(fresh.data_dir),
+                            os.fspath(builder.data_dir))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return IvfPairs(config=config, data_dir=data_dir, on_bad_data=on_bad_data,
+                  captions=captions, split_file=split_file,
+                  text_emb=text_emb, text_emb_dataset=text_emb_dataset)
 
 
 def report_path(builder: IvfPairs) -> Path:

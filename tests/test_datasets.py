@@ -826,6 +826,14 @@ def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
                      "pass --overwrite"):
     datasets.build("folders", manual_dir=other, data_dir=data_dir)
   assert len(datasets.load_source("folders", "train", data_dir)) == 3
+  # A rebuild that fails (a malformed split file) leaves the old build.
+  bad_split = tmp_path / "splits.json"
+  bad_split.write_text("not json")
+  with pytest.raises(datasets.UserError, match="malformed split file"):
+    datasets.build("folders", manual_dir=other, data_dir=data_dir,
+                   split_file=bad_split, overwrite=True)
+  assert len(datasets.load_source("folders", "train", data_dir)) == 3
   datasets.build("folders", manual_dir=other, data_dir=data_dir,
                  overwrite=True)
   assert len(datasets.load_source("folders", "train", data_dir)) == 2
+  assert not [p for p in data_dir.iterdir() if p.name.startswith(".")]

@@ -638,3 +638,44 @@ def test_distributed_outside_a_detected_job_is_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith(
       "error: --distributed: JAX detected no multi-process job"), out.stderr
   assert not (tmp_path / "store").exists()
+
+
+def test_out_that_is_a_file_or_another_folder_is_refused(encoder, tmp_path):
+  """--out used to overwrite a bundle's manifest.json, and a file was a
+  NotADirectoryError traceback. A store (or an interrupted one) is fine."""
+  files = [(None, _write_jsonl(tmp_path / "set" / "captions.jsonl",
+                               [{"name": "a", "captions": ["x"]}]))]
+  (tmp_path / "notes.json").write_text("{}")
+  with pytest.raises(CaptionStoreError, match=r"notes.json is a file"):
+    _run(encoder, files, tmp_path / "notes.json")
+  other = tmp_path / "bundle"
+  other.mkdir()
+  (other / "manifest.json").write_text("{}")
+  (other / "params.safetensors").write_text("")
+  with pytest.raises(CaptionStoreError, match=r"holds files that are not a "
+                     r"caption store's \(params.safetensors\)"):
+    _run(encoder, files, other)
+  assert (other / "manifest.json").read_text() == "{}"
+  _run(encoder, files, tmp_path / "store")
+  assert _run(encoder, files, tmp_path / "store").rows("set", "a") == [0]
+
+
+def test_tiny_clip_writes_only_a_new_empty_or_clip_folder(tmp_path):
+  root = Path(__file__).resolve().parents[1]
+
+  def tiny_clip(out):
+    return subprocess.run(
+        [sys.executable, "-m", "textfusion_jax.text.tiny_clip", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)})
+
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  (run / "run_info.json").write_text("{}")
+  (tmp_path / "f.json").write_text("{}")
+  for out, expected in ((run, "holds other files (run_info.json)"),
+                        (tmp_path / "f.json", "is a file")):
+    proc = tiny_clip(out)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+  assert (run / "config.json").read_text() == "{}"

@@ -15,6 +15,7 @@ from configs import tiny
 from textfusion_jax import bundle
 from textfusion_jax import run_bundle
 from textfusion_jax import inference
+from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline.errors import UserError
 from textfusion_jax import run_record
@@ -131,8 +132,17 @@ def test_exporting_over_a_bundle_swaps_it_in_one_step(exported, workdir,
     real_replace(src, dst)
     out_present.append(out.exists())
 
-  monkeypatch.setattr(bundle.os, "replace", watched_replace)
-  run_bundle.export_run(str(workdir), str(out), report_path=str(report))
+  # Another bundle (a shipped model) is not replaced unasked.
+  with pytest.raises(UserError, match=rf"--out {out} is already a model "
+                     "bundle; pass --overwrite"):
+    run_bundle.export_run(str(workdir), str(out))
+  # A bundle given as the run to export is named for what it is.
+  with pytest.raises(UserError, match=rf"--workdir {out} is already a model "
+                     "bundle"):
+    run_bundle.export_run(str(out), str(tmp_path / "x"))
+  monkeypatch.setattr(files.os, "replace", watched_replace)
+  run_bundle.export_run(str(workdir), str(out), report_path=str(report),
+                        overwrite=True)
   assert all(out_present), "the bundle was missing between two renames"
   assert "second export's report" in (out / bundle.MODEL_CARD).read_text()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle",

@@ -621,3 +621,23 @@ def test_a_workdir_whose_run_saved_no_checkpoint_starts_afresh(tmp_path):
   (tmp_path / "checkpoints" / "3").mkdir()
   with pytest.raises(checkpointing.CheckpointError, match=r"model.dim"):
     train_loop.setup_workdir(failed, str(tmp_path))
+
+
+def test_a_bundle_or_clip_folder_given_as_workdir_is_refused(tmp_path):
+  """Training into a bundle overwrote its config.json (the bundle then
+  failed its manifest check); into a CLIP folder, the CLIP's config.json."""
+  from textfusion_jax.text import tiny_clip  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  fake_bundle = tmp_path / "bundle"
+  fake_bundle.mkdir()
+  (fake_bundle / "manifest.json").write_text("{}")
+  with pytest.raises(train_loop.errors.UserError,
+                     match=rf"--workdir {fake_bundle} holds a manifest.json "
+                     r"\(a model bundle or caption store\)"):
+    train_loop.setup_workdir(config, str(fake_bundle))
+  clip = tiny_clip.save_tiny_random_clip(tmp_path / "clip")
+  before = (clip / "config.json").read_text()
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="not a textfusion run's config"):
+    train_loop.setup_workdir(config, str(clip))
+  assert (clip / "config.json").read_text() == before

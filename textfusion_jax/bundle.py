@@ -17,13 +17,10 @@ bundles; `fuse.py` reads them through `load`.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from input_pipeline import files
 from input_pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -171,51 +169,40 @@ def flatten_params_shapes(tree: Mapping[str, Any]
   return {name: tuple(value.shape) for name, value in _dotted_leaves(tree)}
 
 
-def _exchange(a: Path, b: Path) -> bool:
-  """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE), so
-  no reader ever finds `b` missing; False where the system or file system
-  cannot, and the caller falls back to two renames."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = libc.renameat2
-  except (OSError, AttributeError):  # glibc < 2.28, or another libc
-    return False
-  at_fdcwd, rename_exchange = -100, 2
-  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
-               rename_exchange) == 0:
-    return True
-  error = ctypes.get_errno()
-  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-    return False  # e.g. a file system without exchange
-  raise OSError(error, os.strerror(error), str(b))
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+  """One line unless `out` is new, or a bundle and `overwrite` is given:
+  another run's bundle (a shipped model) is never replaced unasked, and
+  anything else is never replaced."""
+  out = Path(out)
+  if out.exists() and not is_bundle(out):
+    raise BundleError(f"{out} exists and is not a model bundle; choose a new "
+                      "--out")
+  if out.exists() and not overwrite:
+    raise BundleError(f"--out {out} is already a model bundle; pass "
+                      "--overwrite to replace it, or choose a new --out")
 
 
 def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
           config: ml_collections.ConfigDict, text_encoder_writer: Any,
-          model_card: str) -> Path:
+          model_card: str, overwrite: bool = False) -> Path:
   """Writes a bundle to `out` atomically (a temporary sibling, then rename;
   an existing bundle is swapped out in one step where Linux allows).
 
   `text_encoder_writer(directory)` fills text_encoder/. An existing `out` is
-  replaced only if it is itself a bundle, and only once the new one is
-  complete; anything else already at `out` is refused, never deleted.
+  replaced only if it is itself a bundle and `overwrite` is given, and only
+  once the new one is complete (`check_out`).
   """
   # pylint: disable=g-import-not-at-top
   import safetensors.numpy
   from textfusion_jax import checkpointing
   out = Path(out)
-  if out.exists() and not is_bundle(out):
-    raise BundleError(f"{out} exists and is not a model bundle; choose a new "
-                      "--out (an existing bundle would be replaced)")
+  check_out(out, overwrite)
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   except OSError as error:
     raise BundleError(f"{out}: cannot write ({error.strerror or error})"
                       ) from None
-  old = out.with_name(f".{out.name}.old-{os.getpid()}")
   try:
     safetensors.numpy.save_file(flatten_params(params), tmp / PARAMS,
                                 metadata={"format": "np"})
@@ -230,19 +217,7 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
     os.umask(umask)
     for path in [tmp, *tmp.rglob("*")]:
       os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    if out.exists() and _exchange(tmp, out):
-      pass  # tmp now holds the previous bundle; removed below
-    else:
-      if out.exists():
-        os.replace(out, old)
-      try:
-        os.replace(tmp, out)
-      except OSError:
-        if old.exists():
-          os.replace(old, out)  # put the previous bundle back
-        raise
-      if old.exists():
-        shutil.rmtree(old)
+    files.replace_directory(tmp, out)
   except OSError as error:
     raise BundleError(f"{out}: cannot write ({error.strerror or error})"
                       ) from None

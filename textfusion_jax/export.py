@@ -31,6 +31,9 @@ _OUT = flags.DEFINE_string("out", None, "Bundle directory to write.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _REPORT = flags.DEFINE_string("report", None,
                               "Markdown file appended to MODEL_CARD.md.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace the bundle already at --out (once the new "
+    "one is complete).")
 _TEXT_ENCODER = flags.DEFINE_string(
     "text_encoder", None, "Where the run's text encoder is now, if it moved "
     "(it must compute the embeddings the run was trained with).")
@@ -43,7 +46,8 @@ def main(argv: Sequence[str]) -> None:
     if not value:
       raise errors.UserError(f"{name} is required")
   path = run_bundle.export_run(_WORKDIR.value, _OUT.value, _STEP.value,
-                               _REPORT.value, _TEXT_ENCODER.value)
+                               _REPORT.value, _TEXT_ENCODER.value,
+                               overwrite=_OVERWRITE.value)
   manifest = json.loads((path / bundle.MANIFEST).read_text())
   size = sum(f["size"] for f in manifest["files"].values())
   print(f"wrote {path}: {len(manifest['files'])} files, "

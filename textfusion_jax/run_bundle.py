@@ -115,9 +115,16 @@ The bundle is checked against manifest.json before anything is loaded.
 
 def export_run(workdir: str, out: str, step: int | None = None,
                report_path: str | None = None,
-               text_encoder_dir: str | None = None) -> Path:
+               text_encoder_dir: str | None = None,
+               overwrite: bool = False) -> Path:
   """Writes the bundle; returns its path. `text_encoder_dir` replaces the
-  run's recorded text encoder (`inference.run_text_encoder`)."""
+  run's recorded text encoder (`inference.run_text_encoder`); `overwrite`
+  lets it replace an existing bundle at `out`."""
+  if bundle.is_bundle(workdir):
+    raise errors.UserError(f"--workdir {workdir} is already a model bundle "
+                           "(copy it to share it); export takes a training "
+                           "workdir")
+  bundle.check_out(out, overwrite)
   report = ""
   if report_path:
     try:
@@ -136,4 +143,4 @@ def export_run(workdir: str, out: str, step: int | None = None,
   bundle_config.text.embeddings_dir = ""
   return bundle.write(out, params=params, step=step, config=bundle_config,
                       text_encoder_writer=encoder.save_pretrained,
-                      model_card=card)
+                      model_card=card, overwrite=overwrite)

@@ -111,9 +111,17 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   """Checks the workdir and a previous run's config; writes nothing there
   but the directory itself (`record_start` writes the config once the run
   has started)."""
+  if bundle.is_bundle(workdir):
+    # Training would overwrite its config.json and break its manifest.
+    raise errors.UserError(
+        f"--workdir {workdir} holds a {bundle.MANIFEST} (a model bundle or "
+        "caption store), not a training run; train from a bundle with "
+        "--config.train.init_from and a new --workdir")
   path = checkpointing.ensure_writable_workdir(workdir)
   if not checkpointing.has_checkpoint(path):
     if (path / checkpointing.CONFIG_FILE).exists():
+      # Someone else's config.json (a CLIP folder) is refused, not replaced.
+      checkpointing.load_saved_config(path)
       log.info("%s: the earlier run there saved no checkpoint; starting "
                "afresh", path)
     return path

@@ -101,6 +101,29 @@ def _sync_all_processes() -> None:
   multihost_utils.sync_global_devices("textfusion_jax.embed_captions")
 
 
+# What a store (or an interrupted one) holds; anything else at --out is
+# someone else's folder, never written into.
+_STORE_ENTRIES = frozenset({SHARD_DIR, caption_store.MANIFEST_FILE,
+                            caption_store.TABLE_FILE, caption_store.INDEX_FILE,
+                            caption_store.TEXTS_FILE})
+
+
+def check_out(out: Path) -> None:
+  """One line if `out` is a file or a folder other than a caption store's
+  (a bundle's manifest.json would be overwritten)."""
+  if out.is_file():
+    raise caption_store.CaptionStoreError(
+        f"--out {out} is a file; give a folder for the caption store")
+  if out.is_dir():
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in _STORE_ENTRIES)
+    if others:
+      raise caption_store.CaptionStoreError(
+          f"--out {out} holds files that are not a caption store's ("
+          f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
+          "choose a new or empty folder")
+
+
 def run(encoder, records: Sequence[caption_files.CaptionRecord],
         out: str | os.PathLike, *, batch_size: int = 64,
         shard_size: int = 4096, max_shards: int | None = None,
@@ -119,6 +142,7 @@ def run(encoder, records: Sequence[caption_files.CaptionRecord],
   if process_count is None:
     process_count = jax.process_count()
   out = Path(out)
+  check_out(out)
   texts, index = plan(records)
   # Shards made by another encoder (by its weights, not its path), or in
   # another dtype, are not reused.

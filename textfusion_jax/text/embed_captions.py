@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from absl import flags
 
@@ -56,6 +57,7 @@ def main(argv: Sequence[str]) -> None:
   logging.basicConfig(format="%(levelname)s %(message)s")
   logger.setLevel(logging.INFO)  # our progress notes, not every library's
   datasets = _DATASET.value or [None] * len(_CAPTIONS.value)
+  caption_embedding.check_out(Path(_OUT.value))  # before a large encoder
   if _DISTRIBUTED.value:
     distributed.initialize(
         auto=True, auto_flag="--distributed",

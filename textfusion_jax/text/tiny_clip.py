@@ -235,7 +235,21 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise errors.UserError("usage: python -m textfusion_jax.text.tiny_clip "
                            "OUT_DIR [--seed N]")
-  print(save_tiny_random_clip(argv[1], seed=flags.FLAGS.seed))
+  out = Path(argv[1])
+  # Only a new or empty folder, or a CLIP text model's files, are replaced:
+  # a training workdir or bundle would lose its config.json.
+  clip_files = {"config.json", "merges.txt", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "special_tokens_map.json"}
+  if out.exists() and not out.is_dir():
+    raise errors.UserError(f"{out} is a file; give a folder for the model")
+  others = sorted(p.name for p in out.iterdir()
+                  if p.name not in clip_files) if out.is_dir() else []
+  if others:
+    raise errors.UserError(
+        f"{out} holds other files ({', '.join(others[:5])}"
+        f"{', ...' if len(others) > 5 else ''}); choose a new or empty folder")
+  print(save_tiny_random_clip(out, seed=flags.FLAGS.seed))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ def main(argv):
   del argv
   if not TNO.is_dir() or not SEAFUSION.is_dir():
     raise errors.UserError(f"needs {TNO} and {SEAFUSION}")
+  if _PROMPT.value is not None and not _PROMPT.value.strip():
+    # As `fuse --text ""`: an empty prompt is never a silent no-op.
+    raise errors.UserError(f"--prompt={_PROMPT.value!r} is empty; give a "
+                           "prompt, or leave the flag out to use the captions")
   files.check_writable({"--report": _REPORT.value,
                        "--figure": _FIGURE.value})
   out = Path(_OUT.value)

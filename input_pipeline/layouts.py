@@ -585,6 +585,8 @@ def resolve(found: Scan, on_bad_data: OnBadData) -> None:
   if on_bad_data == "error":
     raise BadDataError(
         f"{len(found.problems)} bad-data problem(s) under {found.root} "
-        f"(on_bad_data='skip' leaves them out):\n{listing}", found.problems)
+        f"(fix or remove these files; a build with "
+        f"`build_dataset --on_bad_data=skip` leaves them out):\n{listing}",
+        found.problems)
   _logger.warning("Skipped %d bad-data problem(s) under %s:\n%s",
                   len(found.problems), found.root, listing)

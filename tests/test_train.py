@@ -201,11 +201,16 @@ def _train_cli(*args, env=None):
       env=dict(os.environ, **(env or {})), check=False)
 
 
-def test_unknown_config_key_is_one_line(tmp_path):
-  out = _train_cli("--workdir", str(tmp_path), "--config.train.num_stepz=3")
+@pytest.mark.parametrize("arg, expected", [
+    ("--config.train.num_stepz=3", "unknown config field "
+     "config.train.num_stepz: 'num_stepz' Did you mean"),
+    # No near name: the field is still named with its section.
+    ("--config.data.foo=1", "unknown config field config.data.foo")])
+def test_unknown_config_key_is_one_line(tmp_path, arg, expected):
+  out = _train_cli("--workdir", str(tmp_path), arg)
   assert out.returncode != 0
   lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and "num_stepz" in lines[0], out.stderr
+  assert len(lines) == 1 and expected in lines[0], out.stderr
   assert not (tmp_path / "config.json").exists()
 
 

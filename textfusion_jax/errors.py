@@ -61,11 +61,17 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
       fail(f"--config {path} defines no get_config()")
     # ml_collections reports an unknown override as a nested Key/AttributeError.
     text = str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    field = next((a.split("=")[0].lstrip("-") for a in argv[1:]
-                  if a.startswith("--config.") and
-                  re.search(r"'(\w+)'", text) and
-                  re.search(r"'(\w+)'", text).group(1) in a), None)
-    fail(f"unknown config field {field or text}: {text}")
+    # The key is quoted when ml_collections suggests a near name, else the
+    # message is the bare key.
+    quoted = re.search(r"'(\w+)'", text)
+    key = quoted.group(1) if quoted else text.split()[0] if text else ""
+    field = next((path for path in (a.split("=")[0].lstrip("-")
+                                    for a in argv[1:]
+                                    if a.startswith("--config."))
+                  if key in path.split(".")), None)
+    hint = text if quoted else ""
+    fail(f"unknown config field {field or key}" + (f": {hint}" if hint
+                                                    else ""))
   return []  # unreachable; fail exits
 
 

@@ -15,10 +15,12 @@ of its captions.jsonl line; with --caption_split S, of its line tagged
 --tile pixels a side run whole, padded into a few bucket shapes (one
 compilation each, whatever the mix of sizes); larger ones are fused in
 overlapping tiles, so memory stays bounded. Output: colour PNGs the size of
-the visible input, each written atomically. --out may not be an input. A pair
-whose file does not decode, or whose output cannot be written, is skipped;
-the others are fused, and the skipped ones are named in one error line (exit
-status 2). A prompt longer than the
+the visible input, each written atomically. --out may not be an input. A
+file whose header cannot be read (not an image at all), or a pair of unequal
+sizes, stops the run before anything is fused, naming every such file. A
+pair whose pixel data does not decode (a truncated file), or whose output
+cannot be written, is skipped; the others are fused, and the skipped ones
+are named in one error line (exit status 2). A prompt longer than the
 text encoder's limit (77 tokens) is refused.
 """
 

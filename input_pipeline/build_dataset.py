@@ -53,7 +53,8 @@ _TEXT_EMB_DATASET = flags.DEFINE_string(
     "text_emb_dataset", None, "The store's dataset key (default: the "
     "captions file's folder name, as embed_captions defaults it).")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Delete and rebuild an existing build.")
+    "overwrite", False, "Rebuild an existing build (beside it; the old one "
+    "is replaced only once the new one is complete).")
 _LIST_CONFIGS = flags.DEFINE_bool(
     "list_configs", False, "Print each config's expected layout and exit.")
 

@@ -584,7 +584,10 @@ def test_compute_settings_may_change_on_resume_and_are_announced():
   """dtype, attention kernel and K/V pooling leave the parameters as they
   are: a float32 run may go on in bfloat16 (it was refused as an
   incompatible config)."""
-  saved = tiny.get_config()
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  # As a workdir's config.json reads back.
+  saved = ml_collections.ConfigDict(json.loads(
+      checkpointing.config_to_json(tiny.get_config())))
   current = tiny.get_config()
   current.model.dtype = "bfloat16"
   current.model.max_kv_tokens = 0

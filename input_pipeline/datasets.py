@@ -294,9 +294,13 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
   # folder) rather than tfds's generic manual-dir message.
   layouts.locate(manual_dir, layouts.LAYOUTS[config], split_file=split_file,
                  captions=captions, text_emb=text_emb)
-  builder = IvfPairs(config=config, data_dir=data_dir, on_bad_data=on_bad_data,
-                     captions=captions, split_file=split_file,
-                     text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+
+  def builder_in(root: str | os.PathLike) -> IvfPairs:
+    return IvfPairs(config=config, data_dir=root, on_bad_data=on_bad_data,
+                    captions=captions, split_file=split_file,
+                    text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+
+  builder = builder_in(data_dir)
   if not overwrite and builder.is_prepared():
     _check_reused_build(builder, build_source(
         manual_dir, dict(captions=captions, split_file=split_file,
@@ -313,17 +317,13 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
   Path(data_dir).mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=".rebuild-", dir=data_dir))
   try:
-    fresh = IvfPairs(config=config, data_dir=staging, on_bad_data=on_bad_data,
-                     captions=captions, split_file=split_file,
-                     text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+    fresh = builder_in(staging)
     fresh.download_and_prepare(download_config=download_config)
     files.replace_directory(os.fspath(fresh.data_dir),
                             os.fspath(builder.data_dir))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  return IvfPairs(config=config, data_dir=data_dir, on_bad_data=on_bad_data,
-                  captions=captions, split_file=split_file,
-                  text_emb=text_emb, text_emb_dataset=text_emb_dataset)
+  return builder_in(data_dir)  # reads the swapped-in build afresh
 
 
 def report_path(builder: IvfPairs) -> Path:

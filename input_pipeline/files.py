@@ -116,6 +116,22 @@ def check_writable(paths: dict[str, str | os.PathLike | None]) -> None:
     raise UserError("; ".join(problems))
 
 
+def check_own_folder(out: str | os.PathLike, allowed: frozenset[str],
+                     what: str) -> None:
+  """One line unless `out` is missing, or a folder holding only entries in
+  `allowed` (what the writer itself puts there): a file, or anyone else's
+  folder (a bundle, a training run), is never written into."""
+  out = Path(out)
+  if out.exists() and not out.is_dir():
+    raise UserError(f"{out} is a file; give a folder for the {what}")
+  others = sorted(p.name for p in out.iterdir()
+                  if p.name not in allowed) if out.is_dir() else []
+  if others:
+    listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    raise UserError(f"{out} holds files that are not a {what}'s ({listed}); "
+                    "choose a new or empty folder")
+
+
 def _exchange(a: Path, b: Path) -> bool:
   """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE);
   False where the system or file system cannot."""

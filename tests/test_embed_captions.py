@@ -646,13 +646,14 @@ def test_out_that_is_a_file_or_another_folder_is_refused(encoder, tmp_path):
   files = [(None, _write_jsonl(tmp_path / "set" / "captions.jsonl",
                                [{"name": "a", "captions": ["x"]}]))]
   (tmp_path / "notes.json").write_text("{}")
-  with pytest.raises(CaptionStoreError, match=r"notes.json is a file"):
+  with pytest.raises(UserError, match=r"notes.json is a file; give a folder "
+                     "for the caption store"):
     _run(encoder, files, tmp_path / "notes.json")
   other = tmp_path / "bundle"
   other.mkdir()
   (other / "manifest.json").write_text("{}")
   (other / "params.safetensors").write_text("")
-  with pytest.raises(CaptionStoreError, match=r"holds files that are not a "
+  with pytest.raises(UserError, match=r"holds files that are not a "
                      r"caption store's \(params.safetensors\)"):
     _run(encoder, files, other)
   assert (other / "manifest.json").read_text() == "{}"
@@ -674,7 +675,8 @@ def test_tiny_clip_writes_only_a_new_empty_or_clip_folder(tmp_path):
   (run / "config.json").write_text("{}")
   (run / "run_info.json").write_text("{}")
   (tmp_path / "f.json").write_text("{}")
-  for out, expected in ((run, "holds other files (run_info.json)"),
+  for out, expected in ((run, "holds files that are not a CLIP text "
+                         "model's (run_info.json)"),
                         (tmp_path / "f.json", "is a file")):
     proc = tiny_clip(out)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr

@@ -157,6 +157,21 @@ def test_exporting_over_a_bundle_swaps_it_in_one_step(exported, workdir,
   assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_directory_with_and_without_an_exchange(tmp_path, monkeypatch,
+                                                        exchange):
+  """The one-step swap, and the two-rename fallback (file systems without
+  RENAME_EXCHANGE), both leave only the new folder."""
+  if not exchange:
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+  for name, text in (("target", "old"), ("new", "new")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "f").write_text(text)
+  files.replace_directory(tmp_path / "new", tmp_path / "target")
+  assert (tmp_path / "target" / "f").read_text() == "new"
+  assert [p.name for p in tmp_path.iterdir()] == ["target"]
+
+
 def _copy(exported: Path, tmp_path: Path) -> Path:
   target = tmp_path / "bundle"
   shutil.copytree(exported, target)

@@ -70,11 +70,12 @@ Metrics against the sources:
 
 Zero-variance inputs. Where the reference is finite this module gives the
 same value (e.g. a constant F: EN = SD = SF = AG = 0, MI = 0 up to float32
-round-off (~5e-7), VIF = 0; a constant source: its VIFp = 1). Where the reference divides 0 by 0 and returns NaN, we
-return a finite, documented value instead: a correlation with a zero-variance
-signal (CC, SCD terms) is 0; Qabf with no source edges at all is 0; PSNR with
-MSE = 0 is +inf. PSNR of an all-black F (max(F) = 0) is -inf, as in the
-reference. Nothing returns NaN.
+round-off (~5e-7), VIF = 0; a constant source: its VIFp = 1). Where the
+reference divides 0 by 0 and returns NaN, we return a finite, documented
+value instead: a correlation with a zero-variance signal (CC, SCD terms) is
+0; Qabf with no source edges at all is 0; PSNR with MSE = 0 is +inf. PSNR of
+an all-black F (max(F) = 0) is -inf, as in the reference. Nothing returns
+NaN.
 
 Padded batches. `all_metrics` and `batched_all_metrics` take an optional valid
 size (h, w) per image: the image then occupies the top-left h x w of the

@@ -111,17 +111,7 @@ _STORE_ENTRIES = frozenset({SHARD_DIR, caption_store.MANIFEST_FILE,
 def check_out(out: Path) -> None:
   """One line if `out` is a file or a folder other than a caption store's
   (a bundle's manifest.json would be overwritten)."""
-  if out.is_file():
-    raise caption_store.CaptionStoreError(
-        f"--out {out} is a file; give a folder for the caption store")
-  if out.is_dir():
-    others = sorted(p.name for p in out.iterdir()
-                    if p.name not in _STORE_ENTRIES)
-    if others:
-      raise caption_store.CaptionStoreError(
-          f"--out {out} holds files that are not a caption store's ("
-          f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
-          "choose a new or empty folder")
+  files.check_own_folder(out, _STORE_ENTRIES, "caption store")
 
 
 def run(encoder, records: Sequence[caption_files.CaptionRecord],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from absl import flags
 
+from input_pipeline import files
 from textfusion_jax import errors
 
 BOS_TOKEN = "<|startoftext|>"
@@ -235,21 +236,15 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise errors.UserError("usage: python -m textfusion_jax.text.tiny_clip "
                            "OUT_DIR [--seed N]")
-  out = Path(argv[1])
   # Only a new or empty folder, or a CLIP text model's files, are replaced:
   # a training workdir or bundle would lose its config.json.
-  clip_files = {"config.json", "merges.txt", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                "special_tokens_map.json"}
-  if out.exists() and not out.is_dir():
-    raise errors.UserError(f"{out} is a file; give a folder for the model")
-  others = sorted(p.name for p in out.iterdir()
-                  if p.name not in clip_files) if out.is_dir() else []
-  if others:
-    raise errors.UserError(
-        f"{out} holds other files ({', '.join(others[:5])}"
-        f"{', ...' if len(others) > 5 else ''}); choose a new or empty folder")
-  print(save_tiny_random_clip(out, seed=flags.FLAGS.seed))
+  files.check_own_folder(argv[1], _CLIP_FILES, "CLIP text model")
+  print(save_tiny_random_clip(argv[1], seed=flags.FLAGS.seed))
+
+
+_CLIP_FILES = frozenset({"config.json", "merges.txt", "model.safetensors",
+                         "tokenizer.json", "tokenizer_config.json",
+                         "vocab.json", "special_tokens_map.json"})
 
 
 if __name__ == "__main__":

@@ -27,5 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_dir = ""
   config.data.cache_in_memory = False
   config.train.num_steps = 40
+  config.optim.warmup_steps = 10  # real_pairs' 100 would outlast the run
   config.train.checkpoint_every = 20
   return config

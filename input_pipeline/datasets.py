@@ -48,6 +48,7 @@ killed build never leaves a dataset that loads (a killed build's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -249,10 +250,40 @@ def build_source(manual_dir: Any, options: Mapping[str, Any],
   files as absolute paths, and the bad-data rule."""
   absolute = lambda p: None if p is None else str(
       Path(os.fspath(p)).absolute())
+  paths = [manual_dir, *(v for k, v in sorted(options.items())
+                         if k != "text_emb_dataset" and v is not None)]
   return {"manual_dir": absolute(manual_dir),
           **{k: (v if k == "text_emb_dataset" else absolute(v))
              for k, v in sorted(options.items())},
-          "on_bad_data": on_bad_data}
+          "on_bad_data": on_bad_data,
+          "files": files_digest(paths)}
+
+
+def files_digest(paths: Sequence[Any]) -> dict[str, Any]:
+  """The count and a digest of (path, size, mtime) of every file under
+  `paths`: an image or caption line changed, added or removed after a build
+  changes it, for the price of a stat per file. Hidden entries and builds
+  (an `ivf_pairs/` folder: --data_dir may lie inside --manual_dir) are
+  left out."""
+  digest, count = hashlib.sha256(), 0
+  for root in paths:
+    for path in _files_under(Path(os.fspath(root))):
+      stat = path.stat()
+      digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+      count += 1
+  return {"count": count, "sha256": digest.hexdigest()[:32]}
+
+
+def _files_under(root: Path) -> list[Path]:
+  if root.is_file():
+    return [root]
+  found = []
+  for folder, subfolders, names in os.walk(root):
+    subfolders[:] = sorted(d for d in subfolders
+                           if not d.startswith(".") and d != NAME)
+    found += [Path(folder) / n for n in sorted(names)
+              if not n.startswith(".")]
+  return found
 
 
 def _check_reused_build(builder: IvfPairs, wanted: dict[str, Any]) -> None:
@@ -262,11 +293,22 @@ def _check_reused_build(builder: IvfPairs, wanted: dict[str, Any]) -> None:
     recorded = json.loads(report_path(builder).read_text()).get("source")
   except (OSError, ValueError):
     recorded = None
-  if recorded is None or recorded == wanted:  # (builds before this record)
+  if recorded is None:  # (builds before this record)
+    return
+  if "files" not in recorded:  # (builds before file digests)
+    wanted = {k: v for k, v in wanted.items() if k != "files"}
+  if recorded == wanted:
     return
   changed = [f"{key} {recorded.get(key)!r} -> {wanted.get(key)!r}"
              for key in sorted(set(recorded) | set(wanted))
-             if recorded.get(key) != wanted.get(key)]
+             if recorded.get(key) != wanted.get(key) and key != "files"]
+  if not changed:
+    was, now = recorded["files"]["count"], wanted["files"]["count"]
+    raise UserError(
+        f"{NAME}/{builder.builder_config.name} in {builder.data_dir} was "
+        f"built before files under {recorded.get('manual_dir')} changed "
+        f"({was} files then, {now} now, or some were rewritten); pass "
+        "--overwrite to rebuild it")
   raise UserError(
       f"{NAME}/{builder.builder_config.name} is already built in "
       f"{builder.data_dir} from other sources ({'; '.join(changed)}); pass "
@@ -290,6 +332,7 @@ def build(dataset: str, *, manual_dir: str | os.PathLike,
   rule) is an error.
   """
   config = _config_name(dataset)
+  data_dir = os.path.expanduser(os.fspath(data_dir))
   # Checked before tfds runs, so a wrong folder gets our error (every missing
   # folder) rather than tfds's generic manual-dir message.
   layouts.locate(manual_dir, layouts.LAYOUTS[config], split_file=split_file,
@@ -339,6 +382,8 @@ def load_source(name_or_config: str, split: str,
   Wrap in `RecordSource` for the project's common record format.
   """
   config = _config_name(name_or_config)
+  # Config strings such as llvip.py's '~/tensorflow_datasets' reach no shell.
+  data_dir = os.path.expanduser(os.fspath(data_dir))
   if not IvfPairs(config=config, data_dir=data_dir).is_prepared():
     folder = Path(os.fspath(data_dir)) / NAME / config
     old = sorted(p.name for p in folder.glob("*.*.*") if p.is_dir() and

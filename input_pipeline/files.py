@@ -132,6 +132,17 @@ def check_own_folder(out: str | os.PathLike, allowed: frozenset[str],
                     "choose a new or empty folder")
 
 
+def give_plain_modes(root: str | os.PathLike) -> None:
+  """Gives `root` and everything in it the modes a plain copy would have
+  (mkdtemp and safetensors' writer make entries private): for folders that
+  are written beside, then moved into place, to be shared."""
+  umask = os.umask(0)
+  os.umask(umask)
+  root = Path(root)
+  for path in [root, *root.rglob("*")]:
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _exchange(a: Path, b: Path) -> bool:
   """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE);
   False where the system or file system cannot."""

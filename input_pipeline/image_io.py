@@ -17,6 +17,8 @@ Conventions (cited by `textfusion_jax.metrics` and the dataset builders):
   Only single-channel 16-bit images: Pillow opens a 48-bit colour PNG as
   8-bit RGB by keeping each value's high byte (at most one level below the
   "full" rule), and `was_16bit` is then False.
+* EXIF orientation is applied (as viewers and OpenCV's imread do), so a
+  rotated phone JPEG is read upright.
 * Colour -> grey follows OpenCV's BGR2GRAY: Y = 0.299 R + 0.587 G + 0.114 B,
   rounded to the nearest integer (the convention of the evaluator most fusion
   papers copy).
@@ -27,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from input_pipeline import files
 from input_pipeline.errors import UserError
 
@@ -62,7 +65,10 @@ def list_images(directory: str | os.PathLike) -> dict[str, Path]:
   if not directory.is_dir():
     raise ImageReadError(f"{directory}: not a directory")
   by_stem: dict[str, Path] = {}
+  skipped = []
   for path in sorted(directory.iterdir()):
+    if path.is_dir() and _holds_images(path):
+      skipped.append(path.name)
     if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
       continue
     if path.stem in by_stem:
@@ -70,7 +76,18 @@ def list_images(directory: str | os.PathLike) -> dict[str, Path]:
           f"{directory}: two images share the stem {path.stem!r}: "
           f"{by_stem[path.stem].name} and {path.name}")
     by_stem[path.stem] = path
+  if skipped:
+    logging.warning("%s: subfolder(s) %s hold images that are not read; only "
+                    "images directly inside %s are", directory,
+                    ", ".join(f"{n}/" for n in skipped), directory)
   return by_stem
+
+
+def _holds_images(directory: Path) -> bool:
+  try:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in directory.iterdir())
+  except OSError:
+    return False
 
 
 def sixteen_to_eight_bit(values: np.ndarray,
@@ -123,6 +140,30 @@ def check_readable(image: Image.Image, name: str) -> Image.Image:
                          "(Pillow misreads it); save it without the alpha "
                          "channel")
   return image
+
+
+# EXIF orientations 5-8 swap width and height (a phone's portrait JPEG).
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _orientation(image: Image.Image) -> int:
+  return image.getexif().get(0x0112, 1)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+  """(height, width) as shown upright, from an opened image's header."""
+  width, height = image.size
+  if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+    return width, height
+  return height, width
+
+
+def _upright(image: Image.Image) -> Image.Image:
+  """The image as viewers (and OpenCV's imread) show it: EXIF orientation
+  applied, so an infrared and a visible frame match as the user sees them."""
+  if _orientation(image) in (1, None):
+    return image
+  return ImageOps.exif_transpose(image)
 
 
 def _to_array(image: Image.Image, sixteen_bit_rule: SixteenBitRule,
@@ -178,7 +219,7 @@ def read_image_with_info(
       raise ImageReadError(f"{path}: empty file (0 bytes)")
     with Image.open(path) as image:
       check_readable(image, str(path)).load()
-      return _to_array(image, sixteen_bit_rule, str(path))
+      return _to_array(_upright(image), sixteen_bit_rule, str(path))
 
 
 class EncodedImage:
@@ -219,9 +260,8 @@ class EncodedImage:
   def shape(self) -> tuple[int, int, int]:
     if self._size is None:
       with _decoding(self.name), self._open() as image:  # header only
-        self._size = image.size
-    width, height = self._size
-    return (height, width, self._channels)
+        self._size = upright_size(image)
+    return (*self._size, self._channels)
 
   @property
   def ndim(self) -> int:
@@ -234,7 +274,8 @@ class EncodedImage:
 
   def crop(self, top: int, left: int, height: int, width: int) -> np.ndarray:
     """The (height, width, channels) uint8 window at (top, left)."""
-    with _decoding(self.name), self._open() as image:
+    with _decoding(self.name), self._open() as opened:
+      image = _upright(opened)
       if image.mode in _WIDE_MODES:  # per-image rules: convert it all
         image.load()
         array = _to_array(image, self._rule, self.name)[0]
@@ -246,7 +287,8 @@ class EncodedImage:
     del copy
     with _decoding(self.name), self._open() as image:
       image.load()
-      array = self._shaped(_to_array(image, self._rule, self.name)[0])
+      array = self._shaped(_to_array(_upright(image), self._rule,
+                                     self.name)[0])
     return array if dtype is None else array.astype(dtype)
 
   def __getitem__(self, key: Any) -> np.ndarray:
@@ -291,6 +333,12 @@ def as_rgb_u8(image: np.ndarray) -> np.ndarray:
   return image
 
 
+# The PNG "Software" text of every image written here: an existing file
+# that carries it may be replaced by a rerun, one that does not may be a
+# user's source image.
+SOFTWARE = "textfusion-jax"
+
+
 def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes a uint8 image as PNG via a temporary file and an atomic rename.
 
@@ -300,5 +348,18 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
+  info = PngImagePlugin.PngInfo()
+  info.add_text("Software", SOFTWARE)
   with files.atomic_path(path) as tmp:
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG",
+                                                      pnginfo=info)
+
+
+def written_here(path: str | os.PathLike) -> bool:
+  """Whether `path` is a PNG that `write_png_atomic` wrote."""
+  try:
+    with Image.open(path) as image:
+      return (image.format == "PNG" and
+              image.info.get("Software") == SOFTWARE)
+  except DECODE_ERRORS:
+    return False

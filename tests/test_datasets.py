@@ -820,6 +820,21 @@ def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
   (other / "vi" / "c.png").unlink()
   datasets.build("folders", manual_dir=root, data_dir=data_dir)
   datasets.build("folders", manual_dir=root, data_dir=data_dir)  # reused
+  # The same folder with a pair removed since: not reused (it would train on
+  # the old pairs without a word).
+  moved = {p: p.read_bytes() for p in (root / "ir" / "c.png",
+                                       root / "vi" / "c.png")}
+  for path in moved:
+    path.unlink()
+  with pytest.raises(datasets.UserError,
+                     match=r"ivf_pairs/folders in .* was built before files "
+                     rf"under {root} changed \(7 files then, 5 now"):
+    datasets.build("folders", manual_dir=root, data_dir=data_dir)
+  for path, data in moved.items():
+    path.write_bytes(data)
+    os.utime(path, ns=(0, 0))
+  with pytest.raises(datasets.UserError, match="or some were rewritten"):
+    datasets.build("folders", manual_dir=root, data_dir=data_dir)
   with pytest.raises(datasets.UserError,
                      match=r"ivf_pairs/folders is already built in .* from "
                      rf"other sources \(manual_dir '{root}' -> '{other}'\); "
@@ -837,3 +852,15 @@ def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
                  overwrite=True)
   assert len(datasets.load_source("folders", "train", data_dir)) == 2
   assert not [p for p in data_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_a_data_dir_under_home_may_be_written_with_a_tilde(tmp_path,
+                                                           monkeypatch):
+  """configs/llvip.py's default '~/tensorflow_datasets' reaches no shell."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  _folders(tmp_path / "src")
+  datasets.build("folders", manual_dir=tmp_path / "src",
+                 data_dir="~/tensorflow_datasets")
+  assert (tmp_path / "home" / "tensorflow_datasets" / "ivf_pairs").is_dir()
+  assert len(datasets.load_source("folders", "train",
+                                  "~/tensorflow_datasets")) == 3

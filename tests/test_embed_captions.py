@@ -540,7 +540,9 @@ def test_an_encoder_folder_with_new_weights_is_not_the_old_encoder(tmp_path):
   with pytest.raises(caption_store.CaptionStoreError,
                      match="embeds its captions differently"):
     sources.make_caption_tables(config, lambda: new, train_source)
-  rerun = _run(new, files, tmp_path / "store")
+  with pytest.raises(UserError, match="losing its embeddings by encoder"):
+    _run(new, files, tmp_path / "store")
+  rerun = _run(new, files, tmp_path / "store", overwrite=True)
   assert sum(new.calls) >= 2  # the old shards were not reused
   np.testing.assert_allclose(rerun.table, new.encode(
       json.loads((tmp_path / "store" / "texts.json").read_text())), atol=1e-6)
@@ -681,3 +683,66 @@ def test_tiny_clip_writes_only_a_new_empty_or_clip_folder(tmp_path):
     proc = tiny_clip(out)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
   assert (run / "config.json").read_text() == "{}"
+
+  # Another CLIP model there (real weights, say) is replaced only with
+  # --overwrite; a rerun of the same command keeps the folder as it is.
+  clip = tmp_path / "clip"
+  assert tiny_clip(clip).returncode == 0
+  weights = (clip / "model.safetensors").read_bytes()
+  inode = (clip / "model.safetensors").stat().st_ino
+  assert tiny_clip(clip).returncode == 0
+  assert (clip / "model.safetensors").stat().st_ino == inode
+
+  def seed_5(*extra):
+    return subprocess.run(
+        [sys.executable, "-m", "textfusion_jax.text.tiny_clip", str(clip),
+         "--seed", "5", *extra], cwd=root, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+
+  proc = seed_5()
+  assert proc.returncode == 2 and "already holds another CLIP text model; " \
+      "pass --overwrite" in proc.stderr, proc.stderr
+  assert (clip / "model.safetensors").read_bytes() == weights
+  proc = seed_5("--overwrite")
+  assert proc.returncode == 0, proc.stderr
+  assert (clip / "model.safetensors").read_bytes() != weights
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+  (tmp_path / "manifest.json").write_text("{}")
+  bundle_text = tmp_path / "text_encoder"
+  proc = tiny_clip(bundle_text)
+  assert proc.returncode == 2 and "is inside a model bundle" in proc.stderr
+
+
+def test_a_store_is_replaced_only_with_overwrite_when_it_would_lose(
+    encoder, tmp_path):
+  a = _write_jsonl(tmp_path / "a" / "captions.jsonl",
+                   [{"name": "1", "captions": ["a red car"]}])
+  b = _write_jsonl(tmp_path / "b" / "captions.jsonl",
+                   [{"name": "1", "captions": ["two people"]}])
+  out = tmp_path / "store"
+  _run(encoder, [("a", a), ("b", b)], out)
+  with pytest.raises(UserError, match=r"would replace, losing dataset\(s\) "
+                     r"b, not in this run's caption files; pass --overwrite"):
+    _run(encoder, [("a", a)], out)
+  other = TextEncoder.tiny_random(7)
+  with pytest.raises(UserError, match=r"losing its embeddings by encoder "):
+    _run(other, [("a", a), ("b", b)], out)
+  assert CaptionEmbeddings.load(out).datasets() == ["a", "b"]
+  # Changed captions of the same datasets update it without the flag.
+  _write_jsonl(a, [{"name": "1", "captions": ["a blue car"]}])
+  assert _run(encoder, [("a", a), ("b", b)], out).datasets() == ["a", "b"]
+  assert _run(encoder, [("a", a)], out, overwrite=True).datasets() == ["a"]
+
+
+def test_cli_embeds_with_the_configs_tiny_random_encoder(tmp_path):
+  """The encoder name training's errors suggest (config.text.encoder's
+  default) works here too, and matches what training embeds."""
+  path = _write_jsonl(tmp_path / "set" / "captions.jsonl",
+                      [{"name": "a", "captions": ["a red car"]}])
+  proc = _cli("--encoder", "tiny-random", f"--captions={path}", "--out",
+              str(tmp_path / "store"))
+  assert proc.returncode == 0, proc.stderr
+  store = CaptionEmbeddings.load(tmp_path / "store")
+  expected = TextEncoder.tiny_random(0).encode(["a red car"])
+  np.testing.assert_allclose(store.lookup("set", "a", 0), expected[0],
+                             atol=1e-5)

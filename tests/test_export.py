@@ -289,3 +289,25 @@ def test_data_fingerprint_follows_contents_not_location(tmp_path):
   assert first["sha256"] == second["sha256"] and first["files"] == 3
   (tmp_path / "two" / "set" / "captions.jsonl").write_text("{} \n")
   assert run_record.data_fingerprint(config)["sha256"] != first["sha256"]
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_bundle(
+    exported, workdir, tmp_path, monkeypatch):
+  """safetensors reports a full disk as its own error type, not OSError:
+  it was a traceback."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  out = _copy(exported, tmp_path)
+  before = (out / bundle.MANIFEST).read_text()
+
+  def full_disk(*args, **kwargs):
+    raise safetensors.SafetensorError(
+        "Error while serializing: IoError(Os { code: 28, kind: "
+        "StorageFull, message: \"No space left on device\" })")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+  with pytest.raises(bundle.BundleError, match=rf"{out}: cannot write "
+                     r"\(Error while serializing.*No space left"):
+    run_bundle.export_run(str(workdir), str(out), overwrite=True)
+  assert (out / bundle.MANIFEST).read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

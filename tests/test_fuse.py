@@ -402,14 +402,68 @@ def test_single_pair_out_never_replaces_another_pairs_source(tmp_path):
       inference.collect_pairs(str(tmp_path / "ir" / "a.png"),
                               str(tmp_path / "vi" / "a.jpg"), str(victim))
   assert (tmp_path / "vi" / "b.jpg").read_bytes() == before
-  # Re-fusing over an earlier output beside both sources is allowed.
+  # Re-fusing over an earlier output beside both sources is allowed; over
+  # another pair's source in that folder (1_ir, 1_vi, 2_vi) it is not.
   same = tmp_path / "same"
   same.mkdir()
-  for name in ("ir.png", "vis.png", "fused.png"):
+  for name in ("1_ir.png", "1_vi.png", "2_ir.png", "2_vi.png"):
     (same / name).write_bytes((tmp_path / "ir" / "a.png").read_bytes())
-  pairs = inference.collect_pairs(str(same / "ir.png"), str(same / "vis.png"),
+  image_io.write_png_atomic(same / "fused.png", np.zeros((30, 40), np.uint8))
+  pairs = inference.collect_pairs(str(same / "1_ir.png"),
+                                  str(same / "1_vi.png"),
                                   str(same / "fused.png"))
   assert [p.out for p in pairs] == [same / "fused.png"]
+  before = (same / "2_vi.png").read_bytes()
+  with pytest.raises(inference.errors.UserError,
+                     match=r"2_vi.png already exists beside --ir and --vis "
+                     r"and was not written by fuse"):
+    inference.collect_pairs(str(same / "1_ir.png"), str(same / "1_vi.png"),
+                            str(same / "2_vi.png"))
+  assert (same / "2_vi.png").read_bytes() == before
+
+
+def test_the_same_path_as_ir_and_vis_is_refused(tmp_path):
+  _write_pair(tmp_path, "a")
+  for path, kind in ((tmp_path / "vi", "folder"),
+                     (tmp_path / "vi" / "a.jpg", "file")):
+    with pytest.raises(inference.errors.UserError,
+                       match=rf"are the same {kind}; every image would be "
+                       "fused with itself"):
+      inference.collect_pairs(str(path), str(path), str(tmp_path / "o.png"))
+
+
+def test_exif_rotated_images_are_read_upright(tmp_path):
+  # Stored 30 wide x 40 high, EXIF orientation 6 (rotate 90 degrees on
+  # display): viewers and OpenCV show 40 x 30, the infrared's size.
+  _write_pair(tmp_path, "a", size=(40, 30))
+  stored = np.random.default_rng(3).integers(0, 255, (40, 30, 3), np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(stored).save(tmp_path / "vi" / "a.jpg", exif=exif,
+                               quality=100)
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  assert inference.check_sizes(pairs) == {"a": (30, 40)}
+  upright = image_io.read_image(tmp_path / "vi" / "a.jpg")
+  with Image.open(tmp_path / "vi" / "a.jpg") as raw:
+    expected = np.asarray(raw.transpose(Image.Transpose.ROTATE_270))
+  np.testing.assert_array_equal(upright, expected)
+  encoded = image_io.EncodedImage(tmp_path / "vi" / "a.jpg", channels=3)
+  assert encoded.shape == (30, 40, 3)
+  np.testing.assert_array_equal(encoded.crop(5, 7, 10, 20),
+                                expected[5:15, 7:27])
+  np.testing.assert_array_equal(np.asarray(encoded), expected)
+
+
+def test_images_in_subfolders_are_named_as_not_read(tmp_path, caplog):
+  _write_pair(tmp_path, "a")
+  (tmp_path / "ir" / "night").mkdir()
+  (tmp_path / "ir" / "night" / "b.png").write_bytes(
+      (tmp_path / "ir" / "a.png").read_bytes())
+  with caplog.at_level("WARNING"):
+    assert list(image_io.list_images(tmp_path / "ir")) == ["a"]
+  assert any("subfolder(s) night/ hold images that are not read" in
+             r.getMessage() for r in caplog.records)
 
 
 def test_unwritable_out_folder_is_refused_before_the_model_loads(
@@ -468,3 +522,24 @@ def test_a_failed_write_is_reported_and_the_other_pairs_are_fused(
                            "(No space left on device)"]
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
       "a.png", "c.png"]
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (OSError(28, "No space left on device", "/data/out/1.png"), 2,
+     "error: /data/out/1.png: No space left on device"),
+    (PermissionError(13, "Permission denied", "/ro/x"), 2,
+     "error: /ro/x: Permission denied"),
+    (KeyboardInterrupt(), 130,
+     "error: interrupted; what was written is complete, rerun to carry on")])
+def test_machine_errors_and_ctrl_c_are_one_line(raised, status, line, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    with inference.errors.one_line_errors():
+      raise raised
+  assert exit_info.value.code == status
+  assert capsys.readouterr().err.strip() == line
+
+
+def test_other_os_errors_keep_their_traceback():
+  with pytest.raises(OSError):  # a bug, e.g. a bad file descriptor
+    with inference.errors.one_line_errors():
+      raise OSError(9, "Bad file descriptor")

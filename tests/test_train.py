@@ -365,10 +365,26 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_logged_param_norm_is_the_saved_checkpoints(full_run):
+  import optax  # pylint: disable=g-import-not-at-top
+  workdir, _ = full_run
+  config = tiny.get_config()
+  step, params = _params(workdir, config)
+  logged = [json.loads(line) for line in
+            (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in logged if "train/param_norm" in r][-1]
+  assert last["step"] == step
+  np.testing.assert_allclose(last["train/param_norm"],
+                             float(optax.tree.norm(params)), rtol=1e-6)
+
+
 def test_init_from_starts_at_the_source_parameters(full_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
   source, _ = full_run
   config = tiny.get_config()
-  config.train.init_from = str(source)
+  # A copy, deleted below: a resume no longer reads init_from.
+  shutil.copytree(source, tmp_path / "source")
+  config.train.init_from = str(tmp_path / "source")
   # Two updates (the first at warmup's learning rate 0), with the source
   # run's schedule, so the compiled step is the one already cached.
   config.train.stop_after_steps = 2
@@ -382,6 +398,55 @@ def test_init_from_starts_at_the_source_parameters(full_run, tmp_path):
   # A few AdamW steps (~lr each) from the source weights, not from a fresh
   # init (which differs by O(0.1) everywhere).
   assert 0 < max(moved) < 1e-2, max(moved)
+  shutil.rmtree(tmp_path / "source")
+  with pytest.raises(checkpointing.CheckpointError, match="no such bundle"):
+    train_loop.check_config(config)
+  train_loop.check_config(config, resuming=checkpointing.has_checkpoint(
+      tmp_path / "tuned"))
+
+
+def test_a_resumed_run_keeps_the_reference_it_started_with(full_run,
+                                                           tmp_path):
+  """Extending the reference's own run must not move a resumed run's loss
+  target: the step recorded at its start is loaded, checked by
+  fingerprint."""
+  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import bundle
+  from textfusion_jax import inference
+  from textfusion_jax import run_record
+  source, _ = full_run
+  config = tiny.get_config()
+  config.loss.reference = 10.0
+  config.train.reference_from = str(source)
+  trainer = train_step.ShardedTrainer(
+      config, sharding_lib.make_mesh(dict(config.mesh)))
+  run = tmp_path / "run"
+  run.mkdir()
+  _, latest = train_loop.reference_params(trainer, config, run,
+                                          resuming=False)
+  assert latest["step"] == 6
+  run_record.start(run, config, 0, None, reference={
+      "source": str(source), "step": 3, "fingerprint": bundle.params_fingerprint(
+          inference.Fuser.load(str(source), 3).params)})
+  run_record.start(run, config, 2, None, reference=latest)  # a resume
+  recorded = run_record.load(run)["reference"]
+  assert recorded["step"] == 3
+  _, record = train_loop.reference_params(trainer, config, run,
+                                          resuming=True)
+  assert record == recorded and record["fingerprint"] != latest["fingerprint"]
+  info = run_record.load(run)
+  info["reference"]["fingerprint"] = "0" * 32  # step 3 since rewritten
+  (run / run_record.RUN_INFO).write_text(json.dumps(info))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"\(step 3\) is not the reference this run "
+                     "trained toward"):
+    train_loop.reference_params(trainer, config, run, resuming=True)
+  info["reference"]["step"] = 99
+  (run / run_record.RUN_INFO).write_text(json.dumps(info))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"this run trains toward step 99 of its reference, "
+                     "which config.train.reference_from=.* no longer has"):
+    train_loop.reference_params(trainer, config, run, resuming=True)
 
 
 def test_init_from_errors_are_one_line(full_run, tmp_path):
@@ -531,7 +596,14 @@ def test_eval_every_includes_the_last_step_without_an_end_evaluation():
     ("optim.learning_rate", -1.0), ("optim.learning_rate", float("nan")),
     ("optim.b2", 1.0), ("optim.grad_clip_norm", 0.0),
     ("optim.warmup_steps", -5), ("eval.max_images", -1),
-    ("eval.pad_multiple", -4), ("eval.save_images", -1)])
+    ("eval.pad_multiple", -4), ("eval.save_images", -1),
+    # A negative loss weight would maximise its term; NaN surfaced only as
+    # a non-finite loss after compilation.
+    ("loss.ssim", -1.0), ("loss.intensity", float("nan")),
+    ("loss.gradient", float("inf")),
+    # These were tracebacks from numpy or grain.
+    ("data.train_size", 0), ("data.prefetch_buffer_size", -1),
+    ("data.worker_count", -1)])
 def test_optimizer_and_eval_values_are_checked_by_name(field, value):
   config = tiny.get_config()
   group, name = field.split(".")
@@ -539,6 +611,40 @@ def test_optimizer_and_eval_values_are_checked_by_name(field, value):
   with pytest.raises(train_loop.errors.UserError,
                      match=rf"config.{field}={value!r}: must be"):
     train_loop.check_config(config)
+
+
+def test_settings_that_would_do_nothing_are_refused():
+  config = tiny.get_config()
+  config.optim.warmup_steps = 7  # of 6 steps: never at peak, never decays
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"config.optim.warmup_steps=7 is more than "
+                     r"config.train.num_steps=6"):
+    train_loop.check_config(config)
+  config.optim.warmup_steps = 6
+  train_loop.check_config(config)
+  config.data.shuffle_captions_across_pairs = True
+  config.data.eval_size = 1  # the derangement failed after training
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"config.data.eval_size=1: shuffling captions "
+                     "across pairs needs at least 2"):
+    train_loop.check_config(config)
+  config.data.eval_size = 2
+  train_loop.check_config(config)
+  config.data.degradations.enabled = True  # prompts: condition sentences
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"shuffle_captions_across_pairs has no effect "
+                     r"with config.data.degradations.enabled"):
+    train_loop.check_config(config)
+
+
+def test_a_text_dtype_change_on_resume_is_announced():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  saved = ml_collections.ConfigDict(json.loads(
+      checkpointing.config_to_json(tiny.get_config())))
+  current = tiny.get_config()
+  current.text.dtype = "bfloat16"
+  assert checkpointing.changed_training_fields(saved, current) == [
+      "text.dtype 'float32' -> 'bfloat16'"]
 
 
 @pytest.mark.parametrize("field, value, expect", [
@@ -649,3 +755,23 @@ def test_a_bundle_or_clip_folder_given_as_workdir_is_refused(tmp_path):
                      match="not a textfusion run's config"):
     train_loop.setup_workdir(config, str(clip))
   assert (clip / "config.json").read_text() == before
+
+
+def test_an_interrupted_segment_ends_at_its_last_checkpoint(tmp_path,
+                                                            monkeypatch):
+  """run_info.json's segment ends where a resume starts (step 3's
+  checkpoint), not at the step reached when Ctrl-C came (4)."""
+  from textfusion_jax import run_record  # pylint: disable=g-import-not-at-top
+  log_scalars = train_loop._log_scalars  # pylint: disable=protected-access
+
+  def interrupt_at_4(writer, step, *args):
+    if step == 4:
+      raise KeyboardInterrupt
+    return log_scalars(writer, step, *args)
+
+  monkeypatch.setattr(train_loop, "_log_scalars", interrupt_at_4)
+  with pytest.raises(KeyboardInterrupt):
+    train_loop.train_and_evaluate(tiny.get_config(), str(tmp_path))
+  segment = run_record.load(tmp_path)["segments"][-1]
+  assert (segment["start_step"], segment["end_step"]) == (0, 3)
+  assert checkpointing.has_checkpoint(tmp_path)

@@ -131,6 +131,16 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
           for name, value in _dotted_leaves(params)}
 
 
+def params_fingerprint(params: Mapping[str, Any]) -> str:
+  """sha256 of the parameters' names, shapes and float32 values: the same
+  model whether it came from a bundle or a workdir step."""
+  digest = hashlib.sha256()
+  for name, value in sorted(flatten_params(params).items()):
+    digest.update(f"{name} {value.shape}\n".encode())
+    digest.update(memoryview(value))
+  return digest.hexdigest()[:32]
+
+
 def unflatten_params(flat: Mapping[str, np.ndarray], like: Mapping[str, Any],
                      source: Path) -> dict[str, Any]:
   """`flat` shaped as the nested dict `like` (abstract arrays), checked.
@@ -211,15 +221,11 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
     (tmp / MODEL_CARD).write_text(model_card)
     (tmp / MANIFEST).write_text(
         json.dumps(manifest_of(tmp, step), indent=1, sort_keys=True) + "\n")
-    # mkdtemp (and safetensors' writer) make entries private; a bundle is
-    # for sharing, so give it the modes a plain copy would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
-      os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    files.give_plain_modes(tmp)  # a bundle is for sharing
     files.replace_directory(tmp, out)
-  except OSError as error:
-    raise BundleError(f"{out}: cannot write ({error.strerror or error})"
+  except (OSError, safetensors.SafetensorError) as error:
+    raise BundleError(f"{out}: cannot write "
+                      f"({getattr(error, 'strerror', None) or error})"
                       ) from None
   finally:
     if tmp.exists():

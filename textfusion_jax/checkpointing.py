@@ -125,7 +125,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
 # learning-rate schedule follows optim.* and train.num_steps).
 _TRAINING_FIELDS = ("seed", "optim.", "loss.", "data.", "train.num_steps",
                     "train.batch_size", "train.init_from",
-                    "train.reference_from", *COMPUTE_FIELDS)
+                    "train.reference_from", "text.dtype", *COMPUTE_FIELDS)
 # ... except those that change only how fast the same data arrives.
 _THROUGHPUT_FIELDS = ("data.worker_count", "data.prefetch_buffer_size",
                       "data.cache_in_memory")

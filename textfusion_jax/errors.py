@@ -2,14 +2,17 @@
 
 User mistakes (bad flags, config keys, paths, data, checkpoints) raise
 `UserError` (or a subclass) and end with `error: <message>` on stderr and exit
-status 2; a missing file (FileNotFoundError) too. Anything else, a ValueError
-from a library included, is a bug and keeps its traceback. Set
-TEXTFUSION_DEBUG=1 to see the traceback of user errors as well.
+status 2; a missing file (FileNotFoundError) too, and an OSError from the
+machine's state (a full disk, a read-only folder). Ctrl-C ends with one line
+and status 130. Anything else, a ValueError from a library included, is a
+bug and keeps its traceback. Set TEXTFUSION_DEBUG=1 to see the traceback of
+user errors as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -45,6 +48,26 @@ def one_line_errors() -> Iterator[None]:
       raise
     fail(str(error) or type(error).__name__,
          exit_now=getattr(error, "exit_now", False))
+  except OSError as error:
+    # A full disk, a read-only folder, a quota: the machine's state, not a
+    # bug; the writers leave nothing half-written behind.
+    if error.errno not in _ENVIRONMENT_ERRNOS or os.environ.get(
+        "TEXTFUSION_DEBUG"):
+      raise
+    where = f"{error.filename}: " if error.filename else ""
+    fail(f"{where}{error.strerror or error}")
+  except KeyboardInterrupt:
+    if os.environ.get("TEXTFUSION_DEBUG"):
+      raise
+    # Outputs are written whole or not at all, and training resumes from
+    # its last checkpoint: a rerun carries on.
+    fail("interrupted; what was written is complete, rerun to carry on",
+         status=130)
+
+
+_ENVIRONMENT_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+    errno.EIO, errno.ENAMETOOLONG, errno.EMFILE})
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

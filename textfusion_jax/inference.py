@@ -69,6 +69,11 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
   if ir_path.is_dir() != vis_path.is_dir():
     raise errors.UserError(f"--ir {ir} and --vis {vis} must both be files or "
                            "both directories")
+  if ir_path.resolve() == vis_path.resolve():
+    raise errors.UserError(
+        f"--ir {ir} and --vis {vis} are the same "
+        f"{'folder' if ir_path.is_dir() else 'file'}; every image would be "
+        "fused with itself")
   _check_out(ir_path, vis_path, out_path)
   if not ir_path.is_dir():
     if out_path.suffix.lower() != ".png":
@@ -99,7 +104,16 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
       raise errors.UserError(f"--out {out} is the {flag} input; fusing would "
                              "overwrite it: choose another path")
   # One pair's --out may be another pair's source image: ir/2.png beside
-  # vi/2.png.
+  # vi/2.png. With both sources in one folder (1_ir.png, 1_vi.png, 2_vi.png)
+  # only the mark fuse writes tells an earlier output from a source.
+  if (not ir.is_dir() and out.is_file()
+      and ir.parent.resolve() == vis.parent.resolve()
+      and out.parent.resolve() == ir.parent.resolve()
+      and not image_io.written_here(out)):
+    raise errors.UserError(
+        f"--out {out} already exists beside --ir and --vis and was not "
+        "written by fuse (it may be another pair's source image): choose a "
+        "new path")
   if not ir.is_dir() and out.is_file() and ir.parent.resolve() != (
       vis.parent.resolve()):
     for folder, other in ((ir.parent, vis.parent), (vis.parent, ir.parent)):
@@ -161,10 +175,12 @@ def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
   for pair in pairs:
     try:
       with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
-        if ir.size != vis.size:
-          mismatched.append(f"{pair.ir} is {ir.size[0]}x{ir.size[1]} but "
-                            f"{pair.vis} is {vis.size[0]}x{vis.size[1]}")
-        sizes[pair.name] = (vis.size[1], vis.size[0])
+        (ir_h, ir_w), (vis_h, vis_w) = (image_io.upright_size(ir),
+                                        image_io.upright_size(vis))
+        if (ir_h, ir_w) != (vis_h, vis_w):
+          mismatched.append(f"{pair.ir} is {ir_w}x{ir_h} but "
+                            f"{pair.vis} is {vis_w}x{vis_h}")
+        sizes[pair.name] = (vis_h, vis_w)
     except image_io.DECODE_ERRORS as error:
       unreadable.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
   problems = unreadable + (["; ".join(mismatched) + " (pairs must be "

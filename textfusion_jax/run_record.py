@@ -6,6 +6,7 @@ into a model card, so a bundle says exactly what produced it:
 
   {"data": {"source": ..., "sha256": ..., "files": N, "roots": [...]},
    "text_encoder": {"source": ..., "fingerprint": ...},
+   "reference": {"source": ..., "step": N, "fingerprint": ...},  (if any)
    "seed": 0, "segments": [{"argv": [...], "commit": "<sha>[+dirty]",
    "start_step": 0, "end_step": 600, "train_seconds": 312.4}, ...]}
 
@@ -122,10 +123,11 @@ def check_text_encoder(info: dict[str, Any], fingerprint: str | None,
 
 
 def start(workdir: Path, config: ml_collections.ConfigDict,
-          start_step: int, text_encoder_fingerprint: str | None = None
-          ) -> dict[str, Any]:
+          start_step: int, text_encoder_fingerprint: str | None = None,
+          reference: dict[str, Any] | None = None) -> dict[str, Any]:
   """Records a new segment (and the data fingerprint on the first; the text
-  encoder's when the run starts at step 0)."""
+  encoder's when the run starts at step 0; the reference model's when the
+  run starts at step 0 or none was recorded yet)."""
   info = load(workdir)
   if "data" not in info or start_step == 0:
     # (A run at step 0 trains from scratch: an earlier attempt there that
@@ -138,6 +140,10 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
     if text_encoder_fingerprint is not None:
       info["text_encoder"] = {"source": config.text.encoder,
                               "fingerprint": text_encoder_fingerprint}
+  if start_step == 0:
+    info.pop("reference", None)
+  if reference is not None and "reference" not in info:
+    info["reference"] = reference
   info["seed"] = config.seed
   info.setdefault("segments", []).append(
       {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": git_commit(),

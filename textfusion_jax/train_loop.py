@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -68,8 +68,44 @@ def _check_optimizer(optim: ml_collections.ConfigDict) -> None:
                              f"finite number {wanted}")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """One-line errors for bad values, before anything is read or written."""
+def _check_data_fields(data: ml_collections.ConfigDict) -> None:
+  for field, least in (("train_size", 1), ("eval_size", 1),
+                       ("image_height", 1), ("image_width", 1),
+                       ("worker_count", 0), ("prefetch_buffer_size", 1)):
+    value = data.get(field, least)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise errors.UserError(f"config.data.{field}={value!r}: must be an "
+                             f"integer >= {least}")
+  if data.get("shuffle_captions_across_pairs"):
+    if data.get("degradations", {}).get("enabled"):
+      # Every training prompt is then the crop's condition sentence, and
+      # evaluation's is "clean visible image": the ablation would change
+      # nothing.
+      raise errors.UserError(
+          "config.data.shuffle_captions_across_pairs has no effect with "
+          "config.data.degradations.enabled (the prompts are condition "
+          "sentences); for wrong prompts use "
+          "config.data.degradations.renamed_prob")
+    if data.source == "synthetic" and data.eval_size < 2:
+      raise errors.UserError(
+          f"config.data.eval_size={data.eval_size}: shuffling captions "
+          "across pairs needs at least 2 eval scenes")
+
+
+def _check_loss_weights(loss: ml_collections.ConfigDict) -> None:
+  """A negative weight would maximise its term; NaN would only show as a
+  non-finite loss after compilation."""
+  for field, value in loss.items():
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+        not math.isfinite(value) or value < 0):
+      raise errors.UserError(f"config.loss.{field}={value!r}: must be a "
+                             "finite number >= 0")
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 resuming: bool = False) -> None:
+  """One-line errors for bad values, before anything is read or written;
+  `resuming` a run, its init_from is no longer read."""
   model_lib.validate_config(config.model)
   if (config.model.get("attention_impl") == "cudnn" and
       jax.default_backend() != "gpu"):
@@ -101,10 +137,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(f"{field}={value!r}: must be an integer >= "
                              f"{least}")
   _check_optimizer(config.optim)
+  if config.optim.warmup_steps > config.train.num_steps:
+    raise errors.UserError(
+        f"config.optim.warmup_steps={config.optim.warmup_steps} is more than "
+        f"config.train.num_steps={config.train.num_steps}: the learning rate "
+        "would never reach its peak nor decay")
+  _check_data_fields(config.data)
+  _check_loss_weights(config.loss)
   if config.data.get("degradations", {}).get("enabled"):
     degradations.check_level_probs(config.data.degradations.level_probs,
                                    "config.data.degradations.level_probs")
-  check_param_sources(config)
+  check_param_sources(config, skip=("init_from",) if resuming else ())
 
 
 def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
@@ -161,7 +204,8 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict,
 
 
 def record_start(config: ml_collections.ConfigDict, workdir: Path,
-                 start_step: int, encoder_fingerprint: str | None
+                 start_step: int, encoder_fingerprint: str | None,
+                 reference: dict[str, Any] | None = None
                  ) -> dict[str, Any] | None:
   """Writes config.json and opens a run_info segment (process 0), once the
   run is known to start: after its first train step compiled, or before an
@@ -171,7 +215,8 @@ def record_start(config: ml_collections.ConfigDict, workdir: Path,
   if jax.process_index() != 0:
     return None
   checkpointing.write_config(workdir, config)
-  return run_record.start(workdir, config, start_step, encoder_fingerprint)
+  return run_record.start(workdir, config, start_step, encoder_fingerprint,
+                          reference)
 
 
 def create_datasets(config: ml_collections.ConfigDict, workdir: Path
@@ -237,9 +282,11 @@ _TEXT_PROBE = "a person walking on a road at night"
 _PARAM_SOURCES = ("init_from", "reference_from")
 
 
-def check_param_sources(config: ml_collections.ConfigDict) -> None:
+def check_param_sources(config: ml_collections.ConfigDict,
+                        skip: Sequence[str] = ()) -> None:
   """Fails early (before data or workdir are touched) on a bad init_from or
-  reference_from, or a reference loss without its reference model."""
+  reference_from (unless in `skip`), or a reference loss without its
+  reference model."""
   weight = config.loss.get("reference", 0.0)
   if weight and not config.train.get("reference_from"):
     raise checkpointing.CheckpointError(
@@ -247,7 +294,7 @@ def check_param_sources(config: ml_collections.ConfigDict) -> None:
         "(the bundle or workdir whose clean-input fusion is the target)")
   for field in _PARAM_SOURCES:
     path = config.train.get(field)
-    if not path:
+    if not path or field in skip:
       continue
     if not Path(path).exists():
       raise checkpointing.CheckpointError(
@@ -266,11 +313,13 @@ def check_param_sources(config: ml_collections.ConfigDict) -> None:
         remedy=f"config.train.{field} needs the same model config")
 
 
-def load_source_params(config: ml_collections.ConfigDict, field: str) -> Any:
-  """Host params of config.train.<field>, which must embed text as this
-  run's encoder does (the prompts it is given come from this encoder)."""
+def load_source_params(config: ml_collections.ConfigDict, field: str,
+                       step: int | None = None) -> tuple[Any, int]:
+  """(host params, step) of config.train.<field> (a workdir at `step`, else
+  its latest), which must embed text as this run's encoder does (the prompts
+  it is given come from this encoder)."""
   path = config.train[field]
-  source = inference.Fuser.load(path)
+  source = inference.Fuser.load(path, step)
   ours = text_encoder.from_config(config.text).encode([_TEXT_PROBE])
   theirs = source.encoder.encode([_TEXT_PROBE])
   if not np.allclose(ours, theirs, atol=1e-4):
@@ -279,22 +328,51 @@ def load_source_params(config: ml_collections.ConfigDict, field: str) -> Any:
         f"encoder than config.text.encoder={config.text.encoder!r} (they embed"
         " the same sentence differently); use its encoder")
   log.info("config.train.%s: %s (step %d)", field, path, source.step)
-  return source.params
+  return source.params, source.step
 
 
 def init_from_pretrained(trainer: train_step.ShardedTrainer,
                          config: ml_collections.ConfigDict
                          ) -> train_step.TrainState:
   """Fine-tuning: the params of config.train.init_from, a fresh optimizer."""
-  return trainer.state_from_params(load_source_params(config, "init_from"))
+  return trainer.state_from_params(load_source_params(config, "init_from")[0])
 
 
 def reference_params(trainer: train_step.ShardedTrainer,
-                     config: ml_collections.ConfigDict) -> Any:
-  """The frozen reference model's params in their shards, or None."""
+                     config: ml_collections.ConfigDict, workdir: Path,
+                     resuming: bool) -> tuple[Any, dict[str, Any] | None]:
+  """The frozen reference model's params in their shards, and what they
+  are (source, step, fingerprint; run_info.json keeps it), or (None, None).
+
+  A resumed run takes the reference its run started with: the step
+  recorded then (a reference workdir may have trained on since), checked
+  by fingerprint, so the loss target never moves between segments."""
   if not config.loss.get("reference", 0.0):
-    return None
-  return trainer.place_params(load_source_params(config, "reference_from"))
+    return None, None
+  path = config.train.reference_from
+  recorded = run_record.load(workdir).get("reference") if resuming else None
+  step = (recorded.get("step") if recorded and not bundle.is_bundle(path)
+          else None)
+  try:
+    params, source_step = load_source_params(config, "reference_from", step)
+  except checkpointing.CheckpointError as error:
+    if step is None:
+      raise
+    raise checkpointing.CheckpointError(
+        f"this run trains toward step {step} of its reference, which "
+        f"config.train.reference_from={path!r} no longer has ({error}); "
+        "restore that step, or train in a fresh --workdir") from None
+  record = {"source": str(path), "step": int(source_step),
+            "fingerprint": bundle.params_fingerprint(params)}
+  if recorded and recorded.get("fingerprint") not in (None,
+                                                      record["fingerprint"]):
+    raise checkpointing.CheckpointError(
+        f"config.train.reference_from={path!r} (step {source_step}) is not "
+        f"the reference this run trained toward (step {recorded.get('step')} "
+        f"of {recorded.get('source')!r}, fingerprint "
+        f"{recorded['fingerprint']}; now {record['fingerprint']}): the loss "
+        "target would move; restore it, or train in a fresh --workdir")
+  return trainer.place_params(params), record
 
 
 def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
@@ -373,7 +451,7 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates."""
-  check_config(config)
+  check_config(config, resuming=checkpointing.has_checkpoint(workdir))
   workdir_path = setup_workdir(config, workdir)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("Mesh: %s", dict(mesh.shape))
@@ -385,7 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                    config)
-  reference = reference_params(trainer, config)
+  reference, reference_record = reference_params(
+      trainer, config, workdir_path, resuming=start_step > 0)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
   writer = metric_writer.MetricWriter(
@@ -402,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   info = None
   if start_step >= stop_at:  # nothing to train: an evaluation-only run
     info = record_start(config, workdir_path, start_step,
-                        inputs.text_encoder_fingerprint)
+                        inputs.text_encoder_fingerprint, reference_record)
   loop_start = time.time()
   with jax.set_mesh(mesh):
     step_fn = None
@@ -414,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     step = start_step
     last_loss_and_grad_norm = None
+    completed = False
     try:
       while step < stop_at:
         batch = sharding_lib.global_batch(next(train_iter),
@@ -426,7 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           distributed.barrier("train_step_compiled")
           paused += time.time() - compile_start
           info = record_start(config, workdir_path, start_step,
-                              inputs.text_encoder_fingerprint)
+                              inputs.text_encoder_fingerprint,
+                              reference_record)
         state, step_metrics = step_fn(state, batch, base_rng, reference)
         step += 1
         batches_seen += 1
@@ -459,11 +540,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           eval_start = time.time()
           _eval_and_log(evaluator, writer, state.params, step)
           paused += time.time() - eval_start
+      completed = True
     finally:
       progress.close()
       manager.wait_until_finished()
       if info is not None:
-        run_record.finish(workdir_path, info, step, time.time() - loop_start)
+        # Stopped by an error or Ctrl-C, the segment ends where a resume
+        # starts: its last checkpoint, not the step reached.
+        end = (step if completed else
+               max(manager.latest_step() or start_step, start_step))
+        run_record.finish(workdir_path, info, end, time.time() - loop_start)
     if manager.latest_step() != step:
       checkpointing.save(manager, step, state,
                          data_position(batches_seen, batch_size), force=True)

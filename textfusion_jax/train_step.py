@@ -231,7 +231,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
       loss=loss,
       **{f"loss_{name}": value for name, value in parts.items()},
       grad_norm=grad_norm,
-      param_norm=optax.tree.norm(state.params),
+      # After the update: the norm of the checkpoint saved at this step.
+      param_norm=optax.tree.norm(new_state.params),
       learning_rate=schedule(state.step))
   return new_state, metrics
 

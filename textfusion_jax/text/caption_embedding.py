@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -26,6 +27,7 @@ import numpy as np
 import tqdm
 
 from input_pipeline import caption_files, caption_store, files
+from input_pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +116,46 @@ def check_out(out: Path) -> None:
   files.check_own_folder(out, _STORE_ENTRIES, "caption store")
 
 
+def check_replaces(out: Path, encoder, index: dict[str, Any]) -> None:
+  """One line if the finished store at `out` would lose something: another
+  encoder's (or dtype's) embeddings, or a dataset this run does not embed.
+  Updating it for changed captions of the same datasets needs no flag."""
+  try:
+    manifest = json.loads((out / caption_store.MANIFEST_FILE).read_text())
+    old_index = json.loads((out / caption_store.INDEX_FILE).read_text())
+  except (OSError, ValueError):
+    return  # no finished store (or a broken one): nothing readable to lose
+  lost = []
+  if (manifest.get("encoder_fingerprint"), manifest.get("compute_dtype")) != (
+      encoder.fingerprint, encoder.dtype.name):
+    lost.append(f"its embeddings by encoder {manifest.get('encoder')!r} "
+                f"({manifest.get('compute_dtype')})")
+  dropped = sorted(set(old_index) - set(index))
+  if dropped:
+    lost.append(f"dataset(s) {', '.join(dropped)}, not in this run's "
+                "caption files")
+  if lost:
+    raise UserError(f"--out {out} is a finished caption store that this run "
+                    f"would replace, losing {' and '.join(lost)}; pass "
+                    "--overwrite to replace it, or choose a new --out")
+
+
 def run(encoder, records: Sequence[caption_files.CaptionRecord],
         out: str | os.PathLike, *, batch_size: int = 64,
         shard_size: int = 4096, max_shards: int | None = None,
         process_index: int | None = None, process_count: int | None = None,
         barrier: Callable[[], None] | None = None,
-        progress: bool = True) -> caption_store.CaptionEmbeddings | None:
+        progress: bool = True, overwrite: bool = False
+        ) -> caption_store.CaptionEmbeddings | None:
   """Embeds the captions of `records` with a TextEncoder into store `out`.
 
   Returns the store on process 0 and None elsewhere. `max_shards` stops after
   embedding that many shards (None if it stopped early), for time-limited
   jobs and for testing resumption. `process_index`/`process_count`/`barrier`
   default to this JAX process, the JAX process count and a global device sync.
+  A finished store at `out` is updated for changed captions; one holding
+  another encoder's embeddings or other datasets is replaced only if
+  `overwrite` (`check_replaces`).
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -134,6 +164,8 @@ def run(encoder, records: Sequence[caption_files.CaptionRecord],
   out = Path(out)
   check_out(out)
   texts, index = plan(records)
+  if not overwrite:
+    check_replaces(out, encoder, index)
   # Shards made by another encoder (by its weights, not its path), or in
   # another dtype, are not reused.
   encoder_id = f"{encoder.fingerprint} {encoder.dtype.name}"

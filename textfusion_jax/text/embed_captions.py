@@ -2,7 +2,7 @@ r"""Precomputes CLIP text embeddings of caption files into a caption store.
 
   python -m textfusion_jax.text.embed_captions --encoder PATH_OR_HUB_ID \
       --captions data/llvip/captions.jsonl --captions data/msrs/captions.jsonl \
-      --out DIR [--batch_size 64] [--shard_size 4096]
+      --out DIR [--batch_size 64] [--shard_size 4096] [--overwrite]
   textfusion-embed-captions ...   (the same, once the package is installed)
 
 Distinct captions are embedded once, in shards written atomically; a rerun
@@ -13,6 +13,7 @@ command. See `textfusion_jax.text.caption_embedding`.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from textfusion_jax import errors
 from textfusion_jax.text import caption_embedding
 
 _ENCODER = flags.DEFINE_string(
-    "encoder", None, "CLIP checkpoint directory or Hugging Face hub id.")
+    "encoder", None, "CLIP checkpoint directory, Hugging Face hub id, or "
+    "'tiny-random' (the configs' built-in encoder).")
 _CAPTIONS = flags.DEFINE_multi_string(
     "captions", [], "A captions.jsonl file (repeat for more).")
 _DATASET = flags.DEFINE_multi_string(
@@ -39,6 +41,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype.")
 _MAX_SHARDS = flags.DEFINE_integer(
     "max_shards", None, "Stop after embedding this many shards.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a finished caption store at --out that holds "
+    "another encoder's embeddings or datasets this run does not embed (a "
+    "store of the same encoder and datasets is updated without it).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join the multi-host job JAX detects (Cloud TPU "
     "pod, SLURM, Open MPI) first: run the same command on every host.")
@@ -57,7 +63,8 @@ def main(argv: Sequence[str]) -> None:
   logging.basicConfig(format="%(levelname)s %(message)s")
   logger.setLevel(logging.INFO)  # our progress notes, not every library's
   datasets = _DATASET.value or [None] * len(_CAPTIONS.value)
-  caption_embedding.check_out(Path(_OUT.value))  # before a large encoder
+  # Before a large encoder loads.
+  caption_embedding.check_out(Path(_OUT.value))
   if _DISTRIBUTED.value:
     distributed.initialize(
         auto=True, auto_flag="--distributed",
@@ -67,11 +74,13 @@ def main(argv: Sequence[str]) -> None:
   # Caption files first: a bad line should not wait for a large encoder.
   records = caption_files.read_caption_files(
       list(zip(datasets, _CAPTIONS.value)))
-  encoder = encoder_lib.TextEncoder.from_pretrained(
-      _ENCODER.value, dtype=_DTYPE.value, mesh=encoder_lib.data_mesh())
+  encoder = encoder_lib.from_config(
+      types.SimpleNamespace(encoder=_ENCODER.value, dtype=_DTYPE.value),
+      mesh=encoder_lib.data_mesh())
   store = caption_embedding.run(
       encoder, records, _OUT.value, batch_size=_BATCH_SIZE.value,
-      shard_size=_SHARD_SIZE.value, max_shards=_MAX_SHARDS.value)
+      shard_size=_SHARD_SIZE.value, max_shards=_MAX_SHARDS.value,
+      overwrite=_OVERWRITE.value)
   if store is not None:
     logger.info("wrote %d distinct caption embeddings (dim %d) to %s",
                 store.table.shape[0], store.dim, _OUT.value)

@@ -279,13 +279,16 @@ def fingerprint(model: clip_text.ClipTextTower, tokenizer: Any) -> str:
   return digest.hexdigest()[:32]
 
 
-def from_config(text_config: Any) -> TextEncoder:
-  """The encoder `config.text` names: 'tiny-random' (no download), a local
-  Hugging Face CLIP directory, or a hub id."""
+def from_config(text_config: Any, mesh: jax.sharding.Mesh | None = None
+                ) -> TextEncoder:
+  """The encoder `config.text` names (its `encoder` and `dtype`):
+  'tiny-random' (no download), a local Hugging Face CLIP directory, or a hub
+  id."""
   dtype = DTYPES.get(text_config.dtype)
   if dtype is None:
     raise UserError(f"config.text.dtype={text_config.dtype!r}: must be one of "
                     f"{', '.join(DTYPES)}")
   if text_config.encoder == TINY_RANDOM:
-    return TextEncoder.tiny_random(TINY_RANDOM_SEED, dtype=dtype)
-  return TextEncoder.from_pretrained(text_config.encoder, dtype=dtype)
+    return TextEncoder.tiny_random(TINY_RANDOM_SEED, dtype=dtype, mesh=mesh)
+  return TextEncoder.from_pretrained(text_config.encoder, dtype=dtype,
+                                     mesh=mesh)

@@ -240,6 +240,9 @@ def save(model: clip_text.ClipTextTower, tokenizer: Any,
   tensors = {k: np.ascontiguousarray(v) for k, v in
              weight_map.to_hf_tensors(model).items()}
   # transformers only loads safetensors files whose metadata names a format.
-  safetensors.numpy.save_file(
-      tensors, os.path.join(directory, SAFETENSORS_FILE),
-      metadata={"format": "pt"})
+  path = os.path.join(directory, SAFETENSORS_FILE)
+  try:
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+  except safetensors.SafetensorError as error:  # e.g. a full disk
+    raise CheckpointError(f"{path}: cannot write ({first_line(error)})"
+                          ) from None

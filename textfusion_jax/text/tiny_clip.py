@@ -18,6 +18,8 @@ import collections
 import functools
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from absl import flags
@@ -231,15 +233,50 @@ def save_random_vit_b32_text(directory: str | os.PathLike, *,
   return directory
 
 
+def check_out(out: Path) -> None:
+  """One line unless `out` is new, empty or a CLIP text model folder outside
+  a bundle: a workdir's or a bundle's files are never written into."""
+  files.check_own_folder(out, _CLIP_FILES, "CLIP text model")
+  if (out.resolve().parent / "manifest.json").is_file():
+    raise errors.UserError(f"{out} is inside a model bundle "
+                           f"({out.resolve().parent}); choose another folder")
+
+
+def _same_files(a: Path, b: Path) -> bool:
+  names = lambda d: sorted(p.name for p in d.iterdir())
+  return names(a) == names(b) and all(
+      (a / n).read_bytes() == (b / n).read_bytes() for n in names(a))
+
+
 def main(argv: list[str]) -> None:
-  """`python -m textfusion_jax.text.tiny_clip OUT_DIR [--seed N]`."""
+  """`python -m textfusion_jax.text.tiny_clip OUT_DIR [--seed N]
+  [--overwrite]`."""
   if len(argv) != 2:
     raise errors.UserError("usage: python -m textfusion_jax.text.tiny_clip "
-                           "OUT_DIR [--seed N]")
-  # Only a new or empty folder, or a CLIP text model's files, are replaced:
-  # a training workdir or bundle would lose its config.json.
-  files.check_own_folder(argv[1], _CLIP_FILES, "CLIP text model")
-  print(save_tiny_random_clip(argv[1], seed=flags.FLAGS.seed))
+                           "OUT_DIR [--seed N] [--overwrite]")
+  out = Path(argv[1])
+  check_out(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Written beside, then swapped in whole: a failed write (a full disk)
+  # leaves no half model and keeps the old one.
+  staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    save_tiny_random_clip(staging, seed=flags.FLAGS.seed)
+    files.give_plain_modes(staging)
+    if out.is_dir() and any(out.iterdir()):
+      if _same_files(staging, out):  # a rerun: nothing to change
+        print(out)
+        return
+      if not flags.FLAGS.overwrite:
+        # Real weights may live there under the same file names.
+        raise errors.UserError(
+            f"{out} already holds another CLIP text model; pass --overwrite "
+            "to replace it, or choose a new folder")
+    files.replace_directory(staging, out)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  print(out)
 
 
 _CLIP_FILES = frozenset({"config.json", "merges.txt", "model.safetensors",
@@ -251,4 +288,6 @@ if __name__ == "__main__":
   # Defined only when run: library users (tests, the encoder) import this
   # module beside CLIs that have a --seed of their own.
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
+  flags.DEFINE_bool("overwrite", False, "Replace another CLIP text model "
+                    "already in OUT_DIR (the same one is kept as it is).")
   errors.run_cli(main, positional=True)

@@ -64,13 +64,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   root = Path(FLAGS.workdir)
   with errors.one_line_errors():
+    configs = {}
+    for run in RUNS:
+      configs[run] = FLAGS.config.copy_and_resolve_references()
+      configs[run].data.shuffle_captions_across_pairs = run == "shuffled"
+      # Both checked first: a bad shuffled config would otherwise fail only
+      # after the true-caption run trained.
+      train_loop.check_config(configs[run])
     for run in RUNS:
       if FLAGS.compare_only:
         continue
-      config = FLAGS.config.copy_and_resolve_references()
-      config.data.shuffle_captions_across_pairs = run == "shuffled"
       print(f"\n== training with {run} captions: {root / run}")
-      train_loop.train_and_evaluate(config, str(root / run))
+      train_loop.train_and_evaluate(configs[run], str(root / run))
     step, evaluations = paired_comparison.latest_shared_eval(
         *(root / run for run in RUNS))
     rows = compare(*evaluations)

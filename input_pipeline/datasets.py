@@ -64,6 +64,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from input_pipeline import caption_store
 from input_pipeline import files
 from input_pipeline import image_io
 from input_pipeline import layouts
@@ -260,16 +261,25 @@ def build_source(manual_dir: Any, options: Mapping[str, Any],
 
 
 def files_digest(paths: Sequence[Any]) -> dict[str, Any]:
-  """The count and a digest of (path, size, mtime) of every file under
-  `paths`: an image or caption line changed, added or removed after a build
-  changes it, for the price of a stat per file. Hidden entries and builds
-  (an `ivf_pairs/` folder: --data_dir may lie inside --manual_dir) are
-  left out."""
+  """The count and a digest of every file under `paths`, for the price of
+  a stat per file: an image or caption line changed, added or removed after
+  a build changes it. Files are named relative to their root (however the
+  root was spelt), symlinked folders are followed, and hidden entries and
+  builds (an `ivf_pairs/` folder: --data_dir may lie inside --manual_dir)
+  are left out. A caption store counts by its contents, not its times: a
+  rerun of embed_captions that changes nothing rewrites it."""
   digest, count = hashlib.sha256(), 0
-  for root in paths:
-    for path in _files_under(Path(os.fspath(root))):
+  for i, root in enumerate(paths):
+    root = Path(os.fspath(root))
+    for path in _files_under(root):
+      relative = path.relative_to(root) if path != root else Path(path.name)
       stat = path.stat()
-      digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+      if root.is_dir() and (root / caption_store.MANIFEST_FILE).is_file():
+        stamp = (hashlib.sha256(path.read_bytes()).hexdigest()
+                 if path.suffix == ".json" else str(stat.st_size))
+      else:
+        stamp = f"{stat.st_size}\t{stat.st_mtime_ns}"
+      digest.update(f"{i}\t{relative}\t{stamp}\n".encode())
       count += 1
   return {"count": count, "sha256": digest.hexdigest()[:32]}
 
@@ -277,8 +287,13 @@ def files_digest(paths: Sequence[Any]) -> dict[str, Any]:
 def _files_under(root: Path) -> list[Path]:
   if root.is_file():
     return [root]
-  found = []
-  for folder, subfolders, names in os.walk(root):
+  found, seen = [], set()
+  for folder, subfolders, names in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:  # a link back up the tree
+      subfolders[:] = []
+      continue
+    seen.add(real)
     subfolders[:] = sorted(d for d in subfolders
                            if not d.startswith(".") and d != NAME)
     found += [Path(folder) / n for n in sorted(names)
@@ -304,9 +319,11 @@ def _check_reused_build(builder: IvfPairs, wanted: dict[str, Any]) -> None:
              if recorded.get(key) != wanted.get(key) and key != "files"]
   if not changed:
     was, now = recorded["files"]["count"], wanted["files"]["count"]
+    sources = ", ".join(str(recorded[k]) for k in (
+        "manual_dir", "captions", "split_file", "text_emb") if recorded.get(k))
     raise UserError(
         f"{NAME}/{builder.builder_config.name} in {builder.data_dir} was "
-        f"built before files under {recorded.get('manual_dir')} changed "
+        f"built before the files it was made from ({sources}) changed "
         f"({was} files then, {now} now, or some were rewritten); pass "
         "--overwrite to rebuild it")
   raise UserError(

@@ -17,8 +17,8 @@ Conventions (cited by `textfusion_jax.metrics` and the dataset builders):
   Only single-channel 16-bit images: Pillow opens a 48-bit colour PNG as
   8-bit RGB by keeping each value's high byte (at most one level below the
   "full" rule), and `was_16bit` is then False.
-* EXIF orientation is applied (as viewers and OpenCV's imread do), so a
-  rotated phone JPEG is read upright.
+* A JPEG's EXIF orientation is applied (as viewers and OpenCV's imread
+  do), so a rotated phone JPEG is read upright.
 * Colour -> grey follows OpenCV's BGR2GRAY: Y = 0.299 R + 0.587 G + 0.114 B,
   rounded to the nearest integer (the convention of the evaluator most fusion
   papers copy).
@@ -147,6 +147,11 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def _orientation(image: Image.Image) -> int:
+  # JPEG (and MPO) only: their EXIF sits in the header, where a PNG's may
+  # follow the pixels (Pillow decodes the whole image to find it), and
+  # Pillow's TIFF reader applies the orientation itself.
+  if image.format not in ("JPEG", "MPO"):
+    return 1
   return image.getexif().get(0x0112, 1)
 
 

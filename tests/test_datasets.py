@@ -827,8 +827,9 @@ def test_a_build_is_reused_only_for_the_same_sources(tmp_path):
   for path in moved:
     path.unlink()
   with pytest.raises(datasets.UserError,
-                     match=r"ivf_pairs/folders in .* was built before files "
-                     rf"under {root} changed \(7 files then, 5 now"):
+                     match=r"ivf_pairs/folders in .* was built before the "
+                     rf"files it was made from \({root}\) changed \(7 files "
+                     r"then, 5 now"):
     datasets.build("folders", manual_dir=root, data_dir=data_dir)
   for path, data in moved.items():
     path.write_bytes(data)
@@ -864,3 +865,35 @@ def test_a_data_dir_under_home_may_be_written_with_a_tilde(tmp_path,
   assert (tmp_path / "home" / "tensorflow_datasets" / "ivf_pairs").is_dir()
   assert len(datasets.load_source("folders", "train",
                                   "~/tensorflow_datasets")) == 3
+
+
+def test_the_build_digest_follows_files_not_spelling_or_times(tmp_path,
+                                                              monkeypatch):
+  """A relative --manual_dir is the same source as its absolute path; a
+  symlinked ir/ is followed; a caption store rewritten unchanged (an
+  embed_captions rerun) is the same store."""
+  _folders(tmp_path / "src")
+  monkeypatch.chdir(tmp_path)
+  assert datasets.files_digest(["src"]) == datasets.files_digest(
+      [tmp_path / "src"])
+  linked = tmp_path / "linked"
+  linked.mkdir()
+  os.symlink(tmp_path / "src" / "ir", linked / "ir")
+  os.symlink(linked, linked / "ir_loop")  # a cycle is walked once
+  before = datasets.files_digest([linked])
+  assert before["count"] == 3
+  (tmp_path / "src" / "ir" / "d.png").write_bytes(b"x")
+  assert datasets.files_digest([linked])["count"] == 4
+  store = tmp_path / "store"
+  store.mkdir()
+  (store / "manifest.json").write_text('{"a": 1}')
+  (store / "table.npy").write_bytes(b"1234")
+  digest = datasets.files_digest([store])
+  for name in ("manifest.json", "table.npy"):
+    data = (store / name).read_bytes()
+    (store / name).unlink()
+    (store / name).write_bytes(data)
+    os.utime(store / name, ns=(1, 1))
+  assert datasets.files_digest([store]) == digest
+  (store / "manifest.json").write_text('{"a": 2}')
+  assert datasets.files_digest([store]) != digest

@@ -415,11 +415,22 @@ def test_single_pair_out_never_replaces_another_pairs_source(tmp_path):
   assert [p.out for p in pairs] == [same / "fused.png"]
   before = (same / "2_vi.png").read_bytes()
   with pytest.raises(inference.errors.UserError,
-                     match=r"2_vi.png already exists beside --ir and --vis "
-                     r"and was not written by fuse"):
+                     match=r"2_vi.png already exists in the folder of --ir "
+                     r"or --vis and was not written by textfusion-jax"):
     inference.collect_pairs(str(same / "1_ir.png"), str(same / "1_vi.png"),
                             str(same / "2_vi.png"))
   assert (same / "2_vi.png").read_bytes() == before
+  # Two folders whose stems differ (ir/1_ir.png, vi/1_vi.png): another
+  # pair's ir/2_ir.png has no partner of its stem, and is still refused.
+  for sub in ("ir", "vi"):
+    (tmp_path / "sep" / sub).mkdir(parents=True)
+    (tmp_path / "sep" / sub / f"1_{sub}.png").write_bytes(before)
+  (tmp_path / "sep" / "ir" / "2_ir.png").write_bytes(before)
+  with pytest.raises(inference.errors.UserError,
+                     match=r"2_ir.png already exists in the folder of"):
+    inference.collect_pairs(str(tmp_path / "sep" / "ir" / "1_ir.png"),
+                            str(tmp_path / "sep" / "vi" / "1_vi.png"),
+                            str(tmp_path / "sep" / "ir" / "2_ir.png"))
 
 
 def test_the_same_path_as_ir_and_vis_is_refused(tmp_path):

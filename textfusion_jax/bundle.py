@@ -236,16 +236,36 @@ def write(out: str | os.PathLike, *, params: Mapping[str, Any], step: int,
 def load(root: str | os.PathLike, like_params: Mapping[str, Any]
          ) -> dict[str, Any]:
   """Parameters of a verified bundle, shaped like `like_params`."""
+  return load_params(Path(root) / PARAMS, like_params)
+
+
+def load_params(path: str | os.PathLike, like_params: Mapping[str, Any]
+                ) -> dict[str, Any]:
+  """Parameters saved by `save_params` (or a bundle's), shaped like
+  `like_params`."""
   # pylint: disable=g-import-not-at-top
   import safetensors
-  root = Path(root)
+  path = Path(path)
   try:
-    with safetensors.safe_open(root / PARAMS, framework="numpy") as handle:
+    with safetensors.safe_open(path, framework="numpy") as handle:
       flat = {k: handle.get_tensor(k) for k in handle.keys()}
   except Exception as error:  # pylint: disable=broad-except
     # safetensors raises its own error types for corrupt headers.
-    raise BundleError(f"{root / PARAMS}: unreadable ({error})") from None
-  return unflatten_params(flat, like_params, root / PARAMS)
+    raise BundleError(f"{path}: unreadable ({error})") from None
+  return unflatten_params(flat, like_params, path)
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
+  """Writes parameters as a safetensors file, whole or not at all."""
+  # pylint: disable=g-import-not-at-top
+  import safetensors
+  import safetensors.numpy
+  try:
+    with files.atomic_path(path) as tmp:
+      safetensors.numpy.save_file(flatten_params(params), tmp,
+                                  metadata={"format": "np"})
+  except safetensors.SafetensorError as error:  # e.g. a full disk
+    raise BundleError(f"{path}: cannot write ({error})") from None
 
 
 def load_config(root: str | os.PathLike) -> ml_collections.ConfigDict:

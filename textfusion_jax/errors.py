@@ -67,7 +67,7 @@ def one_line_errors() -> Iterator[None]:
 
 _ENVIRONMENT_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-    errno.EIO, errno.ENAMETOOLONG, errno.EMFILE})
+    errno.EIO, errno.ENAMETOOLONG})
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

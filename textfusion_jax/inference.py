@@ -104,25 +104,23 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
       raise errors.UserError(f"--out {out} is the {flag} input; fusing would "
                              "overwrite it: choose another path")
   # One pair's --out may be another pair's source image: ir/2.png beside
-  # vi/2.png. With both sources in one folder (1_ir.png, 1_vi.png, 2_vi.png)
-  # only the mark fuse writes tells an earlier output from a source.
-  if (not ir.is_dir() and out.is_file()
-      and ir.parent.resolve() == vis.parent.resolve()
-      and out.parent.resolve() == ir.parent.resolve()
-      and not image_io.written_here(out)):
-    raise errors.UserError(
-        f"--out {out} already exists beside --ir and --vis and was not "
-        "written by fuse (it may be another pair's source image): choose a "
-        "new path")
-  if not ir.is_dir() and out.is_file() and ir.parent.resolve() != (
-      vis.parent.resolve()):
+  # vi/2.png, or 2_vi.png beside 1_ir.png and 1_vi.png. Only the mark this
+  # project writes into its PNGs tells an earlier output from a source.
+  in_a_source_folder = out.is_file() and out.parent.resolve() in (
+      ir.parent.resolve(), vis.parent.resolve())
+  if not ir.is_dir() and in_a_source_folder:
     for folder, other in ((ir.parent, vis.parent), (vis.parent, ir.parent)):
-      if out.parent.resolve() == folder.resolve():
+      if out.parent.resolve() == folder.resolve() != other.resolve():
         partner = image_io.list_images(other).get(out.stem)
         if partner is not None:
           raise errors.UserError(
               f"--out {out} is a source image (its pair is {partner}); "
               "fusing would overwrite it: choose another path")
+    if not image_io.written_here(out):
+      raise errors.UserError(
+          f"--out {out} already exists in the folder of --ir or --vis and "
+          "was not written by textfusion-jax (it may be another pair's "
+          "source image): choose a new path")
   folder = ir.is_dir()
   if out.exists() and out.is_dir() != folder:
     raise errors.UserError(

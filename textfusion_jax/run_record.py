@@ -126,8 +126,8 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
           start_step: int, text_encoder_fingerprint: str | None = None,
           reference: dict[str, Any] | None = None) -> dict[str, Any]:
   """Records a new segment (and the data fingerprint on the first; the text
-  encoder's when the run starts at step 0; the reference model's when the
-  run starts at step 0 or none was recorded yet)."""
+  encoder's when the run starts at step 0; `reference`, the frozen model
+  this segment trains toward, whenever given)."""
   info = load(workdir)
   if "data" not in info or start_step == 0:
     # (A run at step 0 trains from scratch: an earlier attempt there that
@@ -142,7 +142,7 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
                               "fingerprint": text_encoder_fingerprint}
   if start_step == 0:
     info.pop("reference", None)
-  if reference is not None and "reference" not in info:
+  if reference is not None:  # the one this segment trains toward
     info["reference"] = reference
   info["seed"] = config.seed
   info.setdefault("segments", []).append(

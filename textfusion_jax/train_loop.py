@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 import input_pipeline
@@ -138,10 +139,11 @@ def check_config(config: ml_collections.ConfigDict,
                              f"{least}")
   _check_optimizer(config.optim)
   if config.optim.warmup_steps > config.train.num_steps:
-    raise errors.UserError(
-        f"config.optim.warmup_steps={config.optim.warmup_steps} is more than "
-        f"config.train.num_steps={config.train.num_steps}: the learning rate "
-        "would never reach its peak nor decay")
+    # Allowed for short smoke runs of a long config, but never silent.
+    log.warning("config.optim.warmup_steps=%d is more than "
+                "config.train.num_steps=%d: the learning rate never reaches "
+                "its peak (%g) nor decays", config.optim.warmup_steps,
+                config.train.num_steps, config.optim.learning_rate)
   _check_data_fields(config.data)
   _check_loss_weights(config.loss)
   if config.data.get("degradations", {}).get("enabled"):
@@ -205,8 +207,8 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict,
 
 def record_start(config: ml_collections.ConfigDict, workdir: Path,
                  start_step: int, encoder_fingerprint: str | None,
-                 reference: dict[str, Any] | None = None
-                 ) -> dict[str, Any] | None:
+                 reference: dict[str, Any] | None = None,
+                 reference_to_copy: Any = None) -> dict[str, Any] | None:
   """Writes config.json and opens a run_info segment (process 0), once the
   run is known to start: after its first train step compiled, or before an
   evaluation-only run. A run that fails earlier leaves an earlier run's
@@ -215,6 +217,8 @@ def record_start(config: ml_collections.ConfigDict, workdir: Path,
   if jax.process_index() != 0:
     return None
   checkpointing.write_config(workdir, config)
+  if reference_to_copy is not None:  # before run_info.json names it
+    bundle.save_params(workdir / REFERENCE_COPY, reference_to_copy)
   return run_record.start(workdir, config, start_step, encoder_fingerprint,
                           reference)
 
@@ -338,41 +342,43 @@ def init_from_pretrained(trainer: train_step.ShardedTrainer,
   return trainer.state_from_params(load_source_params(config, "init_from")[0])
 
 
+# The frozen reference's parameters, copied into the workdir when a run
+# starts toward it: resuming never depends on the reference's own folder
+# (its run may train on and rotate that step away, or be deleted).
+REFERENCE_COPY = "reference_params.safetensors"
+
+
 def reference_params(trainer: train_step.ShardedTrainer,
                      config: ml_collections.ConfigDict, workdir: Path,
-                     resuming: bool) -> tuple[Any, dict[str, Any] | None]:
-  """The frozen reference model's params in their shards, and what they
-  are (source, step, fingerprint; run_info.json keeps it), or (None, None).
+                     resuming: bool
+                     ) -> tuple[Any, dict[str, Any] | None, Any]:
+  """(params in their shards, record, host params to copy or None) of the
+  frozen reference model, or (None, None, None) without `loss.reference`.
 
-  A resumed run takes the reference its run started with: the step
-  recorded then (a reference workdir may have trained on since), checked
-  by fingerprint, so the loss target never moves between segments."""
+  A resumed run keeps the reference it started with, from its workdir's
+  copy (checked by fingerprint), so the loss target never moves between
+  segments; a changed `train.reference_from` (announced with the other
+  changed settings) is loaded afresh and becomes the run's reference."""
   if not config.loss.get("reference", 0.0):
-    return None, None
-  path = config.train.reference_from
+    return None, None, None
+  path = str(config.train.reference_from)
   recorded = run_record.load(workdir).get("reference") if resuming else None
-  step = (recorded.get("step") if recorded and not bundle.is_bundle(path)
-          else None)
-  try:
-    params, source_step = load_source_params(config, "reference_from", step)
-  except checkpointing.CheckpointError as error:
-    if step is None:
-      raise
-    raise checkpointing.CheckpointError(
-        f"this run trains toward step {step} of its reference, which "
-        f"config.train.reference_from={path!r} no longer has ({error}); "
-        "restore that step, or train in a fresh --workdir") from None
-  record = {"source": str(path), "step": int(source_step),
+  copy = workdir / REFERENCE_COPY
+  if recorded and recorded.get("source") == path and copy.is_file():
+    _, like = model_lib.abstract_model(config.model)
+    params = bundle.load_params(copy, nnx.to_pure_dict(like))
+    if bundle.params_fingerprint(params) != recorded.get("fingerprint"):
+      raise checkpointing.CheckpointError(
+          f"{copy}: not the reference this run trained toward (fingerprint "
+          f"{recorded.get('fingerprint')} in run_info.json); restore it, or "
+          "train in a fresh --workdir")
+    log.info("config.train.reference_from: the copy in %s of %s (step %s), "
+             "made when this run started", workdir, path, recorded.get("step"))
+    return trainer.place_params(params), recorded, None
+  params, step = load_source_params(config, "reference_from")
+  record = {"source": path, "step": int(step),
             "fingerprint": bundle.params_fingerprint(params)}
-  if recorded and recorded.get("fingerprint") not in (None,
-                                                      record["fingerprint"]):
-    raise checkpointing.CheckpointError(
-        f"config.train.reference_from={path!r} (step {source_step}) is not "
-        f"the reference this run trained toward (step {recorded.get('step')} "
-        f"of {recorded.get('source')!r}, fingerprint "
-        f"{recorded['fingerprint']}; now {record['fingerprint']}): the loss "
-        "target would move; restore it, or train in a fresh --workdir")
-  return trainer.place_params(params), record
+  return trainer.place_params(params), record, params
 
 
 def _to_global_eval(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
@@ -463,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_to_keep=config.train.keep_checkpoints)
   state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                    config)
-  reference, reference_record = reference_params(
+  reference, reference_record, reference_to_copy = reference_params(
       trainer, config, workdir_path, resuming=start_step > 0)
   train_iter = inputs.train_iter_at(batches_seen)
   batch_size = config.train.batch_size
@@ -481,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   info = None
   if start_step >= stop_at:  # nothing to train: an evaluation-only run
     info = record_start(config, workdir_path, start_step,
-                        inputs.text_encoder_fingerprint, reference_record)
+                        inputs.text_encoder_fingerprint, reference_record,
+                        reference_to_copy)
   loop_start = time.time()
   with jax.set_mesh(mesh):
     step_fn = None
@@ -507,7 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           paused += time.time() - compile_start
           info = record_start(config, workdir_path, start_step,
                               inputs.text_encoder_fingerprint,
-                              reference_record)
+                              reference_record, reference_to_copy)
         state, step_metrics = step_fn(state, batch, base_rng, reference)
         step += 1
         batches_seen += 1

@@ -254,7 +254,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise errors.UserError("usage: python -m textfusion_jax.text.tiny_clip "
                            "OUT_DIR [--seed N] [--overwrite]")
-  out = Path(argv[1])
+  out = Path(argv[1]).resolve()  # '.' has no name to stage beside
   check_out(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   # Written beside, then swapped in whole: a failed write (a full disk)

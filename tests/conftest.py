@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from configs import tiny
+from tests import xla_test_flags
 
 _CACHE = Path(os.environ.get(
     "TEXTFUSION_TEST_JIT_CACHE",
@@ -19,6 +20,8 @@ _CACHE = Path(os.environ.get(
 # Environment variables too, so the CLI subprocesses share the cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Before any test starts JAX's backend, which reads XLA_FLAGS once.
+os.environ["XLA_FLAGS"] = xla_test_flags.flags_for_tests()
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -35,6 +35,7 @@ from configs import tiny
 from textfusion_jax import checkpointing
 from textfusion_jax import sharding as sharding_lib
 from textfusion_jax import train_step
+from tests import xla_test_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -55,7 +56,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_test_flags.host_devices(devices))
 
 
 def launch(commands: list[list[str]], devices: int,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from textfusion_jax import sharding as sharding_lib
+from tests import xla_test_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sharded_run():
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             XLA_FLAGS=xla_test_flags.host_devices(8),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-m", "tests.sharded_steps_main"],
                        cwd=ROOT, env=env, capture_output=True, text=True,

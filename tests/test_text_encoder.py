@@ -19,6 +19,7 @@ from flax import nnx
 
 from textfusion_jax.text import clip_text, hf_checkpoint, tiny_clip, weight_map
 from textfusion_jax.text.encoder import TextEncoder
+from tests import xla_test_flags
 
 CAPTIONS = [
     "Two pedestrians walk past a traffic light pole on a dark sidewalk.",
@@ -250,7 +251,7 @@ def test_sharded_over_a_data_mesh_matches_one_device(tiny_dir):
         got = encoder.encode(captions, batch_size=5)
         assert np.abs(got - expected).max() < 1e-6, np.abs(got - expected).max()
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  env = {**os.environ, "XLA_FLAGS": xla_test_flags.host_devices(2),
          "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           text=True, env=env, timeout=300)

@@ -543,6 +543,7 @@ def test_corrupt_run_files_are_one_line(full_run, tmp_path):
                      match=rf"checkpoints/{step}: unreadable \(damaged or "
                      r"cut short\?\); move this step's folder aside"):
     checkpointing.restore(manager, trainer.abstract_state(), step=step)
+  manager.close()
 
 
 def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
@@ -562,6 +563,23 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
       raise RuntimeError("out of memory (simulated)")
 
   monkeypatch.setattr(distributed, "barrier", fail_at)
+  # The failed run closes its checkpoint manager and metric writer (it used
+  # to leave the manager's threads running in the caller's process).
+  from textfusion_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  closed = []
+  make_manager, close_writer = (checkpointing.make_manager,
+                                metric_writer.MetricWriter.close)
+
+  def spied_manager(*args, **kwargs):
+    manager = make_manager(*args, **kwargs)
+    close_manager = manager.close
+    manager.close = lambda: (closed.append("manager"), close_manager())
+    return manager
+
+  monkeypatch.setattr(checkpointing, "make_manager", spied_manager)
+  monkeypatch.setattr(metric_writer.MetricWriter, "close",
+                      lambda self: (closed.append("writer"),
+                                    close_writer(self)))
   config = tiny.get_config()
   config.train.num_steps += 2
   records = []
@@ -575,6 +593,7 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
     logging.getLogger(train_loop.__name__).removeHandler(handler)
   assert {name: (workdir / name).read_text() for name in before} == before
   assert any("train.num_steps 6 -> 8" in r.getMessage() for r in records)
+  assert closed == ["writer", "manager"]
 
 
 def test_eval_every_includes_the_last_step_without_an_end_evaluation():

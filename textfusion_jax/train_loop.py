@@ -467,113 +467,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
-  state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
-                                                   config)
-  reference, reference_record, reference_to_copy = reference_params(
-      trainer, config, workdir_path, resuming=start_step > 0)
-  train_iter = inputs.train_iter_at(batches_seen)
-  batch_size = config.train.batch_size
-  writer = metric_writer.MetricWriter(
-      workdir_path, start_step,
-      replace_evaluation=start_step >= stop_at_step(config, start_step))
-  evaluator = evaluators.FusionEvaluator(
-      trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
-      save_images=config.eval.save_images,
-      pad_multiple=config.eval.pad_multiple, row_multiple=mesh.size)
-  base_rng = jax.random.key(config.seed + 1)
-  num_steps = config.train.num_steps
-  stop_at = stop_at_step(config, start_step)
+  # Closed however the run ends, so a library caller whose run fails keeps
+  # no checkpoint threads or unflushed event files behind.
+  writer = None
+  try:
+    state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
+                                                     config)
+    reference, reference_record, reference_to_copy = reference_params(
+        trainer, config, workdir_path, resuming=start_step > 0)
+    train_iter = inputs.train_iter_at(batches_seen)
+    batch_size = config.train.batch_size
+    writer = metric_writer.MetricWriter(
+        workdir_path, start_step,
+        replace_evaluation=start_step >= stop_at_step(config, start_step))
+    evaluator = evaluators.FusionEvaluator(
+        trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
+        save_images=config.eval.save_images,
+        pad_multiple=config.eval.pad_multiple, row_multiple=mesh.size)
+    base_rng = jax.random.key(config.seed + 1)
+    num_steps = config.train.num_steps
+    stop_at = stop_at_step(config, start_step)
 
-  info = None
-  if start_step >= stop_at:  # nothing to train: an evaluation-only run
-    info = record_start(config, workdir_path, start_step,
-                        inputs.text_encoder_fingerprint, reference_record,
-                        reference_to_copy)
-  loop_start = time.time()
-  with jax.set_mesh(mesh):
-    step_fn = None
-    pending = None
-    last_log_time, last_log_step = time.time(), start_step
-    # Compilation and evaluations inside a log window: not training time.
-    paused = 0.0
-    progress = tqdm(total=num_steps, initial=start_step, unit="step",
-                    disable=jax.process_index() != 0, dynamic_ncols=True)
-    step = start_step
-    last_loss_and_grad_norm = None
-    completed = False
-    try:
-      while step < stop_at:
-        batch = sharding_lib.global_batch(next(train_iter),
-                                          trainer.batch_sharding)
-        if step_fn is None:
-          # Compiled ahead, then all processes start it together.
-          compile_start = time.time()
-          step_fn = trainer.jitted_train_step.lower(
-              state, batch, base_rng, reference).compile()
-          distributed.barrier("train_step_compiled")
-          paused += time.time() - compile_start
-          info = record_start(config, workdir_path, start_step,
-                              inputs.text_encoder_fingerprint,
-                              reference_record, reference_to_copy)
-        state, step_metrics = step_fn(state, batch, base_rng, reference)
-        step += 1
-        batches_seen += 1
-        # Checking the previous step's loss keeps one step in flight.
-        if last_loss_and_grad_norm is not None:
-          _check_finite(last_loss_and_grad_norm, step - 1, manager,
-                        workdir_path)
-        last_loss_and_grad_norm = (step_metrics.loss.compute(),
-                                   step_metrics.grad_norm.compute())
-        pending = (step_metrics if pending is None else
-                   pending.merge(step_metrics))
-        progress.update(1)
-        # The segment's last step too: its loss is checked before the
-        # final save and logged, even when a preemption stops it early.
-        is_log_step = (step % config.train.log_every == 0 or
-                       step == stop_at)
-        if is_log_step or manager.should_save(step):
-          _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
-        if is_log_step:
-          now = time.time()
-          rate = (step - last_log_step) / max(now - last_log_time - paused,
-                                              1e-9)
-          scalars = _log_scalars(writer, step, pending, rate)
-          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-          pending, last_log_time, last_log_step = None, now, step
-          paused = 0.0
+    info = None
+    if start_step >= stop_at:  # nothing to train: an evaluation-only run
+      info = record_start(config, workdir_path, start_step,
+                          inputs.text_encoder_fingerprint, reference_record,
+                          reference_to_copy)
+    loop_start = time.time()
+    with jax.set_mesh(mesh):
+      step_fn = None
+      pending = None
+      last_log_time, last_log_step = time.time(), start_step
+      # Compilation and evaluations inside a log window: not training time.
+      paused = 0.0
+      progress = tqdm(total=num_steps, initial=start_step, unit="step",
+                      disable=jax.process_index() != 0, dynamic_ncols=True)
+      step = start_step
+      last_loss_and_grad_norm = None
+      completed = False
+      try:
+        while step < stop_at:
+          batch = sharding_lib.global_batch(next(train_iter),
+                                            trainer.batch_sharding)
+          if step_fn is None:
+            # Compiled ahead, then all processes start it together.
+            compile_start = time.time()
+            step_fn = trainer.jitted_train_step.lower(
+                state, batch, base_rng, reference).compile()
+            distributed.barrier("train_step_compiled")
+            paused += time.time() - compile_start
+            info = record_start(config, workdir_path, start_step,
+                                inputs.text_encoder_fingerprint,
+                                reference_record, reference_to_copy)
+          state, step_metrics = step_fn(state, batch, base_rng, reference)
+          step += 1
+          batches_seen += 1
+          # Checking the previous step's loss keeps one step in flight.
+          if last_loss_and_grad_norm is not None:
+            _check_finite(last_loss_and_grad_norm, step - 1, manager,
+                          workdir_path)
+          last_loss_and_grad_norm = (step_metrics.loss.compute(),
+                                     step_metrics.grad_norm.compute())
+          pending = (step_metrics if pending is None else
+                     pending.merge(step_metrics))
+          progress.update(1)
+          # The segment's last step too: its loss is checked before the
+          # final save and logged, even when a preemption stops it early.
+          is_log_step = (step % config.train.log_every == 0 or
+                         step == stop_at)
+          if is_log_step or manager.should_save(step):
+            _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
+          if is_log_step:
+            now = time.time()
+            rate = (step - last_log_step) / max(now - last_log_time - paused,
+                                                1e-9)
+            scalars = _log_scalars(writer, step, pending, rate)
+            progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+            pending, last_log_time, last_log_step = None, now, step
+            paused = 0.0
+          checkpointing.save(manager, step, state,
+                             data_position(batches_seen, batch_size))
+          if evaluates_in_loop(config, step):
+            eval_start = time.time()
+            _eval_and_log(evaluator, writer, state.params, step)
+            paused += time.time() - eval_start
+        completed = True
+      finally:
+        progress.close()
+        manager.wait_until_finished()
+        if info is not None:
+          # Stopped by an error or Ctrl-C, the segment ends where a resume
+          # starts: its last checkpoint, not the step reached.
+          end = (step if completed else
+                 max(manager.latest_step() or start_step, start_step))
+          run_record.finish(workdir_path, info, end, time.time() - loop_start)
+      if manager.latest_step() != step:
         checkpointing.save(manager, step, state,
-                           data_position(batches_seen, batch_size))
-        if evaluates_in_loop(config, step):
-          eval_start = time.time()
-          _eval_and_log(evaluator, writer, state.params, step)
-          paused += time.time() - eval_start
-      completed = True
-    finally:
-      progress.close()
-      manager.wait_until_finished()
-      if info is not None:
-        # Stopped by an error or Ctrl-C, the segment ends where a resume
-        # starts: its last checkpoint, not the step reached.
-        end = (step if completed else
-               max(manager.latest_step() or start_step, start_step))
-        run_record.finish(workdir_path, info, end, time.time() - loop_start)
-    if manager.latest_step() != step:
-      checkpointing.save(manager, step, state,
-                         data_position(batches_seen, batch_size), force=True)
-      manager.wait_until_finished()
-    if step < num_steps:
-      log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
-                  num_steps)
+                           data_position(batches_seen, batch_size), force=True)
+        manager.wait_until_finished()
+      if step < num_steps:
+        log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
+                    num_steps)
+        return {"stopped_at": step}
+      if not config.eval.get("at_end", True):
+        return {"finished_at": step}
+      result = _eval_and_log(evaluator, writer, state.params, step)
+  finally:
+    if writer is not None:
       writer.close()
-      manager.close()
-      return {"stopped_at": step}
-    if not config.eval.get("at_end", True):
-      writer.close()
-      manager.close()
-      return {"finished_at": step}
-    result = _eval_and_log(evaluator, writer, state.params, step)
-  writer.close()
-  manager.close()
+    manager.close()
   if jax.process_index() == 0:
     print(f"\nEvaluation at step {step} on {result['num_images']} images "
           f"(workdir {workdir_path}/eval/{step}):")

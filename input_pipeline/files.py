@@ -34,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except OSError as error:
+    # A full disk fails a write with no file name: name the destination.
+    if error.filename is None and error.errno is not None:
+      raise OSError(error.errno, error.strerror, str(path)) from error
+    raise
   finally:
     tmp.unlink(missing_ok=True)
 

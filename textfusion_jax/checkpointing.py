@@ -11,11 +11,12 @@ so an interrupted save never shows up as a restorable step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -179,7 +180,65 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   items = {"state": ocp.args.StandardSave(state)}
   if data_position is not None:
     items["data"] = ocp.args.JsonSave(dict(data_position))
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  with _write_failures_named(manager):
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves; a failed one is a one-line error."""
+  with _write_failures_named(manager):
+    manager.wait_until_finished()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+  """Finishes the pending saves and stops the manager's threads."""
+  with _write_failures_named(manager):
+    manager.close()
+
+
+# Tensorstore reports a full disk or quota as ValueError("RESOURCE_EXHAUSTED:
+# ..."), a read-only folder as PERMISSION_DENIED; orbax's own metadata writes
+# raise the OSError.
+_TENSORSTORE_WRITE_FAILURES = {
+    "RESOURCE_EXHAUSTED": "no space left on the device or quota exceeded",
+    "PERMISSION_DENIED": "permission denied"}
+
+
+@contextlib.contextmanager
+def _write_failures_named(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """A save that the machine refuses (full disk, quota, read-only) becomes
+  one line naming the checkpoint folder. Orbax writes each step to a
+  temporary folder and renames it when complete, so the steps saved before
+  it are intact."""
+  try:
+    yield
+  except OSError as error:
+    if error.errno not in errors.ENVIRONMENT_ERRNOS:
+      raise
+    reason = error.strerror or str(error)
+    _raise_write_failure(manager, reason, error)
+  except Exception as error:  # pylint: disable=broad-except
+    text = str(error).strip()
+    code = next((code for code in _TENSORSTORE_WRITE_FAILURES
+                 if text.startswith(code)), None)
+    if code is None:
+      raise
+    _raise_write_failure(manager, f"{_TENSORSTORE_WRITE_FAILURES[code]}, "
+                         f"{code}", error)
+
+
+def _raise_write_failure(manager: ocp.CheckpointManager, reason: str,
+                         error: BaseException) -> None:
+  saved = sorted(int(step) for step in manager.all_steps())
+  kept = (f"the steps saved before ({', '.join(map(str, saved))}) are intact"
+          if saved else "no step had been saved")
+  failure = CheckpointError(
+      f"{manager.directory}: writing a checkpoint failed ({reason}); {kept}: "
+      "free space (or fix the folder's permissions) and rerun to resume")
+  # Orbax's and tensorstore's writes still in flight log a traceback each
+  # while the interpreter shuts down: a CLI ends at once after the line.
+  failure.exit_now = True
+  raise failure from error
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,

@@ -51,7 +51,7 @@ def one_line_errors() -> Iterator[None]:
   except OSError as error:
     # A full disk, a read-only folder, a quota: the machine's state, not a
     # bug; the writers leave nothing half-written behind.
-    if error.errno not in _ENVIRONMENT_ERRNOS or os.environ.get(
+    if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get(
         "TEXTFUSION_DEBUG"):
       raise
     where = f"{error.filename}: " if error.filename else ""
@@ -65,7 +65,7 @@ def one_line_errors() -> Iterator[None]:
          status=130)
 
 
-_ENVIRONMENT_ERRNOS = frozenset({
+ENVIRONMENT_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
     errno.EIO, errno.ENAMETOOLONG})
 

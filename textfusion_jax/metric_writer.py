@@ -31,9 +31,9 @@ class MetricWriter:
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-      path = Path(workdir) / "metrics.jsonl"
-      _drop_after(path, start_step, replace_evaluation)
-      self._jsonl = open(path, "a", encoding="utf-8")
+      self._jsonl_path = Path(workdir) / "metrics.jsonl"
+      _drop_after(self._jsonl_path, start_step, replace_evaluation)
+      self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -43,8 +43,14 @@ class MetricWriter:
       self._tb.add_scalar(key, value, step)
     record = {"step": int(step)}
     record.update(clean)
-    self._jsonl.write(files.json_text(record) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(files.json_text(record) + "\n")
+      self._jsonl.flush()
+    except OSError as error:  # a full disk: name the file
+      if error.filename:
+        raise
+      raise OSError(error.errno, error.strerror,
+                    str(self._jsonl_path)) from error
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """images: name -> uint8 (N, H, W, C)."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -454,6 +455,45 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
         f"{kept}")
 
 
+def _finish_segment(workdir: Path, info: dict[str, Any],
+                    manager: Any, start_step: int, end_step: int | None,
+                    seconds: float) -> None:
+  """Records the segment's end in run_info.json.
+
+  end_step None: stopped by an error or Ctrl-C, the segment ends where a
+  resume starts (its last checkpoint, not the step reached), and failing to
+  record it (a full disk fails both) is logged instead of hiding the error.
+  """
+  if end_step is not None:
+    run_record.finish(workdir, info, end_step, seconds)
+    return
+  end = max(manager.latest_step() or start_step, start_step)
+  try:
+    run_record.finish(workdir, info, end, seconds)
+  except Exception as error:  # pylint: disable=broad-except
+    log.warning("Could not record this segment's end (step %d) after the "
+                "failure: %s", end, " ".join(str(error).split())[:300])
+
+
+def _closer(close: Callable[[], None],
+            what: str) -> Callable[..., bool]:
+  """An ExitStack exit callback running `close`; after a failure, a failure
+  to close (a full disk fails both) is logged rather than hiding the first."""
+
+  def exit_callback(exc_type, exc, traceback) -> bool:
+    del exc_type, traceback
+    try:
+      close()
+    except Exception as error:  # pylint: disable=broad-except
+      if exc is None:
+        raise
+      log.warning("Closing %s after the failure failed too: %s", what,
+                  " ".join(str(error).split())[:300])
+    return False
+
+  return exit_callback
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates."""
@@ -467,10 +507,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpointing.make_manager(
       workdir_path, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
-  # Closed however the run ends, so a library caller whose run fails keeps
-  # no checkpoint threads or unflushed event files behind.
-  writer = None
-  try:
+  # Closed however the run ends (the writer first), so a library caller
+  # whose run fails keeps no checkpoint threads or unflushed event files.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.push(_closer(lambda: checkpointing.close(manager),
+                         "the checkpoint manager"))
     state, start_step, batches_seen = restore_or_init(trainer, manager, inputs,
                                                      config)
     reference, reference_record, reference_to_copy = reference_params(
@@ -480,6 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer = metric_writer.MetricWriter(
         workdir_path, start_step,
         replace_evaluation=start_step >= stop_at_step(config, start_step))
+    cleanup.push(_closer(writer.close, "the metric writer"))
     evaluator = evaluators.FusionEvaluator(
         trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
         save_images=config.eval.save_images,
@@ -554,17 +596,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         completed = True
       finally:
         progress.close()
-        manager.wait_until_finished()
-        if info is not None:
-          # Stopped by an error or Ctrl-C, the segment ends where a resume
-          # starts: its last checkpoint, not the step reached.
-          end = (step if completed else
-                 max(manager.latest_step() or start_step, start_step))
-          run_record.finish(workdir_path, info, end, time.time() - loop_start)
+        saved = False
+        try:
+          checkpointing.wait(manager)
+          saved = True
+        finally:
+          if info is not None:
+            _finish_segment(workdir_path, info, manager, start_step,
+                            step if completed and saved else None,
+                            time.time() - loop_start)
       if manager.latest_step() != step:
         checkpointing.save(manager, step, state,
                            data_position(batches_seen, batch_size), force=True)
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
       if step < num_steps:
         log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
                     num_steps)
@@ -572,10 +616,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if not config.eval.get("at_end", True):
         return {"finished_at": step}
       result = _eval_and_log(evaluator, writer, state.params, step)
-  finally:
-    if writer is not None:
-      writer.close()
-    manager.close()
   if jax.process_index() == 0:
     print(f"\nEvaluation at step {step} on {result['num_images']} images "
           f"(workdir {workdir_path}/eval/{step}):")

@@ -72,6 +72,13 @@ def create_datasets(config: ml_collections.ConfigDict,
                     "the fusion of the clean crop under \"clean visible "
                     "image\"")
   train_source, eval_source = sources.make_sources(config)
+  if config.data.shuffle_captions_across_pairs:
+    for split, source in (("train", train_source), ("eval", eval_source)):
+      if len(source) < 2:  # a derangement moves every caption elsewhere
+        raise UserError(
+            f"config.data.shuffle_captions_across_pairs needs at least 2 "
+            f"{split} pairs to give each another's captions; the {split} "
+            f"data has {len(source)}")
   if degrade:
     # Every prompt is a condition sentence: the pairs' own captions are
     # neither embedded nor needed (a pair may have none).

@@ -408,8 +408,16 @@ def make_eval_batches(
   if max_records is not None:
     num_records = min(num_records, max_records)
   pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+  seen: set[str] = set()
   for index in range(num_records):
     record = normalize_record(source[index])
+    if record["name"] in seen:
+      # Results and images are keyed by name: one would replace the other.
+      raise UserError(
+          f"eval record {index} is named {record['name']!r} like an earlier "
+          "one (a split expression such as 'train+test' may join pairs of "
+          "one name); evaluate one split (config.data.eval_split)")
+    seen.add(record["name"])
     example = _example({k: record[k] for k in _IMAGE_KEYS if k in record},
                        index, caption_index % table.num_captions(index), table)
     example["name"] = record["name"]

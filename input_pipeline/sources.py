@@ -38,6 +38,7 @@ from input_pipeline.captions import embedding_cosines
 from input_pipeline.captions import record_caption_sources
 from input_pipeline.captions import record_captions
 from input_pipeline.errors import UserError
+from input_pipeline.layouts import DEFAULT_SPLIT, SPLITS_FILE
 
 # Eval scenes are drawn from a disjoint seed stream.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -130,18 +131,23 @@ class CachedSource(Sequence):
     return getattr(self._source, name)
 
 
-def _folder_parts(roots: str, field: str
+def _folder_parts(roots: str, field: str, split: str = DEFAULT_SPLIT
                   ) -> list[tuple[str, Sequence[Any]]]:
+  """A folder divided by its splits.json is read at `split`; an undivided one
+  whole (its only split is DEFAULT_SPLIT)."""
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
-  paths = [Path(r) for r in roots.split(",") if r.strip()]
+  paths = [Path(r.strip()) for r in roots.split(",") if r.strip()]
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
-  return [(dataset_key(p), datasets.PairedFolderSource(p)) for p in paths]
+  return [(dataset_key(p), datasets.PairedFolderSource(
+      p, split=split if (p / SPLITS_FILE).is_file() else DEFAULT_SPLIT))
+          for p in paths]
 
 
-def _folder_source(roots: str, field: str) -> ConcatSource:
-  return ConcatSource(_folder_parts(roots, field))
+def _folder_source(roots: str, field: str,
+                   split: str = DEFAULT_SPLIT) -> ConcatSource:
+  return ConcatSource(_folder_parts(roots, field, split))
 
 
 MixtureEntry = tuple[str, float]
@@ -170,6 +176,13 @@ def weighted_names(value: Any, field: str, example: str
       entries.append((name, float(weight)))
   if value and not entries:
     raise UserError(f"{field}: every weight is 0; nothing to train on")
+  # grain turns the weights into integer proportions: a weight under 1e-9 of
+  # the largest would overflow them (and is sampled about never).
+  largest = max((weight for _, weight in entries), default=0.0)
+  for name, weight in entries:
+    if weight < largest * 1e-9:
+      raise UserError(f"{field}: {name}: weight {weight!r} is under 1e-9 of "
+                      f"the largest ({largest!r}); give 0 to drop it")
   return entries
 
 
@@ -239,7 +252,8 @@ def _mixture_sources(config: ml_collections.ConfigDict
   train = ConcatSource([(name, train) for _, _, name, train, _ in parts])
   evals = [(name, ev) for _, _, name, _, ev in parts if ev is not None]
   if config.data.eval_dir:
-    evals += _folder_parts(config.data.eval_dir, "eval_dir")
+    evals += _folder_parts(config.data.eval_dir, "eval_dir",
+                           config.data.eval_split)
   if not evals:
     raise UserError("config.data.mixture: no eval data: no TFDS source has "
                     f"the split {config.data.eval_split!r} and "
@@ -253,6 +267,19 @@ def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
   if config.data.source != "mixture":
     return None
   return [w for _, w in check_mixture(config.data.mixture)]
+
+
+def _warn_if_evaluated_on_training_pairs(data: ml_collections.ConfigDict
+                                        ) -> None:
+  """A folder in both train_dir and eval_dir (undivided, or at one split)
+  is scored on the pairs it trained on."""
+  roots = lambda value: {Path(r.strip()).resolve() for r in value.split(",")
+                         if r.strip()}
+  for shared in sorted(roots(data.train_dir) & roots(data.eval_dir)):
+    if (data.train_split == data.eval_split or
+        not (shared / SPLITS_FILE).is_file()):
+      _log.warning("%s is in both config.data.train_dir and eval_dir: the "
+                   "evaluation scores pairs the model trained on", shared)
 
 
 def make_sources(config: ml_collections.ConfigDict
@@ -270,9 +297,10 @@ def make_sources(config: ml_collections.ConfigDict
                                      data.image_width,
                                      seed=config.seed + _EVAL_SEED_OFFSET))
   if data.source == "folder":
-    train = _folder_source(data.train_dir, "train_dir")
+    _warn_if_evaluated_on_training_pairs(data)
+    train = _folder_source(data.train_dir, "train_dir", data.train_split)
     return (CachedSource(train) if data.cache_in_memory else train,
-            _folder_source(data.eval_dir, "eval_dir"))
+            _folder_source(data.eval_dir, "eval_dir", data.eval_split))
   if data.source == "tfds":
     from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
     return tuple(
@@ -354,19 +382,29 @@ def _baked_table(source: Sequence[Any], encoder: TextEncoderLike
   caption store by `build_dataset --text_emb`), so that a large dataset is
   not embedded again at every start; None (embed the captions) when they
   are absent, incomplete, or not what `encoder` makes of the first record's
-  captions (a store from another encoder)."""
-  if not len(source) or "text_emb" not in source[0]:
+  captions of each part (a store from another encoder: each build of a
+  mixture may come from its own)."""
+  if not len(source):
     return None
-  baked = np.asarray(source[0]["text_emb"], np.float32)
-  captions = record_captions(source, 0)
-  if (baked.ndim != 2 or baked.shape[0] != len(captions) or
-      not len(baked) or baked.shape[1] != encoder.embed_dim):
-    return None
-  probe = encoder.encode(captions, batch_size=len(baked))
-  if float(embedding_cosines(probe, baked).min()) < SAME_EMBEDDING_COSINE:
-    _log.warning("the records' caption embeddings were made by another text "
-                 "encoder than config.text.encoder; embedding the captions")
-    return None
+  firsts = (source.part_offsets() if hasattr(source, "part_offsets")
+            else [0])
+  for first in firsts:
+    record = source[first]
+    if "text_emb" not in record:
+      return None
+    baked = np.asarray(record["text_emb"], np.float32)
+    captions = record_captions(source, first)
+    if (baked.ndim != 2 or baked.shape[0] != len(captions) or
+        not len(baked) or baked.shape[1] != encoder.embed_dim):
+      return None
+    probe = encoder.encode(captions, batch_size=len(baked))
+    if float(embedding_cosines(probe, baked).min()) < SAME_EMBEDDING_COSINE:
+      label = (f" of {source.locate(first)[0]}" if hasattr(source, "locate")
+               else "")
+      _log.warning("the records' caption embeddings%s were made by another "
+                   "text encoder than config.text.encoder; embedding the "
+                   "captions", label)
+      return None
   try:
     return CaptionTable.from_source(source)
   except (ValueError, KeyError):  # a record without captions or embeddings

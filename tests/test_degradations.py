@@ -494,6 +494,12 @@ def test_shipped_degraded_model_brightens_when_told_underexposed(shared_dir):
   darker = grey(fuser.fuse(bad, ir, clean)).mean()
   # Measured +46.6 grey levels on average over 20 degraded pairs.
   assert brighter > darker + 10, (brighter, darker)
+  # TNO's visible image is grey: so is its fusion under any prompt (the
+  # per-channel correction tinted it by up to 26 levels, B - G).
+  fused = fuser.fuse(vis, ir, under)
+  assert np.array_equal(fused[..., 0], fused[..., 1])
+  assert np.array_equal(fused[..., 1], fused[..., 2])
+  assert fused.std() > 10  # an image, not a flat grey
 
 
 def test_degraded_training_needs_no_captions(tmp_path):

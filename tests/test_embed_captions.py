@@ -710,7 +710,8 @@ def test_tiny_clip_writes_only_a_new_empty_or_clip_folder(tmp_path):
   (tmp_path / "manifest.json").write_text("{}")
   bundle_text = tmp_path / "text_encoder"
   proc = tiny_clip(bundle_text)
-  assert proc.returncode == 2 and "is inside a model bundle" in proc.stderr
+  assert proc.returncode == 2 and "which holds a manifest.json (a model bundle" \
+      in proc.stderr, proc.stderr
 
 
 def test_a_store_is_replaced_only_with_overwrite_when_it_would_lose(

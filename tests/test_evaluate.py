@@ -395,3 +395,15 @@ def test_json_and_csv_at_one_path_are_refused(folders, capsys):
                  str(folders / "out")))
   assert "--json and --csv are the same file" in capsys.readouterr().err
   assert not (folders / "out").exists()
+
+
+def test_the_same_folder_as_both_sources_is_refused(folders, capsys):
+  """It used to print a full table: every fusion scored against the
+  visible images twice."""
+  with pytest.raises(SystemExit):
+    cli(["--ir", str(folders / "vis"), "--vis", str(folders / "vis"),
+         "--fused", str(folders / "fused")])
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [
+      f"error: --ir {folders / 'vis'} and --vis {folders / 'vis'} are the "
+      "same folder; every fusion would be scored against one source twice"]

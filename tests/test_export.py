@@ -311,3 +311,42 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_bundle(
     run_bundle.export_run(str(workdir), str(out), overwrite=True)
   assert (out / bundle.MANIFEST).read_text() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_nothing_is_written_inside_a_bundle_or_a_runs_checkpoints(
+    exported, workdir, tmp_path):
+  """A bundle lists exactly its files: a fused image or a second bundle
+  inside one broke it (the next load failed its manifest check), as did an
+  export into a run's checkpoints/."""
+  copy = tmp_path / "bundle"
+  shutil.copytree(exported, copy)
+  ir, vis = _pair(tmp_path / "src")
+  for out in (copy / "fused.png", copy / "text_encoder" / "x.png", copy):
+    with pytest.raises(UserError, match=r"which holds a manifest.json \(a "
+                       r"model bundle|holds a manifest.json \(a model bundle"):
+      inference.collect_pairs(str(ir), str(vis), str(out))
+  with pytest.raises(UserError, match=rf"--out {copy}/v2 is inside {copy}, "
+                     r"which holds a manifest.json"):
+    run_bundle.export_run(str(workdir), str(copy / "v2"))
+  with pytest.raises(UserError, match=r"is inside the training run .*'s "
+                     r"checkpoints: choose a path outside it"):
+    run_bundle.export_run(str(workdir), str(workdir / "checkpoints" / "9"))
+  assert not (workdir / "checkpoints" / "9").exists()
+  bundle.verify(copy)  # still whole
+  assert sorted(p.name for p in copy.iterdir()) == sorted(
+      p.name for p in Path(exported).iterdir())
+
+
+def test_export_over_a_link_to_a_bundle_is_refused_and_keeps_the_link(
+    exported, workdir, tmp_path):
+  """Replacing a link swapped the link itself and left a stray link and a
+  traceback; the link's bundle was not updated."""
+  shutil.copytree(exported, tmp_path / "v1")
+  (tmp_path / "latest").symlink_to("v1")
+  with pytest.raises(UserError, match=r"--out .*latest is a symbolic link "
+                     r"\(to v1\); give the folder itself"):
+    run_bundle.export_run(str(workdir), str(tmp_path / "latest"),
+                          overwrite=True)
+  assert (tmp_path / "latest").is_symlink()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]
+  bundle.verify(tmp_path / "v1")

@@ -182,3 +182,101 @@ def test_missing_folder_and_mismatched_sources_give_one_line(mixture_config,
     sources.check_compatible([
         ("a", [dict(grey, text_emb=np.zeros((1, 4)))]),
         ("b", [dict(grey, text_emb=np.zeros((2, 8)))])])
+
+
+def test_a_folder_with_splits_is_evaluated_on_its_eval_split(tmp_path):
+  """eval_dir used to be read at its 'train' split: the model was scored on
+  the pairs it trained on, and the test pairs were never used."""
+  folder = _write_folder_dataset(tmp_path / "d", "abcdef", 0)
+  (folder / "splits.json").write_text(json.dumps(
+      {"train": list("abcd"), "test": ["e", "f"]}))
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(folder)
+  train, evaluation = sources.make_sources(config)
+  assert [train.dataset_and_name(i)[1] for i in range(len(train))] == list(
+      "abcd")
+  assert [evaluation.dataset_and_name(i)[1]
+          for i in range(len(evaluation))] == ["e", "f"]
+  config.data.eval_split = "val"
+  with pytest.raises(UserError, match=r"d: no split 'val'; splits: test, "
+                     "train"):
+    sources.make_sources(config)
+
+
+def test_mixture_fields_outside_a_mixture_and_tiny_weights_are_refused():
+  config = tiny.get_config()
+  config.data.mixture = (("/data/msrs", 1.0),)
+  with pytest.raises(UserError, match=r"config.data.mixture is set but "
+                     r"config.data.source='synthetic': a mixture is read "
+                     r"only with config.data.source='mixture'"):
+    train_loop.check_config(config)
+  # grain scales weights to integers by the smallest: 1e-310 overflowed.
+  with pytest.raises(UserError, match=r"/data/tno: weight 1e-310 is under "
+                     r"1e-9 of the largest \(1.0\); give 0 to drop it"):
+    sources.check_mixture((("/data/msrs", 1.0), ("/data/tno", 1e-310)))
+
+
+def test_shuffled_captions_need_two_pairs_on_each_side(tmp_path):
+  """A 1-pair eval folder trained to the end, then failed with a traceback
+  at the final evaluation."""
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = str(_write_folder_dataset(tmp_path / "t", "abc", 0))
+  config.data.eval_dir = str(_write_folder_dataset(tmp_path / "e", "p", 1))
+  config.data.shuffle_captions_across_pairs = True
+  with pytest.raises(UserError, match=r"shuffle_captions_across_pairs needs "
+                     r"at least 2 eval pairs .* the eval data has 1$"):
+    _datasets(config)
+
+
+def test_eval_records_of_one_name_are_refused():
+  """'train+test' of a build whose splits reuse stems: the second record's
+  results and image replaced the first's."""
+  records = [{"vis": np.zeros((8, 8, 3), np.uint8),
+              "ir": np.zeros((8, 8, 1), np.uint8), "name": name,
+              "captions": ["x"]} for name in ("1", "2", "1")]
+  table = CaptionTable(embeddings=np.zeros((1, 4), np.float32),
+                       rows=(np.zeros(1, np.int32),) * 3)
+  with pytest.raises(UserError, match=r"eval record 2 is named '1' like an "
+                     r"earlier one"):
+    list(pipeline.make_eval_batches(records, batch_size=2,
+                                    caption_table=table))
+
+
+class _BakedPart(list):
+  def captions(self, index):
+    return self[index]["captions"]
+
+  def record_name(self, index):
+    return self[index]["name"]
+
+
+class _Encoder:
+  embed_dim = 4
+
+  def __init__(self, sign):
+    self.sign = sign
+
+  def encode(self, texts, batch_size):
+    del batch_size
+    return np.stack([self.sign * np.array([len(t), 1.0, 2.0, 3.0],
+                                          np.float32) for t in texts])
+
+
+def test_a_mixture_part_embedded_by_another_encoder_is_embedded_again(
+    caplog):
+  """Only the first record of the whole mixture was compared: the second
+  build's records kept another encoder's embeddings without a word."""
+  ours, other = _Encoder(1.0), _Encoder(-1.0)
+
+  def part(encoder, names):
+    return _BakedPart({"name": n, "captions": [f"scene {n}"],
+                       "text_emb": encoder.encode([f"scene {n}"], 1),
+                       "vis": np.zeros((8, 8, 3), np.uint8),
+                       "ir": np.zeros((8, 8, 1), np.uint8)} for n in names)
+
+  mixed = sources.ConcatSource([("a", part(ours, "12")),
+                                ("b", part(other, "34"))])
+  assert sources._baked_table(mixed, ours) is None  # pylint: disable=protected-access
+  assert "embeddings of b were made by another text encoder" in caplog.text

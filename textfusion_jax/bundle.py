@@ -179,11 +179,38 @@ def flatten_params_shapes(tree: Mapping[str, Any]
   return {name: tuple(value.shape) for name, value in _dotted_leaves(tree)}
 
 
+def check_not_inside_a_sealed_folder(out: str | os.PathLike, *,
+                                     itself_too: bool = False) -> None:
+  """One line if `out` (with `itself_too`, or `out` itself) lies inside a
+  bundle or caption store (which hold exactly the files their manifest
+  names: one more file breaks them) or a training run's checkpoints/."""
+  from textfusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  out = Path(out).absolute()
+  flag = "--out"
+  for folder in [out] * itself_too + list(out.parents):
+    if is_bundle(folder):
+      where = "holds" if folder == out else f"is inside {folder}, which holds"
+      raise BundleError(f"{flag} {out} {where} a {MANIFEST} (a model bundle "
+                        "or caption store lists exactly its files; one more "
+                        "breaks it): choose a path outside it")
+    if folder.name == checkpointing.CHECKPOINT_DIR and (
+        folder.parent / checkpointing.CONFIG_FILE).is_file():
+      raise BundleError(f"{flag} {out} is inside the training run "
+                        f"{folder.parent}'s checkpoints: choose a path "
+                        "outside it")
+
+
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
   """One line unless `out` is new, or a bundle and `overwrite` is given:
   another run's bundle (a shipped model) is never replaced unasked, and
-  anything else is never replaced."""
+  anything else is never replaced; nor is anything written inside a bundle
+  or a run's checkpoints. A symbolic link is refused: replacing it would
+  replace the link, not the bundle it points to."""
   out = Path(out)
+  if out.is_symlink():
+    raise BundleError(f"--out {out} is a symbolic link (to {os.readlink(out)}"
+                      "); give the folder itself")
+  check_not_inside_a_sealed_folder(out)
   if out.exists() and not is_bundle(out):
     raise BundleError(f"{out} exists and is not a model bundle; choose a new "
                       "--out")

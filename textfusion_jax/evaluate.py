@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from absl import flags
+from absl import logging
 
 from textfusion_jax import errors
 from textfusion_jax import score_folders
@@ -39,6 +40,7 @@ def main(argv: Sequence[str]) -> None:
   for name, value in (("--ir", _IR.value), ("--vis", _VIS.value)):
     if not value:
       raise errors.UserError(f"{name} is required")
+  logging.set_verbosity(logging.WARNING)  # jax's backend info lines are noise
   optional = lambda value: Path(value) if value else None
   score_folders.score_and_report(
       Path(_IR.value), Path(_VIS.value), [Path(f) for f in _FUSED.value],

@@ -36,6 +36,7 @@ from flax import nnx
 
 from textfusion_jax import bundle
 from textfusion_jax import checkpointing
+from textfusion_jax import color
 from textfusion_jax import errors
 from input_pipeline import image_io
 from textfusion_jax import model as model_lib
@@ -99,6 +100,7 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
 
 def _check_out(ir: Path, vis: Path, out: Path) -> None:
   """Refuses an --out that would overwrite an input or cannot be written."""
+  bundle.check_not_inside_a_sealed_folder(out, itself_too=True)
   for flag, path in (("--ir", ir), ("--vis", vis)):
     if out.resolve() == path.resolve():
       raise errors.UserError(f"--out {out} is the {flag} input; fusing would "
@@ -347,7 +349,8 @@ class Fuser:
     An image no larger than `tile` runs whole, padded to `pad_to` (its
     bucket from `bucket_shapes`; by default the bucket it gets on its own,
     as when the fuse command is given that one pair); larger ones run in
-    overlapping tiles.
+    overlapping tiles. A grey visible image (equal channels) gives a grey
+    fusion: the fused luma in all three channels.
     """
     if pad_to is None and max(vis.shape[:2]) <= tile:
       pad_to = bucket_shapes({"pair": vis.shape[:2]}, tile)["pair"]
@@ -359,7 +362,16 @@ class Fuser:
 
     fused = tiling.fuse_tiled(fuse_batch, vis, ir, tile=tile, overlap=overlap,
                               batch_size=1, pad_to=pad_to)
+    if _is_grey(vis):
+      # A grey visible image has no colour to keep: the text-driven
+      # correction's per-channel gains would only tint it.
+      fused = np.repeat(fused @ color.RGB_TO_YCBCR[0][:, None], 3, axis=-1)
     return np.clip(np.rint(fused * 255.0), 0, 255).astype(np.uint8)
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
+              np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 

@@ -322,6 +322,10 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
                      baselines: bool, json_path: Path | None,
                      csv_path: Path | None, batch_size: int) -> None:
   """What `python -m textfusion_jax.evaluate` does: score, print, write."""
+  if ir.resolve() == vis.resolve():
+    raise errors.UserError(f"--ir {ir} and --vis {vis} are the same folder; "
+                           "every fusion would be scored against one source "
+                           "twice")
   out_problems = [problem for flag, path in (("json", json_path),
                                              ("csv", csv_path))
                   if path is not None

@@ -23,9 +23,11 @@ import numpy as np
 from textfusion_jax.errors import UserError
 
 # fuse_batch(vis (N, t, t, 3), ir (N, t, t, 1), valid (N, 2) ints,
-#            means (N, 4)) -> fused: `valid` is each tile's (h, w) of real
-# image at its top left, `means` the whole image's mean R, G, B and IR.
-FuseFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+#            means (N, 4) or None) -> fused: `valid` is each tile's (h, w) of
+# real image at its top left, `means` the whole image's mean R, G, B and IR
+# for tiles, None for an image run whole (the model then takes its own means
+# over `valid`, as in training and evaluation).
+FuseFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
                   np.ndarray]
 
 
@@ -135,9 +137,6 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
   """
   check_tiling(tile, overlap)
   height, width = vis.shape[:2]
-  means = np.concatenate([vis.reshape(-1, 3).mean(0, dtype=np.float64),
-                          ir.reshape(-1, 1).mean(0, dtype=np.float64)]
-                         ).astype(np.float32)[None]
   if height <= tile and width <= tile:
     if pad_to is not None and (pad_to[0] < height or pad_to[1] < width):
       raise ValueError(f"bucket {pad_to} is smaller than the image "
@@ -146,8 +145,15 @@ def fuse_tiled(fuse_batch: FuseFn, vis: np.ndarray, ir: np.ndarray, *,
                                     -(-width // pad_multiple) * pad_multiple)
     out = fuse_batch(pad_bottom_right(vis, padded_h, padded_w)[None],
                      pad_bottom_right(ir, padded_h, padded_w)[None],
-                     np.array([[height, width]], np.int32), means)
+                     np.array([[height, width]], np.int32), None)
     return out[0, :height, :width]
+
+  # A tile sees only its window: it takes the whole image's means. (A model
+  # with `vis_smoothing_sigmas` means its smoothed visible image in training;
+  # the unsmoothed image's mean stands in for it here.)
+  means = np.concatenate([vis.reshape(-1, 3).mean(0, dtype=np.float64),
+                          ir.reshape(-1, 1).mean(0, dtype=np.float64)]
+                         ).astype(np.float32)[None]
 
   # Pad so every tile fits inside the image.
   full_h, full_w = max(height, tile), max(width, tile)

@@ -78,6 +78,11 @@ def _check_data_fields(data: ml_collections.ConfigDict) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise errors.UserError(f"config.data.{field}={value!r}: must be an "
                              f"integer >= {least}")
+  if data.get("mixture") and data.get("source") != "mixture":
+    raise errors.UserError(
+        f"config.data.mixture is set but config.data.source="
+        f"{data.get('source')!r}: a mixture is read only with "
+        "config.data.source='mixture'")
   if data.get("shuffle_captions_across_pairs"):
     if data.get("degradations", {}).get("enabled"):
       # Every training prompt is then the crop's condition sentence, and

@@ -28,6 +28,7 @@ import tqdm
 
 from input_pipeline import caption_files, caption_store, files
 from input_pipeline.errors import UserError
+from textfusion_jax import bundle
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def check_out(out: Path) -> None:
   """One line if `out` is a file or a folder other than a caption store's
   (a bundle's manifest.json would be overwritten)."""
   files.check_own_folder(out, _STORE_ENTRIES, "caption store")
+  bundle.check_not_inside_a_sealed_folder(out)
 
 
 def check_replaces(out: Path, encoder, index: dict[str, Any]) -> None:

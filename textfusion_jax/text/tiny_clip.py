@@ -25,6 +25,7 @@ from pathlib import Path
 from absl import flags
 
 from input_pipeline import files
+from textfusion_jax import bundle
 from textfusion_jax import errors
 
 BOS_TOKEN = "<|startoftext|>"
@@ -237,9 +238,7 @@ def check_out(out: Path) -> None:
   """One line unless `out` is new, empty or a CLIP text model folder outside
   a bundle: a workdir's or a bundle's files are never written into."""
   files.check_own_folder(out, _CLIP_FILES, "CLIP text model")
-  if (out.resolve().parent / "manifest.json").is_file():
-    raise errors.UserError(f"{out} is inside a model bundle "
-                           f"({out.resolve().parent}); choose another folder")
+  bundle.check_not_inside_a_sealed_folder(out)
 
 
 def _same_files(a: Path, b: Path) -> bool:

@@ -391,6 +391,13 @@ def report_path(builder: IvfPairs) -> Path:
   return Path(os.fspath(builder.data_dir)) / REPORT_FILE
 
 
+def built_folder(name_or_config: str, data_dir: str | os.PathLike) -> Path:
+  """Where `build` puts the dataset `name_or_config` ('llvip' or
+  'ivf_pairs/llvip') under `data_dir`."""
+  return (Path(os.path.expanduser(os.fspath(data_dir))) / NAME /
+          _config_name(name_or_config))
+
+
 def load_source(name_or_config: str, split: str,
                 data_dir: str | os.PathLike) -> Sequence[dict[str, Any]]:
   """The built split as a tfds random-access source of raw tfds records.

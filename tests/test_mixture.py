@@ -280,3 +280,24 @@ def test_a_mixture_part_embedded_by_another_encoder_is_embedded_again(
                                 ("b", part(other, "34"))])
   assert sources._baked_table(mixed, ours) is None  # pylint: disable=protected-access
   assert "embeddings of b were made by another text encoder" in caplog.text
+
+
+def test_the_data_fingerprint_covers_mixtures_and_short_tfds_names(
+    mixture_config, tmp_path):
+  """A mixture's fingerprint hashed only its config (rewriting every image
+  left it unchanged), and a TFDS config given by its short name hashed no
+  file at all (the empty hash)."""
+  from textfusion_jax import run_record  # pylint: disable=g-import-not-at-top
+  config = mixture_config.copy_and_resolve_references()
+  extra = _write_folder_dataset(tmp_path / "extra", "uv", 3)
+  config.data.mixture = (config.data.mixture[0], (str(extra), 1.0))
+  first = run_record.data_fingerprint(config)
+  assert str(extra) in first["roots"] and first["files"] > 5
+  (extra / "captions.jsonl").write_text("{}\n")
+  assert run_record.data_fingerprint(config)["sha256"] != first["sha256"]
+  config.data.source = "tfds"
+  config.data.tfds_name = "folders"
+  short = run_record.data_fingerprint(config)
+  config.data.tfds_name = "ivf_pairs/folders"
+  assert run_record.data_fingerprint(config) == short
+  assert short["files"] > 0

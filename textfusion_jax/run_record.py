@@ -14,7 +14,8 @@ The data fingerprint is the sha256 over the sorted relative paths and the
 sha256 of every file under each training root (images and captions), so two
 copies of the same data give the same fingerprint wherever they live. For
 built TFDS records it covers file names and sizes only (they can be huge);
-for the synthetic source it is the sha256 of the generator's config. A run
+a mixture covers each of its sources so, with their weights; for the
+synthetic source it is the sha256 of the generator's config. A run
 that stops early (preempted, interrupted, non-finite loss) still records the
 steps and time it did.
 """
@@ -65,28 +66,55 @@ def _hash_tree(root: Path, digest: Any) -> int:
   return count
 
 
+def _hash_folder(root: Path, digest: Any) -> int:
+  digest.update(f"root {Path(root).name}\n".encode())
+  return _hash_tree(Path(root), digest)
+
+
+def _hash_build(name: str, data_dir: str, digest: Any) -> tuple[Path, int]:
+  """A built TFDS dataset by its files' names and sizes: built records can be
+  terabytes, and a rebuild of other data changes both."""
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  root = datasets.built_folder(name, data_dir)
+  paths = sorted(p for p in root.rglob("*") if p.is_file())
+  if not paths:  # the run reads it, so it exists: a wrong path is a bug here
+    raise UserError(f"data fingerprint: no files under {root}")
+  for path in paths:
+    digest.update(f"{path.relative_to(root).as_posix()}\0"
+                  f"{path.stat().st_size}\n".encode())
+  return root, len(paths)
+
+
 def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Fingerprint of the training data a config reads (see module doc)."""
   data = config.data
   digest = hashlib.sha256()
   if data.source == "folder":
     roots = [r.strip() for r in data.train_dir.split(",") if r.strip()]
-    files = 0
-    for root in roots:
-      digest.update(f"root {Path(root).name}\n".encode())
-      files += _hash_tree(Path(root), digest)
-    return {"source": "folder", "roots": roots, "files": files,
+    count = sum(_hash_folder(Path(root), digest) for root in roots)
+    return {"source": "folder", "roots": roots, "files": count,
             "sha256": digest.hexdigest()}
   if data.source == "tfds":
-    # Built records can be terabytes: hash their names and sizes (a rebuild
-    # of other data changes both), not their contents.
-    root = Path(data.tfds_data_dir).expanduser() / data.tfds_name
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    for path in paths:
-      digest.update(f"{path.relative_to(root).as_posix()}\0"
-                    f"{path.stat().st_size}\n".encode())
-    return {"source": "tfds", "roots": [str(root)], "files": len(paths),
+    root, count = _hash_build(data.tfds_name, data.tfds_data_dir, digest)
+    return {"source": "tfds", "roots": [str(root)], "files": count,
             "split": data.train_split, "hashes": "names and sizes",
+            "sha256": digest.hexdigest()}
+  if data.source == "mixture":
+    from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+    roots, count = [], 0
+    for spec, weight in sources.check_mixture(data.mixture):
+      digest.update(f"source weight {weight!r}\n".encode())
+      if spec.startswith("tfds:"):
+        name, _, data_dir = spec[len("tfds:"):].partition("@")
+        root, files_in = _hash_build(name, data_dir or data.tfds_data_dir,
+                                     digest)
+      else:
+        root, files_in = Path(spec), _hash_folder(Path(spec), digest)
+      roots.append(str(root))
+      count += files_in
+    return {"source": "mixture", "roots": roots, "files": count,
+            "split": data.train_split,
+            "hashes": "folders by contents, builds by names and sizes",
             "sha256": digest.hexdigest()}
   description = json.dumps(data.to_dict(), sort_keys=True, default=str)
   digest.update(f"{description}\nseed {config.seed}".encode())

@@ -131,12 +131,17 @@ class CachedSource(Sequence):
     return getattr(self._source, name)
 
 
+def _split_roots(roots: str) -> list[Path]:
+  """config.data.train_dir / eval_dir: folders joined with ','."""
+  return [Path(r.strip()) for r in roots.split(",") if r.strip()]
+
+
 def _folder_parts(roots: str, field: str, split: str = DEFAULT_SPLIT
                   ) -> list[tuple[str, Sequence[Any]]]:
   """A folder divided by its splits.json is read at `split`; an undivided one
   whole (its only split is DEFAULT_SPLIT)."""
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
-  paths = [Path(r.strip()) for r in roots.split(",") if r.strip()]
+  paths = _split_roots(roots)
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
@@ -176,8 +181,8 @@ def weighted_names(value: Any, field: str, example: str
       entries.append((name, float(weight)))
   if value and not entries:
     raise UserError(f"{field}: every weight is 0; nothing to train on")
-  # grain turns the weights into integer proportions: a weight under 1e-9 of
-  # the largest would overflow them (and is sampled about never).
+  # grain scales the weights by 100 / the smallest into integers: 1e-310
+  # overflowed that, and a weight under 1e-9 of the largest is never drawn.
   largest = max((weight for _, weight in entries), default=0.0)
   for name, weight in entries:
     if weight < largest * 1e-9:
@@ -273,8 +278,7 @@ def _warn_if_evaluated_on_training_pairs(data: ml_collections.ConfigDict
                                         ) -> None:
   """A folder in both train_dir and eval_dir (undivided, or at one split)
   is scored on the pairs it trained on."""
-  roots = lambda value: {Path(r.strip()).resolve() for r in value.split(",")
-                         if r.strip()}
+  roots = lambda value: {path.resolve() for path in _split_roots(value)}
   for shared in sorted(roots(data.train_dir) & roots(data.eval_dir)):
     if (data.train_split == data.eval_split or
         not (shared / SPLITS_FILE).is_file()):

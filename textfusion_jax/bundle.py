@@ -180,22 +180,23 @@ def flatten_params_shapes(tree: Mapping[str, Any]
 
 
 def check_not_inside_a_sealed_folder(out: str | os.PathLike, *,
-                                     itself_too: bool = False) -> None:
-  """One line if `out` (with `itself_too`, or `out` itself) lies inside a
-  bundle or caption store (which hold exactly the files their manifest
-  names: one more file breaks them) or a training run's checkpoints/."""
+                                     itself_too: bool = False,
+                                     flag: str = "--out") -> None:
+  """One line if `out` lies inside a bundle or caption store (which hold
+  exactly the files their manifest names: one more file breaks them) or a
+  training run's checkpoints/; with `itself_too`, also if `out` is one."""
   from textfusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
   out = Path(out).absolute()
-  flag = "--out"
+  named = f"{flag} {out}" if flag else str(out)
   for folder in [out] * itself_too + list(out.parents):
     if is_bundle(folder):
       where = "holds" if folder == out else f"is inside {folder}, which holds"
-      raise BundleError(f"{flag} {out} {where} a {MANIFEST} (a model bundle "
-                        "or caption store lists exactly its files; one more "
+      raise BundleError(f"{named} {where} a {MANIFEST} (a model bundle or "
+                        "caption store lists exactly its files; one more "
                         "breaks it): choose a path outside it")
     if folder.name == checkpointing.CHECKPOINT_DIR and (
         folder.parent / checkpointing.CONFIG_FILE).is_file():
-      raise BundleError(f"{flag} {out} is inside the training run "
+      raise BundleError(f"{named} is inside the training run "
                         f"{folder.parent}'s checkpoints: choose a path "
                         "outside it")
 

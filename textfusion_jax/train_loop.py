@@ -460,6 +460,10 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
         f"{kept}")
 
 
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:300]
+
+
 def _finish_segment(workdir: Path, info: dict[str, Any],
                     manager: Any, start_step: int, end_step: int | None,
                     seconds: float) -> None:
@@ -477,7 +481,7 @@ def _finish_segment(workdir: Path, info: dict[str, Any],
     run_record.finish(workdir, info, end, seconds)
   except Exception as error:  # pylint: disable=broad-except
     log.warning("Could not record this segment's end (step %d) after the "
-                "failure: %s", end, " ".join(str(error).split())[:300])
+                "failure: %s", end, _one_line(error))
 
 
 def _closer(close: Callable[[], None],
@@ -493,7 +497,7 @@ def _closer(close: Callable[[], None],
       if exc is None:
         raise
       log.warning("Closing %s after the failure failed too: %s", what,
-                  " ".join(str(error).split())[:300])
+                  _one_line(error))
     return False
 
   return exit_callback

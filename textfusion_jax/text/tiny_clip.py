@@ -238,7 +238,7 @@ def check_out(out: Path) -> None:
   """One line unless `out` is new, empty or a CLIP text model folder outside
   a bundle: a workdir's or a bundle's files are never written into."""
   files.check_own_folder(out, _CLIP_FILES, "CLIP text model")
-  bundle.check_not_inside_a_sealed_folder(out)
+  bundle.check_not_inside_a_sealed_folder(out, flag="")
 
 
 def _same_files(a: Path, b: Path) -> bool:

@@ -315,10 +315,17 @@ def make_sources(config: ml_collections.ConfigDict
                    "'folder', 'tfds' or 'mixture'")
 
 
-def _table_from_store(source: Sequence[Any], store: Any
+def _table_from_store(source: Sequence[Any], store: Any,
+                      chosen: Sequence[str] = (), first_only: bool = False
                       ) -> tuple[CaptionTable, list[list[str]]]:
   """The table of `source` from a caption store, and each record's caption
-  source per row (every source the record has captions from, in order)."""
+  source per row.
+
+  Reads only the `chosen` caption sources (empty: all), or with `first_only`
+  only caption 0's source, so the store need not hold the others (e.g. a
+  caption file added after it was built that config.data.caption_sources
+  leaves out).
+  """
   if not hasattr(source, "dataset_and_name"):
     raise UserError("config.text.embeddings_dir needs config.data.source="
                      "'folder' or 'mixture' (store keys are <dataset>/<name>)")
@@ -329,7 +336,9 @@ def _table_from_store(source: Sequence[Any], store: Any
     record_rows, record_sources = [], []
     sources_now = record_caption_sources(source, i)
     captions_now = record_captions(source, i)
-    for caption_source in dict.fromkeys(sources_now):
+    wanted = [s for s in dict.fromkeys(sources_now)
+              if not chosen or s in chosen]
+    for caption_source in wanted[:1] if first_only else wanted:
       found = store.rows(dataset, name, caption_source, split)
       stale = store.check_current(
           f"{dataset}/{name} ({caption_source})", found,
@@ -338,6 +347,11 @@ def _table_from_store(source: Sequence[Any], store: Any
         raise UserError(stale)
       record_rows += found
       record_sources += [caption_source] * len(found)
+    if not record_rows and sources_now:
+      raise UserError(
+          f"config.data.caption_sources: {dataset}/{name} has no captions "
+          f"from {', '.join(chosen)} (it has "
+          f"{', '.join(sorted(set(sources_now)))})")
     if not record_rows:
       raise UserError(
           f"{dataset}/{name}: no captions (no line in the dataset's caption "
@@ -449,7 +463,10 @@ def make_caption_tables(config: ml_collections.ConfigDict,
     encoder = make_encoder()
     if store.manifest.get("encoder_fingerprint") != encoder.fingerprint:
       store.check_encoder(config.text.encoder, encoder)
-    built = [_table_from_store(s, store) for s in sources]
+    # Training reads the chosen caption sources; eval sets read caption 0.
+    built = [_table_from_store(sources[0], store, [n for n, _ in chosen])]
+    built += [_table_from_store(s, store, first_only=True)
+              for s in sources[1:]]
     dim = store.dim
   else:
     encoder = make_encoder()

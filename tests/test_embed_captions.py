@@ -291,6 +291,40 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
                                 train_source)
 
 
+def test_store_needs_only_the_caption_sources_it_is_read_for(
+    encoder, tiny_dir, tmp_path):
+  """A caption file added after the store was built, and left out by
+  config.data.caption_sources, is not required in the store: training reads
+  the chosen sources, eval sets caption 0. Choosing only that new source
+  still fails, naming the missing source."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+  from input_pipeline import sources
+  from tests.test_train import _write_folder_dataset
+  root = _write_folder_dataset(tmp_path / "set", "ab", 0)
+  _run(encoder, [(None, root / "captions.jsonl")], tmp_path / "store")
+  _write_jsonl(root / "captions_gen.jsonl",
+               [{"name": n, "captions": [f"gen {n}"]} for n in "ab"])
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.embeddings_dir = str(tmp_path / "store")
+  config.text.encoder = str(tiny_dir)
+  config.data.caption_sources = (("default", 1.0),)
+  train_source, eval_source = sources.make_sources(config)
+  table, table_eval, _ = sources.make_caption_tables(
+      config, lambda: encoder, train_source, eval_source)
+  assert table.source_names == ("default",)
+  default_a = sources.record_captions(train_source, 0)[0]
+  for t in (table, table_eval):
+    np.testing.assert_allclose(t.embedding(0, 0), encoder.encode([default_a])[0],
+                               rtol=1e-5, atol=1e-6)
+  config.data.caption_sources = (("gen", 1.0),)
+  with pytest.raises(UserError, match=r"store: no dataset 'set@gen' \(has set\)"):
+    sources.make_caption_tables(config, lambda: encoder, train_source)
+
+
 def test_store_from_another_encoder_is_refused(encoder, tiny_dir, tmp_path):
   """Same width, other weights: training on it would put the model in
   another embedding space than its prompts; named the same way through

@@ -21,6 +21,8 @@ import os
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from absl import logging as _log
 from input_pipeline.errors import UserError
 
 
@@ -57,7 +59,9 @@ def find_sources(root: str | os.PathLike) -> list[str]:
   """The caption sources with a file directly in `root`, default first.
 
   A `captions_*.jsonl` whose source name is not allowed is refused by name
-  rather than skipped: its captions would silently go unused."""
+  rather than skipped: its captions would silently go unused. Another
+  `captions*.jsonl` (captions-old.jsonl, perhaps a kept copy) is skipped
+  with a warning."""
   found = []
   for path in sorted(Path(root).glob("captions*.jsonl")):
     if _SOURCE_FILE.match(path.name):
@@ -67,6 +71,12 @@ def find_sources(root: str | os.PathLike) -> list[str]:
           f"{path}: not a caption source name (captions_NAME.jsonl, NAME "
           "letters, digits, '_', '-' or '.', starting with a letter, digit "
           "or '_'); rename it")
+    else:  # captions-old.jsonl may be a kept copy: said, not refused
+      _log.warning("%s is not read: caption files are captions.jsonl and "
+                   "captions_NAME.jsonl (rename it captions_%s.jsonl to use "
+                   "its captions)", path,
+                   path.name[len("captions"):-len(".jsonl")].lstrip("-.") or
+                   "NAME")
   return sorted(found, key=lambda s: (s != DEFAULT_SOURCE, s))
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -624,11 +625,17 @@ def test_damaged_store_index_and_misnamed_source_file_are_named(tmp_path):
 def test_source_names_may_hold_dashes_and_dots_and_bad_ones_are_named(
     tmp_path):
   """A captioning model's name (blip-2, v1.5) is a source; a captions_*
-  file whose name is no source is refused by name, never skipped."""
+  file whose name is no source is refused by name, never skipped, and
+  another captions*.jsonl is skipped with a warning naming it."""
   for name in ("captions.jsonl", "captions_blip-2.jsonl",
                "captions_v1.5.jsonl", "captions-old.jsonl"):
     (tmp_path / name).write_text("")
-  assert caption_files.find_sources(tmp_path) == ["default", "blip-2", "v1.5"]
+  with mock.patch.object(caption_files._log, "warning") as warning:
+    assert caption_files.find_sources(tmp_path) == ["default", "blip-2",
+                                                    "v1.5"]
+  (message, path, suggested), _ = warning.call_args
+  assert "is not read" in message and path.name == "captions-old.jsonl"
+  assert suggested == "old"
   assert caption_files.file_of("blip-2") == "captions_blip-2.jsonl"
   (tmp_path / "captions_a b.jsonl").write_text("")
   with pytest.raises(UserError, match=r"captions_a b.jsonl: not a caption "

@@ -22,6 +22,7 @@ startup with the text encoder the caller builds (`create_datasets`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -286,9 +287,29 @@ def _warn_if_evaluated_on_training_pairs(data: ml_collections.ConfigDict
                    "evaluation scores pairs the model trained on", shared)
 
 
+# TNO is the field's held-out test set (the README's tables score it).
+_HELD_OUT_NAME = re.compile(r"(?:^|[^a-z0-9])tno(?:[^a-z0-9]|$)")
+
+
+def _warn_if_training_on_tno(data: ml_collections.ConfigDict) -> None:
+  """Said, not refused: a user may hold another TNO split of their own."""
+  if data.source == "mixture":
+    specs = [str(spec) for spec, _ in check_mixture(data.mixture)]
+  elif data.source == "folder":
+    specs = [str(path) for path in _split_roots(data.train_dir)]
+  else:
+    specs = [str(data.get("tfds_name", ""))]
+  for spec in specs:
+    if _HELD_OUT_NAME.search(Path(spec).name.lower()):
+      _log.warning("%s is trained on, and its name says TNO: TNO is the "
+                   "held-out test set that fusion methods are compared on, "
+                   "so its scores would not be comparable", spec)
+
+
 def make_sources(config: ml_collections.ConfigDict
                  ) -> tuple[Sequence[Any], Sequence[Any]]:
   data = config.data
+  _warn_if_training_on_tno(data)
   if data.source == "mixture":
     train, evaluation, _ = _mixture_sources(config)
     return (CachedSource(train) if data.cache_in_memory else train,

@@ -3,6 +3,7 @@ bad input."""
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -202,6 +203,30 @@ def test_a_folder_with_splits_is_evaluated_on_its_eval_split(tmp_path):
   with pytest.raises(UserError, match=r"d: no split 'val'; splits: test, "
                      "train"):
     sources.make_sources(config)
+
+
+def test_training_on_a_folder_named_tno_is_warned(tmp_path):
+  """TNO is the held-out test set; training on it was noticed only when the
+  same folder was also the eval folder."""
+  tno = _write_folder_dataset(tmp_path / "TNO_Image_Fusion", "ab", 0)
+  other = _write_folder_dataset(tmp_path / "tnoise", "cd", 1)
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.eval_dir = str(_write_folder_dataset(tmp_path / "e", "ef", 2))
+  said = []
+  with mock.patch.object(sources._log, "warning",
+                         lambda *args: said.append(args)):
+    config.data.train_dir = str(other)
+    sources.make_sources(config)
+    assert not said  # 'tnoise' is no TNO
+    config.data.train_dir = f"{other},{tno}"
+    sources.make_sources(config)
+    config.data.source = "mixture"
+    config.data.train_dir = ""
+    config.data.mixture = ((str(other), 1.0), (str(tno), 1.0))
+    sources.make_sources(config)
+  assert [args[1] for args in said] == [str(tno)] * 2
+  assert "held-out test set" in said[0][0]
 
 
 def test_mixture_fields_outside_a_mixture_and_tiny_weights_are_refused():

@@ -119,3 +119,21 @@ def test_mistyped_sharding_rules_are_named(rules, message):
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
   with pytest.raises(sharding_lib.UserError, match=message):
     train_step.ShardedTrainer(config, mesh)
+
+
+def test_batches_from_grain_workers_are_not_aliased_by_jax():
+  """jax on CPU aliases page-aligned host memory: a batch in grain's shared
+  memory stayed alive past grain's cleanup ("leaked shared_memory objects"
+  at exit). Such a batch is copied; a plain array is passed as it is."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  values = np.arange(4096, dtype=np.float32).reshape(8, 512)
+  in_shm = shared_memory_array.open_from_shm(
+      shared_memory_array.copy_to_shm(values))
+  assert isinstance(in_shm, shared_memory_array.SharedMemoryArray)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  batch = sharding_lib.global_batch({"x": in_shm}, sharding)
+  np.testing.assert_array_equal(np.asarray(batch["x"]), values)
+  assert (batch["x"].addressable_data(0).unsafe_buffer_pointer() !=
+          in_shm.ctypes.data)
+  del in_shm

@@ -1,5 +1,6 @@
 """End-to-end training on the tiny config: outputs, resume, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -577,6 +578,21 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
     return manager
 
   monkeypatch.setattr(checkpointing, "make_manager", spied_manager)
+  create_datasets = train_loop.create_datasets
+
+  def spied_datasets(*args):
+    inputs = create_datasets(*args)
+    train_iter_at = inputs.train_iter_at
+
+    def spied_iter_at(start):
+      train_iter = train_iter_at(start)
+      close_iter = train_iter.close
+      train_iter.close = lambda: (closed.append("inputs"), close_iter())
+      return train_iter
+
+    return dataclasses.replace(inputs, train_iter_at=spied_iter_at)
+
+  monkeypatch.setattr(train_loop, "create_datasets", spied_datasets)
   monkeypatch.setattr(metric_writer.MetricWriter, "close",
                       lambda self: (closed.append("writer"),
                                     close_writer(self)))
@@ -593,7 +609,9 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
     logging.getLogger(train_loop.__name__).removeHandler(handler)
   assert {name: (workdir / name).read_text() for name in before} == before
   assert any("train.num_steps 6 -> 8" in r.getMessage() for r in records)
-  assert closed == ["writer", "manager"]
+  # The input pipeline's too: grain's workers and shared memory were left
+  # to the garbage collector ("leaked shared_memory objects" at exit).
+  assert closed == ["inputs", "writer", "inputs", "manager"]
 
 
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_saved_steps(

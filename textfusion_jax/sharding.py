@@ -156,6 +156,16 @@ def global_batch(local_batch: Mapping[str, np.ndarray],
                  sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global sharded jax.Arrays."""
   return {
-      key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+      key: jax.make_array_from_process_local_data(sharding, _owned(value))
       for key, value in local_batch.items()
   }
+
+
+def _owned(value: Any) -> np.ndarray:
+  """A plain ndarray. An ndarray subclass, grain's shared-memory arrays from
+  its worker processes, is copied: jax on CPU aliases host memory, which
+  kept that shared memory alive past grain's cleanup ("leaked
+  shared_memory objects" at exit)."""
+  if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+    return np.array(value)
+  return np.asarray(value)

@@ -526,6 +526,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     reference, reference_record, reference_to_copy = reference_params(
         trainer, config, workdir_path, resuming=start_step > 0)
     train_iter = inputs.train_iter_at(batches_seen)
+    # grain's worker processes and their shared memory go with it; left to
+    # the garbage collector, a failed run's traceback kept them alive to
+    # exit ("leaked shared_memory objects").
+    close_train_iter = getattr(train_iter, "close", lambda: None)
+    cleanup.push(_closer(close_train_iter, "the input pipeline"))
     batch_size = config.train.batch_size
     writer = metric_writer.MetricWriter(
         workdir_path, start_step,
@@ -605,6 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         completed = True
       finally:
         progress.close()
+        close_train_iter()  # its workers would compete with the evaluation
         saved = False
         try:
           checkpointing.wait(manager)

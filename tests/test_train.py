@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from input_pipeline import image_io
 from textfusion_jax import checkpointing
 from textfusion_jax import evaluators
 from textfusion_jax import metrics as metrics_lib
@@ -82,6 +83,41 @@ def test_restoration_errors_against_the_clean_scene():
   np.testing.assert_allclose(
       evaluators._restoration_errors(bluer, ir, clean)["color_L1"],
       (10 + 0.081312 * 20) / 2, rtol=1e-9)
+
+
+def test_saved_eval_image_of_a_grey_visible_image_is_grey(tmp_path):
+  """The text-driven per-channel correction tinted a grey pair's saved
+  fusion (its metrics score the luma); `fuse` writes such pairs grey, and
+  so does the evaluation now, at the luma it scored. A colour pair keeps
+  its colour."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  grey = np.repeat(rng.uniform(0.2, 0.8, (2, 48, 48, 1)), 3, axis=-1)
+  colour = rng.uniform(0.2, 0.8, (2, 48, 48, 3))
+  tint = jnp.asarray([1.0, 0.9, 0.7])
+
+  def apply_fn(params, vis, ir, text_emb, valid_size):
+    del params, ir, text_emb, valid_size
+    return vis * tint
+
+  batches = [{"vis": np.stack([grey[0], colour[0]]).astype(np.float32),
+              "ir": rng.uniform(0, 1, (2, 48, 48, 1)).astype(np.float32),
+              "text_emb": np.zeros((2, 4), np.float32),
+              "name": ["grey", "colour"]}]
+  evaluator = evaluators.FusionEvaluator(
+      apply_fn, lambda: batches, lambda b: jax.tree.map(jnp.asarray, b),
+      tmp_path, save_images=2)
+  evaluator.evaluate(None, step=1)
+  saved = {name: np.asarray(Image.open(tmp_path / "eval" / "1" /
+                                       f"{name}.png"))
+           for name in ("grey", "colour")}
+  tinted = np.rint(np.clip(grey[0] * np.asarray(tint), 0, 1) * 255
+                   ).astype(np.uint8)
+  expected = image_io.rgb_to_grey_u8(tinted)
+  for channel in range(3):
+    np.testing.assert_array_equal(saved["grey"][..., channel], expected)
+  assert np.abs(saved["colour"][..., 0].astype(int) -
+                saved["colour"][..., 2]).max() > 10
 
 
 def test_trivial_rows_scored_on_same_images(full_run):

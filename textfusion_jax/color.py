@@ -50,3 +50,9 @@ def rgb_to_y(rgb: jax.Array) -> jax.Array:
   """(..., 3) RGB -> (..., 1) luma Y, the grey level the fusion losses use."""
   weights = jnp.asarray(RGB_TO_YCBCR[0], rgb.dtype)
   return jnp.sum(rgb * weights, axis=-1, keepdims=True)
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+  """Whether an (..., 3) image's channels are equal (a grey image)."""
+  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
+              np.array_equal(rgb[..., 1], rgb[..., 2]))

@@ -138,9 +138,15 @@ class FusionEvaluator:
           restoration[name] = _restoration_errors(
               fused_u8[i], batch["ir"][i], batch["vis_clean"][i])
         if jax.process_index() == 0:
-          image_io.write_png_atomic(out_dir / f"{name}.png", fused_u8[i])
+          image = fused_u8[i]
+          if color.is_grey(batch["vis"][i]):
+            # As `fuse` writes it: the luma the metrics scored, untinted
+            # by the text-driven per-channel correction.
+            image = np.repeat(image_io.rgb_to_grey_u8(image)[..., None], 3,
+                              axis=-1)
+          image_io.write_png_atomic(out_dir / f"{name}.png", image)
           if len(samples) < self._save_images:
-            samples.append(fused_u8[i])
+            samples.append(image)
     result = _summary(per_image)
     by_dataset = _split_by_dataset(per_image)
     if len(by_dataset) > 1:  # a mixture: each dataset's eval split apart

@@ -362,16 +362,11 @@ class Fuser:
 
     fused = tiling.fuse_tiled(fuse_batch, vis, ir, tile=tile, overlap=overlap,
                               batch_size=1, pad_to=pad_to)
-    if _is_grey(vis):
+    if color.is_grey(vis):
       # A grey visible image has no colour to keep: the text-driven
       # correction's per-channel gains would only tint it.
       fused = np.repeat(fused @ color.RGB_TO_YCBCR[0][:, None], 3, axis=-1)
     return np.clip(np.rint(fused * 255.0), 0, 255).astype(np.uint8)
-
-
-def _is_grey(rgb: np.ndarray) -> bool:
-  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
-              np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 

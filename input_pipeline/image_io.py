@@ -32,7 +32,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -114,20 +114,39 @@ def _reduce_wide(array: np.ndarray, mode: str, rule: SixteenBitRule,
   """A wide single-channel array -> uint8 by `rule`, or ImageReadError where
   the rule does not apply: a float image has no white level to keep
   ('full'), and 32-bit integers beyond 16 bits would saturate."""
+  check_mode(mode, rule, name)
   if mode == "F":
     if not np.isfinite(array).all():
       raise ImageReadError(f"{name}: float image with NaN or infinite values")
-    if rule != "minmax":
-      raise ImageReadError(
-          f"{name}: float image (mode F) has no fixed white level; only "
-          "infrared inputs, stretched per image, may be float: save it as "
-          "8- or 16-bit")
   elif rule == "full" and (array.min(initial=0) < 0 or
                            array.max(initial=0) > 65535):
     raise ImageReadError(
         f"{name}: 32-bit values {int(array.min())}..{int(array.max())} exceed "
         "16 bits; save it as 8- or 16-bit")
   return sixteen_to_eight_bit(array, rule)
+
+
+def sixteen_bit_note(names: Sequence[str]) -> str:
+  """The line that tells which inputs were reduced to 8 bits, and how."""
+  return (f"note: {len(names)} 16-bit image(s) scaled to 8 bits (infrared: "
+          "v8 = round(255 (v - min) / (max - min)) per image; others: v8 = "
+          "round(v16 * 255 / 65535)): " + ", ".join(names))
+
+
+def is_wide(image: Image.Image) -> bool:
+  """Whether an opened image has more than 8 bits per pixel (16-bit, 32-bit
+  or float grey), from its header."""
+  return image.mode in _WIDE_MODES
+
+
+def check_mode(mode: str, rule: SixteenBitRule, name: str) -> None:
+  """Refuses a pixel mode that `rule` cannot reduce, from the header alone
+  (so a folder check finds it before training starts)."""
+  if mode == "F" and rule != "minmax":
+    raise ImageReadError(
+        f"{name}: float image (mode F) has no fixed white level; only "
+        "infrared inputs, stretched per image, may be float: save it as "
+        "8- or 16-bit")
 
 
 def check_readable(image: Image.Image, name: str) -> Image.Image:

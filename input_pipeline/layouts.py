@@ -303,6 +303,7 @@ def _check_file(path: Path, decode: bool, rule: str
     if decode:
       return image_io.read_image_with_info(path, rule)[0].shape[:2]
     with Image.open(path) as image:
+      image_io.check_mode(image.mode, rule, str(path))
       return image_io.upright_size(image_io.check_readable(image, str(path)))
   except (image_io.ImageReadError, *image_io.DECODE_ERRORS) as error:
     detail = str(error).removeprefix(f"{path}: ")

@@ -758,6 +758,18 @@ def test_float_and_32_bit_images_are_stretched_or_refused_by_name(tmp_path):
     image_io.read_image_with_info(tmp_path / "i.tif", "full")
   assert image_io.read_image_with_info(tmp_path / "i.tif", "minmax")[0].max(
       ) == 255
+  # A float visible image is found by a header-only scan (before training
+  # starts; it failed at its first crop), a float infrared one is not.
+  root = tmp_path / "float_vis"
+  for name, (ir, vi) in {"a": ("ir/a.tif", "vi/a.png"),
+                         "b": ("ir/b.png", "vi/b.tif")}.items():
+    _add_pair(root, ir, vi, (40, 48), 1)
+    (root / ("vi" if name == "b" else "ir") / f"{name}.tif").write_bytes(
+        (tmp_path / "f.tif").read_bytes())
+  scan = layouts.scan(root, layouts.LAYOUTS["folders"], decode=False)
+  assert [(p.kind, p.name) for p in scan.problems] == [
+      ("unreadable_image", "b")]
+  assert "float image (mode F) has no fixed" in scan.problems[0].detail
   # As infrared, both are usable when a build decodes every image up front.
   root = tmp_path / "set"
   for name in ("f", "i"):

@@ -393,6 +393,33 @@ def test_a_header_past_the_decompression_bomb_limit_is_one_line(tmp_path):
     inference.check_sizes(pairs)
 
 
+def test_wide_inputs_are_noted_and_a_float_visible_image_refused_early(
+    tmp_path):
+  """fuse scaled a 16-bit image without a word (evaluate names them), and a
+  float visible image failed only when its turn came, after the model
+  loaded."""
+  from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
+  _write_pair(tmp_path, "a")
+  _write_pair(tmp_path, "b")
+  Image.fromarray(np.full((30, 40), 4000, np.uint16)).save(
+      tmp_path / "ir" / "a.png")
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  wide = []
+  assert inference.check_sizes(pairs, wide) == {"a": (30, 40), "b": (30, 40)}
+  assert wide == [str(tmp_path / "ir" / "a.png")]
+  assert "1 16-bit image(s) scaled to 8 bits" in image_io.sixteen_bit_note(
+      wide)
+  (tmp_path / "vi" / "b.jpg").unlink()
+  Image.fromarray(np.ones((30, 40), np.float32), "F").save(
+      tmp_path / "vi" / "b.tif")
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  with pytest.raises(errors.UserError, match=r"b.tif: float image \(mode F\) "
+                     "has no fixed white level"):
+    inference.check_sizes(pairs)
+
+
 def test_single_pair_out_never_replaces_another_pairs_source(tmp_path):
   _write_pair(tmp_path, "a")
   _write_pair(tmp_path, "b")

@@ -35,6 +35,7 @@ from absl import logging
 
 from textfusion_jax import errors
 from input_pipeline import degradations
+from input_pipeline import image_io
 from textfusion_jax import inference
 from textfusion_jax import tiling
 
@@ -86,7 +87,10 @@ def main(argv: Sequence[str]) -> None:
           "of the scene: expect visible differences from the whole-image "
           f"fusion below {tiling.SMALL_TILE} pixels", file=sys.stderr)
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
-  inference.check_sizes(pairs)  # before the model loads
+  sixteen_bit: list[str] = []
+  inference.check_sizes(pairs, sixteen_bit)  # before the model loads
+  if sixteen_bit:
+    print(image_io.sixteen_bit_note(sixteen_bit))
   prompts = ([_TEXT.value] * len(pairs) if _TEXT.value else
              inference.read_captions(_CAPTIONS.value, [p.name for p in pairs],
                                      _CAPTION_INDEX.value,

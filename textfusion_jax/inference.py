@@ -167,20 +167,30 @@ def read_captions(path: str, names: Sequence[str], index: int,
   return [by_name[n][index] for n in names]
 
 
-def check_sizes(pairs: Sequence[Pair]) -> dict[str, tuple[int, int]]:
-  """Pair name -> (H, W) from headers; one error listing every mismatch."""
+def check_sizes(pairs: Sequence[Pair], sixteen_bit: list[str] | None = None
+                ) -> dict[str, tuple[int, int]]:
+  """Pair name -> (H, W) from headers; one error listing every mismatch or
+  unreadable file. Files of more than 8 bits are appended to
+  `sixteen_bit`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   mismatched, unreadable = [], []
   sizes = {}
   for pair in pairs:
     try:
       with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
+        image_io.check_mode(vis.mode, "full", str(pair.vis))  # (as read)
+        if sixteen_bit is not None:
+          sixteen_bit += [str(path) for path, image in
+                          ((pair.ir, ir), (pair.vis, vis))
+                          if image_io.is_wide(image)]
         (ir_h, ir_w), (vis_h, vis_w) = (image_io.upright_size(ir),
                                         image_io.upright_size(vis))
         if (ir_h, ir_w) != (vis_h, vis_w):
           mismatched.append(f"{pair.ir} is {ir_w}x{ir_h} but "
                             f"{pair.vis} is {vis_w}x{vis_h}")
         sizes[pair.name] = (vis_h, vis_w)
+    except image_io.ImageReadError as error:
+      unreadable.append(str(error))
     except image_io.DECODE_ERRORS as error:
       unreadable.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
   problems = unreadable + (["; ".join(mismatched) + " (pairs must be "

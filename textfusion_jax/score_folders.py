@@ -341,9 +341,7 @@ def score_and_report(ir: Path, vis: Path, fused: Sequence[Path],
   result, sixteen_bit = _evaluate(ir, vis, fused, batch_size, True,
                                   out_problems, baselines=baselines)
   if sixteen_bit:
-    print(f"note: {len(sixteen_bit)} 16-bit image(s) scaled to 8 bits "
-          "(infrared: v8 = round(255 (v - min) / (max - min)) per image; "
-          "others: v8 = round(v16 * 255 / 65535)): " + ", ".join(sixteen_bit))
+    print(image_io.sixteen_bit_note(sixteen_bit))
   print(markdown_table(result))
   print("\nper-source parts (MI, VIF, SSIM, Qabf: _ir + _vis = total; CC: "
         "their mean):")

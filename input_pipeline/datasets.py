@@ -94,7 +94,7 @@ def _png(image: np.ndarray) -> bytes:
 def _jpeg_mode(path: Path) -> str | None:
   """The mode of an 8-bit grey or RGB JPEG at `path` (header only), else
   None."""
-  with Image.open(path) as image:
+  with image_io.open_image(path) as image:
     if image.format == "JPEG" and image.mode in ("L", "RGB"):
       return image.mode
   return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -220,6 +221,45 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
                  Image.DecompressionBombError)
 
 
+PIXEL_LIMIT_VARIABLE = "TEXTFUSION_MAX_IMAGE_PIXELS"
+
+
+@functools.cache
+def apply_pixel_limit() -> None:
+  """Sets Pillow's decompression-bomb limit from the environment (Pillow
+  refuses images over 2x Image.MAX_IMAGE_PIXELS, about 179 MP, by default).
+  The environment, not a flag: grain's worker processes read images too,
+  and inherit it. Command-line tools call this first, so that a bad value
+  is one line before any work."""
+  value = os.environ.get(PIXEL_LIMIT_VARIABLE)
+  if value is None:
+    return
+  try:
+    pixels = int(value)
+    if pixels < 0:
+      raise ValueError
+  except ValueError:
+    raise UserError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: give a whole number "
+                    "of pixels (0: no limit)") from None
+  # Pillow errors at twice its limit and warns above it.
+  Image.MAX_IMAGE_PIXELS = pixels // 2 if pixels else None
+
+
+def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
+  """Image.open under this project's pixel limit (see `describe_error`)."""
+  apply_pixel_limit()
+  return Image.open(source)
+
+
+def describe_error(error: BaseException) -> str:
+  """A decoder's error, with the way past Pillow's decompression-bomb
+  limit when that is what refused the image."""
+  if isinstance(error, Image.DecompressionBombError):
+    return (f"{error}; if the file is trusted, raise the limit with "
+            f"{PIXEL_LIMIT_VARIABLE}=<pixels> (0: none)")
+  return str(error)
+
+
 @contextlib.contextmanager
 def _decoding(name: str):
   """Turns decoder failures into one ImageReadError naming the file."""
@@ -230,7 +270,8 @@ def _decoding(name: str):
   except FileNotFoundError:
     raise ImageReadError(f"{name}: file not found") from None
   except DECODE_ERRORS as error:
-    raise ImageReadError(f"{name}: cannot decode image ({error})") from None
+    raise ImageReadError(
+        f"{name}: cannot decode image ({describe_error(error)})") from None
 
 
 def read_image_with_info(
@@ -241,7 +282,7 @@ def read_image_with_info(
   with _decoding(str(path)):
     if path.stat().st_size == 0:
       raise ImageReadError(f"{path}: empty file (0 bytes)")
-    with Image.open(path) as image:
+    with open_image(path) as image:
       check_readable(image, str(path)).load()
       return _to_array(_upright(image), sixteen_bit_rule, str(path))
 
@@ -275,10 +316,10 @@ class EncodedImage:
     if isinstance(self._source, bytes):
       if not self._source:
         raise ImageReadError(f"{self.name}: empty image (0 bytes)")
-      return check_readable(Image.open(io.BytesIO(self._source)), self.name)
+      return check_readable(open_image(io.BytesIO(self._source)), self.name)
     if self._source.stat().st_size == 0:
       raise ImageReadError(f"{self.name}: empty file (0 bytes)")
-    return check_readable(Image.open(self._source), self.name)
+    return check_readable(open_image(self._source), self.name)
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -382,7 +423,7 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
 def written_here(path: str | os.PathLike) -> bool:
   """Whether `path` is a PNG that `write_png_atomic` wrote."""
   try:
-    with Image.open(path) as image:
+    with open_image(path) as image:
       return (image.format == "PNG" and
               image.info.get("Software") == SOFTWARE)
   except DECODE_ERRORS:

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from input_pipeline import image_io
 from input_pipeline import caption_files
@@ -302,11 +301,11 @@ def _check_file(path: Path, decode: bool, rule: str
       return Problem("empty_file", (str(path),), "empty file (0 bytes)")
     if decode:
       return image_io.read_image_with_info(path, rule)[0].shape[:2]
-    with Image.open(path) as image:
+    with image_io.open_image(path) as image:
       image_io.check_mode(image.mode, rule, str(path))
       return image_io.upright_size(image_io.check_readable(image, str(path)))
   except (image_io.ImageReadError, *image_io.DECODE_ERRORS) as error:
-    detail = str(error).removeprefix(f"{path}: ")
+    detail = image_io.describe_error(error).removeprefix(f"{path}: ")
     return Problem("unreadable_image", (str(path),), detail)
 
 

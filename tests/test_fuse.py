@@ -377,7 +377,8 @@ def test_tiled_fusion_matches_whole_image_with_the_trained_model(shared_dir):
   assert diff[:, border_cols].mean() < 1.5 * diff.mean() + 1
 
 
-def test_a_header_past_the_decompression_bomb_limit_is_one_line(tmp_path):
+def test_a_header_past_the_decompression_bomb_limit_is_one_line(
+    tmp_path, monkeypatch):
   import struct  # pylint: disable=g-import-not-at-top
   import zlib  # pylint: disable=g-import-not-at-top
   from textfusion_jax import errors  # pylint: disable=g-import-not-at-top
@@ -389,8 +390,33 @@ def test_a_header_past_the_decompression_bomb_limit_is_one_line(tmp_path):
   (tmp_path / "ir" / "a.png").write_bytes(bytes(data))
   pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
                                   str(tmp_path / "out"))
-  with pytest.raises(errors.UserError, match=r"a.jpg: unreadable \(Image size"):
+  with pytest.raises(errors.UserError, match=r"a.jpg: unreadable \(Image size"
+                     r".* raise the limit with TEXTFUSION_MAX_IMAGE_PIXELS="):
     inference.check_sizes(pairs)
+  # The way past it (a 40-gigapixel header: only the header is read here).
+  monkeypatch.setenv("TEXTFUSION_MAX_IMAGE_PIXELS", "0")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+  image_io.apply_pixel_limit.cache_clear()
+  try:
+    with pytest.raises(errors.UserError, match=r"a.png is 200000x200000 but"):
+      inference.check_sizes(pairs)
+  finally:
+    image_io.apply_pixel_limit.cache_clear()
+
+
+def test_a_bad_pixel_limit_is_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("TEXTFUSION_MAX_IMAGE_PIXELS", "2e9")
+  image_io.apply_pixel_limit.cache_clear()
+  try:
+    out = _fuse_here(capsys, "--checkpoint", str(tmp_path), "--ir",
+                     str(tmp_path), "--vis", str(tmp_path), "--out",
+                     str(tmp_path / "out"), "--text", "x")
+  finally:
+    image_io.apply_pixel_limit.cache_clear()
+  assert out.returncode == 2
+  assert _single_error_line(out.stderr) == (
+      "error: TEXTFUSION_MAX_IMAGE_PIXELS='2e9': give a whole number of "
+      "pixels (0: no limit)")
 
 
 def test_wide_inputs_are_noted_and_a_float_visible_image_refused_early(

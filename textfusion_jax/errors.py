@@ -131,6 +131,8 @@ def run_cli(main: Callable[[list[str]], None], *,
 
   def guarded(argv: list[str]) -> None:
     with one_line_errors():
+      from input_pipeline import image_io  # pylint: disable=g-import-not-at-top
+      image_io.apply_pixel_limit()
       if len(argv) > 1 and not positional:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags "
                         "take one word: quote a value with spaces)")

@@ -172,12 +172,12 @@ def check_sizes(pairs: Sequence[Pair], sixteen_bit: list[str] | None = None
   """Pair name -> (H, W) from headers; one error listing every mismatch or
   unreadable file. Files of more than 8 bits are appended to
   `sixteen_bit`."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   mismatched, unreadable = [], []
   sizes = {}
   for pair in pairs:
     try:
-      with Image.open(pair.ir) as ir, Image.open(pair.vis) as vis:
+      with (image_io.open_image(pair.ir) as ir,
+            image_io.open_image(pair.vis) as vis):
         image_io.check_mode(vis.mode, "full", str(pair.vis))  # (as read)
         if sixteen_bit is not None:
           sixteen_bit += [str(path) for path, image in
@@ -192,7 +192,8 @@ def check_sizes(pairs: Sequence[Pair], sixteen_bit: list[str] | None = None
     except image_io.ImageReadError as error:
       unreadable.append(str(error))
     except image_io.DECODE_ERRORS as error:
-      unreadable.append(f"{pair.ir} / {pair.vis}: unreadable ({error})")
+      unreadable.append(f"{pair.ir} / {pair.vis}: unreadable "
+                        f"({image_io.describe_error(error)})")
   problems = unreadable + (["; ".join(mismatched) + " (pairs must be "
                             "registered and equal in size)"]
                            if mismatched else [])

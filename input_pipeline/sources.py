@@ -126,6 +126,12 @@ class CachedSource(Sequence):
           for k, v in self._source[index].items()}
     return self._cache[index]
 
+  @property
+  def uncached(self) -> Sequence[Any]:
+    """The source itself: what reads only captions or embeddings goes
+    there, rather than decoding (and keeping) every image."""
+    return self._source
+
   def __getattr__(self, name: str) -> Any:  # captions(), dataset_and_name()
     if name.startswith("_"):  # e.g. while unpickling in a grain worker
       raise AttributeError(name)
@@ -470,6 +476,10 @@ def make_caption_tables(config: ml_collections.ConfigDict,
   From the precomputed store `config.text.embeddings_dir`, or else by
   embedding every caption once with `make_encoder()`.
   """
+  # A mixture of builds with baked embeddings read every record for them:
+  # through the cache, that decoded every image at startup, in a process
+  # that may never train on them (grain's workers keep their own caches).
+  sources = tuple(getattr(s, "uncached", s) for s in sources)
   chosen = check_caption_sources(config.data.get("caption_sources", ()))
   weighted = _caption_sampling(config)
   if weighted and not chosen:

@@ -1,16 +1,19 @@
 """Weighted mixtures of datasets: sampling, exact resume, per-dataset eval,
 bad input."""
 
+import io
 import json
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from input_pipeline import create_datasets
 from input_pipeline import datasets
+from input_pipeline import image_io
 from input_pipeline import pipeline
 from input_pipeline import sources
 from input_pipeline.captions import CaptionTable
@@ -305,6 +308,33 @@ def test_a_mixture_part_embedded_by_another_encoder_is_embedded_again(
                                 ("b", part(other, "34"))])
   assert sources._baked_table(mixed, ours) is None  # pylint: disable=protected-access
   assert "embeddings of b were made by another text encoder" in caplog.text
+
+
+def test_baked_embeddings_are_read_without_decoding_cached_images():
+  """With cache_in_memory, reading a mixture's baked embeddings went through
+  the cache: every image was decoded (and kept) at startup."""
+  ours = _Encoder(1.0)
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+  png = buffer.getvalue()
+  decoded = []
+
+  class CountedImage(image_io.EncodedImage):
+    def __array__(self, *args, **kwargs):
+      decoded.append(1)
+      return super().__array__(*args, **kwargs)
+
+  part = _BakedPart({"name": n, "captions": [f"scene {n}"],
+                     "text_emb": ours.encode([f"scene {n}"], 1),
+                     "vis": CountedImage(png, 3),
+                     "ir": np.zeros((8, 8, 1), np.uint8)} for n in "1234")
+  cached = sources.CachedSource(sources.ConcatSource([("a", part)]))
+  config = tiny.get_config()
+  config.model.text_dim = 4
+  table, dim = sources.make_caption_tables(config, lambda: ours, cached)
+  assert dim == 4 and len(table.rows) == 4
+  assert not decoded
+  assert cached[0]["vis"].shape == (8, 8, 3) and decoded  # (the cache works)
 
 
 def test_the_data_fingerprint_covers_mixtures_and_short_tfds_names(

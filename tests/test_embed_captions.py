@@ -59,6 +59,19 @@ def _run(encoder, files, out, **kwargs):
                             out, progress=False, **kwargs)
 
 
+def _folder_config_with_store(root, store, tiny_dir, encoder):
+  """The tiny config training and evaluating on folder `root` with the
+  caption store `store` made by the tiny CLIP in `tiny_dir`."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.text_dim = encoder.embed_dim
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(root)
+  config.text.embeddings_dir = str(store)
+  config.text.encoder = str(tiny_dir)  # the store's: not re-embedded
+  return config
+
+
 def _assert_matches_direct_encode(store, encoder, files):
   keys, captions = [], []
   for dataset, path in files:
@@ -252,7 +265,6 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
   """captions.jsonl and captions_gen.jsonl of one dataset: one store, keys
   'set' and 'set@gen'; training reads both sources' rows from it."""
   # pylint: disable=g-import-not-at-top
-  from configs import tiny
   from input_pipeline import sources
   from tests.test_train import _write_folder_dataset
   root = _write_folder_dataset(tmp_path / "set", "ab", 0)
@@ -266,12 +278,8 @@ def test_caption_sources_are_keyed_apart_and_feed_training(encoder, tiny_dir,
   assert len(store.rows("set", "a", "gen")) == 2
   manifest_sources = {s["caption_source"] for s in store.manifest["sources"]}
   assert manifest_sources == {"default", "gen"}
-  config = tiny.get_config()
-  config.model.text_dim = encoder.embed_dim
-  config.data.source = "folder"
-  config.data.train_dir = config.data.eval_dir = str(root)
-  config.text.embeddings_dir = str(tmp_path / "store")
-  config.text.encoder = str(tiny_dir)  # the store's: not re-embedded
+  config = _folder_config_with_store(root, tmp_path / "store",
+                                     tiny_dir, encoder)
   config.data.caption_sources = (("gen", 1.0),)
   train_source, _ = sources.make_sources(config)
   table, _, dim = sources.make_caption_tables(config, lambda: encoder,
@@ -299,19 +307,14 @@ def test_store_needs_only_the_caption_sources_it_is_read_for(
   the chosen sources, eval sets caption 0. Choosing only that new source
   still fails, naming the missing source."""
   # pylint: disable=g-import-not-at-top
-  from configs import tiny
   from input_pipeline import sources
   from tests.test_train import _write_folder_dataset
   root = _write_folder_dataset(tmp_path / "set", "ab", 0)
   _run(encoder, [(None, root / "captions.jsonl")], tmp_path / "store")
   _write_jsonl(root / "captions_gen.jsonl",
                [{"name": n, "captions": [f"gen {n}"]} for n in "ab"])
-  config = tiny.get_config()
-  config.model.text_dim = encoder.embed_dim
-  config.data.source = "folder"
-  config.data.train_dir = config.data.eval_dir = str(root)
-  config.text.embeddings_dir = str(tmp_path / "store")
-  config.text.encoder = str(tiny_dir)
+  config = _folder_config_with_store(root, tmp_path / "store",
+                                     tiny_dir, encoder)
   config.data.caption_sources = (("default", 1.0),)
   train_source, eval_source = sources.make_sources(config)
   table, table_eval, _ = sources.make_caption_tables(
@@ -648,7 +651,6 @@ def test_a_dataset_reached_through_a_symlink_keeps_the_links_name(
   """Embedding and training both key a dataset by the folder name they are
   given: a store made through a symlink is read through it."""
   # pylint: disable=g-import-not-at-top
-  from configs import tiny
   from input_pipeline import sources
   from tests.test_train import _write_folder_dataset
   real = _write_folder_dataset(tmp_path / "real_name", "ab", 0)
@@ -656,12 +658,8 @@ def test_a_dataset_reached_through_a_symlink_keeps_the_links_name(
   link.symlink_to(real, target_is_directory=True)
   store = _run(encoder, [(None, link / "captions.jsonl")], tmp_path / "store")
   assert store.datasets() == ["link_name"]
-  config = tiny.get_config()
-  config.model.text_dim = encoder.embed_dim
-  config.data.source = "folder"
-  config.data.train_dir = config.data.eval_dir = str(link)
-  config.text.embeddings_dir = str(tmp_path / "store")
-  config.text.encoder = str(tiny_dir)
+  config = _folder_config_with_store(link, tmp_path / "store",
+                                     tiny_dir, encoder)
   train_source, _ = sources.make_sources(config)
   table, _, _ = sources.make_caption_tables(config, lambda: encoder,
                                             train_source, train_source)

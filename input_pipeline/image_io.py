@@ -32,6 +32,7 @@ import functools
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -241,8 +242,10 @@ def apply_pixel_limit() -> None:
   except ValueError:
     raise UserError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: give a whole number "
                     "of pixels (0: no limit)") from None
-  # Pillow errors at twice its limit and warns above it.
+  # Pillow errors at twice its limit and warns above it: the user chose
+  # the limit, so no warning below it.
   Image.MAX_IMAGE_PIXELS = pixels // 2 if pixels else None
+  warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:

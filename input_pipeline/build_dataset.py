@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from input_pipeline import datasets
+from input_pipeline import image_io
 from input_pipeline import layouts
 from input_pipeline.errors import UserError
 
@@ -78,6 +79,7 @@ def main(argv: Sequence[str]) -> None:
           file=sys.stderr)
     sys.exit(2)
   try:
+    image_io.apply_pixel_limit()  # a bad value: one line, not every image
     builder = datasets.build(
         _DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
         on_bad_data=_ON_BAD_DATA.value, captions=_CAPTIONS.value,

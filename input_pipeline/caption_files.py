@@ -55,6 +55,9 @@ def file_of(source: str) -> str:
           f"captions_{source}.jsonl")
 
 
+_SKIPPED: set[Path] = set()  # (each said once per process)
+
+
 def find_sources(root: str | os.PathLike) -> list[str]:
   """The caption sources with a file directly in `root`, default first.
 
@@ -71,12 +74,15 @@ def find_sources(root: str | os.PathLike) -> list[str]:
           f"{path}: not a caption source name (captions_NAME.jsonl, NAME "
           "letters, digits, '_', '-' or '.', starting with a letter, digit "
           "or '_'); rename it")
-    else:  # captions-old.jsonl may be a kept copy: said, not refused
+    elif path not in _SKIPPED:  # captions-old.jsonl may be a kept copy
+      _SKIPPED.add(path)
+      suggested = f"captions_{path.name[len('captions'):].lstrip('-.')}"
+      if (not _SOURCE_FILE.match(suggested) or
+          suggested == f"captions_{DEFAULT_SOURCE}.jsonl"):
+        suggested = "captions_NAME.jsonl"
       _log.warning("%s is not read: caption files are captions.jsonl and "
-                   "captions_NAME.jsonl (rename it captions_%s.jsonl to use "
-                   "its captions)", path,
-                   path.name[len("captions"):-len(".jsonl")].lstrip("-.") or
-                   "NAME")
+                   "captions_NAME.jsonl (rename it %s to use its captions)",
+                   path, suggested)
   return sorted(found, key=lambda s: (s != DEFAULT_SOURCE, s))
 
 

@@ -32,7 +32,6 @@ import functools
 import io
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -136,8 +135,12 @@ def sixteen_bit_note(names: Sequence[str]) -> str:
 
 
 def is_wide(image: Image.Image) -> bool:
-  """Whether an opened image has more than 8 bits per pixel (16-bit, 32-bit
-  or float grey), from its header."""
+  """Whether an opened image is read as more than 8 bits per pixel (16-bit,
+  32-bit or float grey): from its header, but a 32-bit image is decoded,
+  since 8-bit values in that container are read as they are."""
+  if image.mode == "I":
+    low, high = image.getextrema()
+    return low < 0 or high > 255
   return image.mode in _WIDE_MODES
 
 
@@ -226,15 +229,12 @@ PIXEL_LIMIT_VARIABLE = "TEXTFUSION_MAX_IMAGE_PIXELS"
 
 
 @functools.cache
-def apply_pixel_limit() -> None:
-  """Sets Pillow's decompression-bomb limit from the environment (Pillow
-  refuses images over 2x Image.MAX_IMAGE_PIXELS, about 179 MP, by default).
-  The environment, not a flag: grain's worker processes read images too,
-  and inherit it. Command-line tools call this first, so that a bad value
-  is one line before any work."""
-  value = os.environ.get(PIXEL_LIMIT_VARIABLE)
-  if value is None:
-    return
+def _pixel_limit() -> int | None:
+  """The largest pixel count to read that the environment sets (0: none),
+  or None where it sets none: Pillow's own limit applies."""
+  value = os.environ.get(PIXEL_LIMIT_VARIABLE, "").strip()
+  if not value:
+    return None
   try:
     pixels = int(value)
     if pixels < 0:
@@ -242,24 +242,40 @@ def apply_pixel_limit() -> None:
   except ValueError:
     raise UserError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: give a whole number "
                     "of pixels (0: no limit)") from None
-  # Pillow errors at twice its limit and warns above it: the user chose
-  # the limit, so no warning below it.
-  Image.MAX_IMAGE_PIXELS = pixels // 2 if pixels else None
-  warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+  # `open_image` checks it exactly: Pillow's own check (at twice its limit,
+  # with a warning above it) steps aside.
+  Image.MAX_IMAGE_PIXELS = None
+  return pixels
+
+
+def apply_pixel_limit() -> None:
+  """Checks the environment's pixel limit: Pillow refuses images over 2x
+  Image.MAX_IMAGE_PIXELS (about 179 MP) as decompression bombs, and
+  TEXTFUSION_MAX_IMAGE_PIXELS replaces that. The environment, not a flag:
+  grain's worker processes read images too, and inherit it. Command-line
+  tools call this first, so that a bad value is one line before any work."""
+  _pixel_limit()
 
 
 def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
   """Image.open under this project's pixel limit (see `describe_error`)."""
-  apply_pixel_limit()
-  return Image.open(source)
+  limit = _pixel_limit()
+  image = Image.open(source)
+  width, height = image.size
+  if limit and width * height > limit:
+    image.close()
+    raise Image.DecompressionBombError(
+        f"Image size ({width * height} pixels) exceeds the limit of {limit} "
+        f"pixels that {PIXEL_LIMIT_VARIABLE} sets")
+  return image
 
 
 def describe_error(error: BaseException) -> str:
-  """A decoder's error, with the way past Pillow's decompression-bomb
-  limit when that is what refused the image."""
+  """A decoder's error, with the way past the decompression-bomb limit
+  when that is what refused the image."""
   if isinstance(error, Image.DecompressionBombError):
-    return (f"{error}; if the file is trusted, raise the limit with "
-            f"{PIXEL_LIMIT_VARIABLE}=<pixels> (0: none)")
+    return (f"{str(error).rstrip('.')}; if the file is trusted, raise the "
+            f"limit with {PIXEL_LIMIT_VARIABLE}=<pixels> (0: none)")
   return str(error)
 
 
@@ -268,7 +284,7 @@ def _decoding(name: str):
   """Turns decoder failures into one ImageReadError naming the file."""
   try:
     yield
-  except ImageReadError:
+  except UserError:  # ImageReadError, or a bad pixel limit: not the file's
     raise
   except FileNotFoundError:
     raise ImageReadError(f"{name}: file not found") from None

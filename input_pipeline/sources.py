@@ -297,16 +297,28 @@ def _warn_if_evaluated_on_training_pairs(data: ml_collections.ConfigDict
 _HELD_OUT_NAME = re.compile(r"(?:^|[^a-z0-9])tno(?:[^a-z0-9]|$)")
 
 
+def _names_tno(spec: str) -> bool:
+  """Whether a folder's name, or a TFDS build's dataset or config name
+  ('tfds:ivf_pairs/tno@DIR', 'ivf_pairs/tno/2.0.0'), says TNO."""
+  if spec.startswith("tfds:"):
+    name = spec[len("tfds:"):].split("@")[0]
+    return any(_HELD_OUT_NAME.search(part.lower())
+               for part in name.split("/"))
+  return bool(_HELD_OUT_NAME.search(Path(spec).name.lower()))
+
+
 def _warn_if_training_on_tno(data: ml_collections.ConfigDict) -> None:
   """Said, not refused: a user may hold another TNO split of their own."""
   if data.source == "mixture":
     specs = [str(spec) for spec, _ in check_mixture(data.mixture)]
   elif data.source == "folder":
     specs = [str(path) for path in _split_roots(data.train_dir)]
+  elif data.source == "tfds":
+    specs = ["tfds:" + str(data.tfds_name)]
   else:
-    specs = [str(data.get("tfds_name", ""))]
+    specs = []
   for spec in specs:
-    if _HELD_OUT_NAME.search(Path(spec).name.lower()):
+    if _names_tno(spec):
       _log.warning("%s is trained on, and its name says TNO: TNO is the "
                    "held-out test set that fusion methods are compared on, "
                    "so its scores would not be comparable", spec)

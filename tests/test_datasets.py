@@ -690,10 +690,10 @@ def test_killed_build_leaves_nothing_loadable_and_rebuilds(tmp_path):
 # ------------------------------------------------------------------------ CLI
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, "-m", "input_pipeline.build_dataset", *args], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+      env=dict(os.environ, PYTHONPATH=str(REPO), **env), capture_output=True,
       text=True, timeout=120)
 
 
@@ -715,13 +715,16 @@ def test_cli_error_and_skip(tmp_path):
   # Flag mistakes, missing flags and an unwritable --data_dir: one line each.
   blocker = tmp_path / "file"
   blocker.write_text("")
-  for args, message in (((*common, "--data_dir", "x", "--bogus=1"),
-                         "Unknown command line flag 'bogus'"),
-                        (("--dataset", "folders"), "missing --manual_dir, "
-                         "--data_dir"),
-                        ((*common, "--data_dir", str(blocker / "sub")),
-                         str(blocker))):
-    out = _cli(*args)
+  # A bad pixel limit made every image an unreadable-image problem.
+  for args, message, env in (
+      ((*common, "--data_dir", "x", "--bogus=1"),
+       "Unknown command line flag 'bogus'", {}),
+      (("--dataset", "folders"), "missing --manual_dir, --data_dir", {}),
+      ((*common, "--data_dir", str(blocker / "sub")), str(blocker), {}),
+      ((*common, "--data_dir", str(tmp_path / "c")),
+       "TEXTFUSION_MAX_IMAGE_PIXELS='-5': give a whole number",
+       {"TEXTFUSION_MAX_IMAGE_PIXELS": "-5"})):
+    out = _cli(*args, **env)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]

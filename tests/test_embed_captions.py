@@ -636,9 +636,17 @@ def test_source_names_may_hold_dashes_and_dots_and_bad_ones_are_named(
   with mock.patch.object(caption_files._log, "warning") as warning:
     assert caption_files.find_sources(tmp_path) == ["default", "blip-2",
                                                     "v1.5"]
+    caption_files.find_sources(tmp_path)  # said once
   (message, path, suggested), _ = warning.call_args
   assert "is not read" in message and path.name == "captions-old.jsonl"
-  assert suggested == "old"
+  assert suggested == "captions_old.jsonl" and warning.call_count == 1
+  for name, suggested in (("captions-default.jsonl", "captions_NAME.jsonl"),
+                          ("captions-a b.jsonl", "captions_NAME.jsonl")):
+    (tmp_path / name).write_text("")
+    with mock.patch.object(caption_files._log, "warning") as warning:
+      caption_files.find_sources(tmp_path)
+    assert warning.call_args[0][2] == suggested
+    (tmp_path / name).unlink()
   assert caption_files.file_of("blip-2") == "captions_blip-2.jsonl"
   (tmp_path / "captions_a b.jsonl").write_text("")
   with pytest.raises(UserError, match=r"captions_a b.jsonl: not a caption "

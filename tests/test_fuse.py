@@ -396,23 +396,37 @@ def test_a_header_past_the_decompression_bomb_limit_is_one_line(
   # The way past it (a 40-gigapixel header: only the header is read here).
   monkeypatch.setenv("TEXTFUSION_MAX_IMAGE_PIXELS", "0")
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-  image_io.apply_pixel_limit.cache_clear()
+  image_io._pixel_limit.cache_clear()  # pylint: disable=protected-access
   try:
     with pytest.raises(errors.UserError, match=r"a.png is 200000x200000 but"):
       inference.check_sizes(pairs)
+    # The limit set is the limit, to the pixel (b.jpg: 40x30).
+    _write_pair(tmp_path, "b")
+    for limit, readable in ((1200, True), (1199, False)):
+      monkeypatch.setenv("TEXTFUSION_MAX_IMAGE_PIXELS", str(limit))
+      image_io._pixel_limit.cache_clear()  # pylint: disable=protected-access
+      if readable:
+        assert image_io.read_image(tmp_path / "vi" / "b.jpg").shape == (
+            30, 40, 3)
+      else:
+        with pytest.raises(image_io.ImageReadError, match=(
+            r"b.jpg: cannot decode image \(Image size \(1200 pixels\) "
+            r"exceeds the limit of 1199 pixels that TEXTFUSION_MAX_IMAGE_"
+            r"PIXELS sets; if the file is trusted, raise the limit")):
+          image_io.read_image(tmp_path / "vi" / "b.jpg")
   finally:
-    image_io.apply_pixel_limit.cache_clear()
+    image_io._pixel_limit.cache_clear()  # pylint: disable=protected-access
 
 
 def test_a_bad_pixel_limit_is_one_line(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("TEXTFUSION_MAX_IMAGE_PIXELS", "2e9")
-  image_io.apply_pixel_limit.cache_clear()
+  image_io._pixel_limit.cache_clear()  # pylint: disable=protected-access
   try:
     out = _fuse_here(capsys, "--checkpoint", str(tmp_path), "--ir",
                      str(tmp_path), "--vis", str(tmp_path), "--out",
                      str(tmp_path / "out"), "--text", "x")
   finally:
-    image_io.apply_pixel_limit.cache_clear()
+    image_io._pixel_limit.cache_clear()  # pylint: disable=protected-access
   assert out.returncode == 2
   assert _single_error_line(out.stderr) == (
       "error: TEXTFUSION_MAX_IMAGE_PIXELS='2e9': give a whole number of "
@@ -436,6 +450,15 @@ def test_wide_inputs_are_noted_and_a_float_visible_image_refused_early(
   assert wide == [str(tmp_path / "ir" / "a.png")]
   assert "1 16-bit image(s) scaled to 8 bits" in image_io.sixteen_bit_note(
       wide)
+  # 8-bit values in a 32-bit container are read as they are: no note.
+  (tmp_path / "ir" / "a.png").unlink()
+  Image.fromarray(np.full((30, 40), 200, np.int32), "I").save(
+      tmp_path / "ir" / "a.tif")
+  pairs = inference.collect_pairs(str(tmp_path / "ir"), str(tmp_path / "vi"),
+                                  str(tmp_path / "out"))
+  wide = []
+  inference.check_sizes(pairs, wide)
+  assert not wide
   (tmp_path / "vi" / "b.jpg").unlink()
   Image.fromarray(np.ones((30, 40), np.float32), "F").save(
       tmp_path / "vi" / "b.tif")

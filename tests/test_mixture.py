@@ -230,6 +230,12 @@ def test_training_on_a_folder_named_tno_is_warned(tmp_path):
     sources.make_sources(config)
   assert [args[1] for args in said] == [str(tno)] * 2
   assert "held-out test set" in said[0][0]
+  # TFDS builds by dataset or config name, not by their data_dir.
+  for spec, named in (("tfds:ivf_pairs/tno@/data/tfds", True),
+                      ("tfds:ivf_pairs/tno/2.0.0", True),
+                      ("tfds:ivf_pairs/llvip@/data/TNO", False),
+                      ("data/tno", True), ("tfds:tnoise", False)):
+    assert sources._names_tno(spec) == named, spec  # pylint: disable=protected-access
 
 
 def test_mixture_fields_outside_a_mixture_and_tiny_weights_are_refused():

@@ -610,7 +610,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         completed = True
       finally:
         progress.close()
-        close_train_iter()  # its workers would compete with the evaluation
         saved = False
         try:
           checkpointing.wait(manager)
@@ -620,6 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             _finish_segment(workdir_path, info, manager, start_step,
                             step if completed and saved else None,
                             time.time() - loop_start)
+      close_train_iter()  # its workers would compete with the evaluation
       if manager.latest_step() != step:
         checkpointing.save(manager, step, state,
                            data_position(batches_seen, batch_size), force=True)

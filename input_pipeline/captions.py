@@ -157,11 +157,14 @@ class CaptionTable:
   def select_sources(self, per_record: Sequence[Sequence[str]],
                      chosen: Sequence[tuple[str, float]],
                      weighted: bool,
-                     record_label: Callable[[int], str]) -> CaptionTable:
+                     record_label: Callable[[int], str],
+                     dataset_of: Callable[[int], str] = lambda i: "the dataset"
+                     ) -> CaptionTable:
     """Keeps the captions of the `chosen` (source, weight) pairs.
 
     per_record: each record's caption source names, in caption order.
-    record_label(i): how errors name record i ('<dataset>/<name>').
+    record_label(i): how errors name record i ('<dataset>/<name>'; called
+    only for an error). dataset_of(i): record i's dataset.
     Raises UserError naming the dataset and config.data.caption_sources
     when a chosen source has no captions in a dataset, or a record keeps
     none.
@@ -170,7 +173,7 @@ class CaptionTable:
     found: dict[str, set[str]] = {}
     rows, ids = [], []
     for i, (record_rows, sources) in enumerate(zip(self.rows, per_record)):
-      dataset = record_label(i).rpartition("/")[0] or "the dataset"
+      dataset = dataset_of(i)
       found.setdefault(dataset, set()).update(sources)
       keep = [k for k, name in enumerate(sources) if name in names]
       if not keep:

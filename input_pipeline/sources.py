@@ -419,9 +419,19 @@ def _caption_sampling(config: ml_collections.ConfigDict) -> bool:
 
 
 def _record_label(source: Sequence[Any]) -> Callable[[int], str]:
+  """How errors name a record: '<dataset>/<stem>', or for one build its
+  index and stem (read only when an error names it)."""
   if hasattr(source, "dataset_and_name"):
     return lambda i: "/".join(source.dataset_and_name(i))
+  if hasattr(source, "record_name"):
+    return lambda i: f"record {i} ({source.record_name(i)!r})"
   return lambda i: f"record {i}"
+
+
+def _dataset_of(source: Sequence[Any]) -> Callable[[int], str]:
+  if hasattr(source, "dataset_and_name"):
+    return lambda i: source.dataset_and_name(i)[0]
+  return lambda i: "the dataset"
 
 
 class TextEncoderLike(Protocol):
@@ -532,5 +542,6 @@ def make_caption_tables(config: ml_collections.ConfigDict,
   # eval sets keep their own captions (caption 0), as they may have others.
   (table, per_record), *others = built
   table = table.select_sources(per_record, chosen, weighted,
-                               _record_label(sources[0]))
+                               _record_label(sources[0]),
+                               _dataset_of(sources[0]))
   return (table, *(t for t, _ in others), dim)

@@ -362,3 +362,22 @@ def test_the_data_fingerprint_covers_mixtures_and_short_tfds_names(
   config.data.tfds_name = "ivf_pairs/folders"
   assert run_record.data_fingerprint(config) == short
   assert short["files"] > 0
+
+
+@pytest.mark.parametrize("captions, caption_sources", [
+    ([], ()), (["scene b"], (("gen", 1),))])
+def test_a_tfds_record_without_captions_is_named_by_its_stem(
+    captions, caption_sources):
+  """A build's record was named 'record 1', which the user cannot find."""
+  records = [{"name": "0001", "captions": ["scene a", "gen a"],
+              "caption_sources": ["default", "gen"]},
+             {"name": "0002", "captions": captions,
+              "caption_sources": ["default"] * len(captions)}]
+  for record in records:  # (images are not read here)
+    record.update(ir=b"", vis=b"", text_emb_dim=0, text_emb_flat=[])
+  config = tiny.get_config()
+  config.model.text_dim = 4
+  config.data.caption_sources = caption_sources
+  with pytest.raises(UserError, match=r"record 1 \('0002'\) has no captions"):
+    sources.make_caption_tables(config, lambda: _Encoder(1.0),
+                                datasets.RecordSource(records))

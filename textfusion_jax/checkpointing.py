@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -158,6 +159,7 @@ def make_manager(workdir: str | os.PathLike, *, save_interval_steps: int,
   if not create and not directory.is_dir():
     raise CheckpointError(f"{workdir}: no {CHECKPOINT_DIR}/ (no checkpoint "
                           "saved yet)")
+  _shorten_orbax_write_failure_logs()
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_interval_steps,
       max_to_keep=max_to_keep,
@@ -204,6 +206,19 @@ _TENSORSTORE_WRITE_FAILURES = {
     "PERMISSION_DENIED": "permission denied"}
 
 
+def _write_failure_reason(error: BaseException) -> str | None:
+  """Why the machine refused a write (full disk, quota, read-only), or None
+  for any other error."""
+  if isinstance(error, OSError):
+    return ((error.strerror or str(error))
+            if error.errno in errors.ENVIRONMENT_ERRNOS else None)
+  text = str(error).strip()
+  code = next((code for code in _TENSORSTORE_WRITE_FAILURES
+               if text.startswith(code)), None)
+  return (None if code is None
+          else f"{_TENSORSTORE_WRITE_FAILURES[code]}, {code}")
+
+
 @contextlib.contextmanager
 def _write_failures_named(manager: ocp.CheckpointManager) -> Iterator[None]:
   """A save that the machine refuses (full disk, quota, read-only) becomes
@@ -212,19 +227,35 @@ def _write_failures_named(manager: ocp.CheckpointManager) -> Iterator[None]:
   it are intact."""
   try:
     yield
-  except OSError as error:
-    if error.errno not in errors.ENVIRONMENT_ERRNOS:
-      raise
-    reason = error.strerror or str(error)
-    _raise_write_failure(manager, reason, error)
   except Exception as error:  # pylint: disable=broad-except
-    text = str(error).strip()
-    code = next((code for code in _TENSORSTORE_WRITE_FAILURES
-                 if text.startswith(code)), None)
-    if code is None:
+    reason = _write_failure_reason(error)
+    if reason is None:
       raise
-    _raise_write_failure(manager, f"{_TENSORSTORE_WRITE_FAILURES[code]}, "
-                         f"{code}", error)
+    _raise_write_failure(manager, reason, error)
+
+
+class _WriteFailureLogsInOneLine(logging.Filter):
+  """Orbax's save threads log a refused write (full disk, quota) with a
+  traceback each, some 60 lines apiece above the one-line error: each is
+  kept as one line, the error's first line appended."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and _write_failure_reason(error) is not None:
+      first_line = (str(error).strip().splitlines() or [""])[0]
+      message = record.getMessage()
+      if first_line not in message:
+        message = f"{message}: {first_line}"
+      record.msg, record.args = message, None
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _shorten_orbax_write_failure_logs() -> None:
+  logger = logging.getLogger("absl")  # where orbax's absl.logging goes
+  if not any(isinstance(f, _WriteFailureLogsInOneLine)
+             for f in logger.filters):
+    logger.addFilter(_WriteFailureLogsInOneLine())
 
 
 def _raise_write_failure(manager: ocp.CheckpointManager, reason: str,

@@ -336,6 +336,23 @@ def test_unusable_config_values_are_one_line(tiny_dir, tmp_path, field,
   assert "config.json: unusable config values" in _error(directory)
 
 
+@pytest.mark.parametrize("eos", [None, 5])
+def test_an_end_of_text_id_the_tokenizer_never_writes_is_refused(
+    tiny_dir, tmp_path, eos):
+  """Without "eos_token_id" transformers fills in 49407, beyond this
+  vocabulary: every text was pooled at its first token, so every prompt
+  embedded the same and the text guided nothing, without a word."""
+  directory = _copy_checkpoint(tiny_dir, tmp_path / "c")
+  config = json.loads((directory / "config.json").read_text())
+  right = config.pop("eos_token_id")
+  if eos is not None:
+    config["eos_token_id"] = eos
+  (directory / "config.json").write_text(json.dumps(config))
+  message = _error(directory)
+  assert f"is not the tokenizer's end-of-text id {right}" in message
+  assert f'set "eos_token_id": {right} in config.json' in message
+
+
 def test_fingerprint_is_what_the_encoder_computes(tiny_dir, tmp_path):
   a = TextEncoder.from_pretrained(tiny_dir)
   assert a.fingerprint == TextEncoder.from_pretrained(tiny_dir).fingerprint

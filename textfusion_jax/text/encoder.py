@@ -83,6 +83,15 @@ class TextEncoder:
       raise ValueError(
           f"{source}: the tokenizer has {len(tokenizer)} tokens but the model "
           f"only {config.vocab_size} embeddings")
+    eos = config.eos_token_id
+    if eos != clip_text.LEGACY_EOS_TOKEN_ID and eos != tokenizer.eos_token_id:
+      # Pooling looks for this id: with none in a row, every text would be
+      # pooled at its first token and embed the same.
+      raise ValueError(
+          f"{source}: config eos_token_id {eos} is not the tokenizer's "
+          f"end-of-text id {tokenizer.eos_token_id}, so every text would embed "
+          f"the same; set \"eos_token_id\": {tokenizer.eos_token_id} in "
+          "config.json")
     # Before sharding, while every weight is on this host.
     self.fingerprint = fingerprint(model, tokenizer)
     self.max_length = config.max_position_embeddings

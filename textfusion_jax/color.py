@@ -52,7 +52,16 @@ def rgb_to_y(rgb: jax.Array) -> jax.Array:
   return jnp.sum(rgb * weights, axis=-1, keepdims=True)
 
 
+# Channels this close everywhere hold no visible colour (a grey frame with
+# sensor or conversion noise), which a fusion must not tint.
+GREY_TOLERANCE_LEVELS = 2
+
+
 def is_grey(rgb: np.ndarray) -> bool:
-  """Whether an (..., 3) image's channels are equal (a grey image)."""
-  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
-              np.array_equal(rgb[..., 1], rgb[..., 2]))
+  """Whether an (..., 3) image (uint8, or float in [0, 1]) is grey: its
+  channels differ by at most GREY_TOLERANCE_LEVELS of 255 anywhere."""
+  rgb = np.asarray(rgb)
+  scale = 1.0 if np.issubdtype(rgb.dtype, np.integer) else 255.0
+  spread = np.ptp(rgb.astype(np.float32), axis=-1)
+  return bool(spread.max(initial=0.0) * scale
+              <= GREY_TOLERANCE_LEVELS + 1e-3)

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from textfusion_jax import errors
 from textfusion_jax import inference
-from textfusion_jax import tiling
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ivf_samples"
 _CHECKPOINT = flags.DEFINE_string(
@@ -103,10 +102,6 @@ def main(argv):
           f"distinct sizes -> {len(buckets)} compiled shapes "
           f"({sorted(buckets)}), padding +{100 * (padded / pixels - 1):.0f}% "
           "pixels")
-    cost = tiling.COMPILE_COST_PIXELS.get(jax.default_backend(),
-                                          tiling.DEFAULT_COMPILE_COST_PIXELS)
-    print(f"(plan: a compilation is worth {cost:.0e} pixels of padding on "
-          f"{jax.default_backend()})")
 
 
 if __name__ == "__main__":

@@ -180,8 +180,7 @@ def main(argv) -> None:
   for folder in ("reference", "wiener_target", "true", "shuffled", "empty",
                  "degraded_vi", "sources/ir", "sources/vi"):
     remove_stale_images(out / folder, {p.name for p in pairs})
-  # One bucket plan for all pairs (as fuse and tno_report do): a few compiled
-  # shapes instead of one per image size.
+  # Each pair at its own bucket shape, as fuse and tno_report run it.
   shapes = inference.bucket_shapes(inference.check_sizes(pairs),
                                    inference.DEFAULT_TILE)
   encoder = fuser.encoder

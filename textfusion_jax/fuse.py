@@ -86,6 +86,12 @@ def main(argv: Sequence[str]) -> None:
           "fused tile by tile, and the attention of a small tile sees little "
           "of the scene: expect visible differences from the whole-image "
           f"fusion below {tiling.SMALL_TILE} pixels", file=sys.stderr)
+  if _OVERLAP.value < tiling.SMALL_OVERLAP:
+    print(f"warning: --overlap={_OVERLAP.value}: tiles blended over fewer "
+          f"than {tiling.SMALL_OVERLAP} pixels show seams along their borders "
+          "in an image larger than a tile (measured: up to 25 levels with no "
+          f"overlap; the default is {inference.DEFAULT_OVERLAP})",
+          file=sys.stderr)
   pairs = inference.collect_pairs(_IR.value, _VIS.value, _OUT.value)
   sixteen_bit: list[str] = []
   inference.check_sizes(pairs, sixteen_bit)  # before the model loads

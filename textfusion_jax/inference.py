@@ -5,8 +5,8 @@ command-line flags here.
 
 * `collect_pairs`, `check_sizes`, `read_captions`, `load_pair`: files to
   checked float pairs, with one-line errors naming the files.
-* `bucket_shapes`: the padded shape each pair runs at, a handful of shapes
-  for any mix of sizes (one compilation each); larger images run in tiles.
+* `bucket_shapes`: the padded shape each pair runs at, from its own size
+  on a fixed grid (one compilation per shape); larger images run in tiles.
 * `Fuser`: a model from a bundle (verified against its manifest first) or a
   training workdir; `fuse` returns the uint8 colour image.
 * `fuse_pairs`: fuse files to files, each output written atomically; a pair
@@ -14,8 +14,10 @@ command-line flags here.
   others still fused.
 
 The fusion rule's image means are taken over each image's own pixels, not
-its padding; channel attention does see the mirror padding, so one pair fused
-in a larger bucket can differ by a level or two (tests/test_fuse.py).
+its padding; channel attention does see the mirror padding (a pair fused
+padded to another size differs by a few levels), which is why a pair's
+bucket comes from its own size alone: fused alone or among others, the
+same pixels (tests/test_fuse.py).
 """
 
 from __future__ import annotations
@@ -204,14 +206,12 @@ def check_sizes(pairs: Sequence[Pair], sixteen_bit: list[str] | None = None
 
 def bucket_shapes(sizes: dict[str, tuple[int, int]], tile: int
                   ) -> dict[str, tuple[int, int] | None]:
-  """Name -> padded shape to run whole (None: tiled), few shapes in all."""
-  whole = {n: s for n, s in sizes.items() if max(s) <= tile}
-  cost = tiling.COMPILE_COST_PIXELS.get(jax.default_backend(),
-                                        tiling.DEFAULT_COMPILE_COST_PIXELS)
-  shapes: dict[str, tuple[int, int] | None] = {n: None for n in sizes}
-  for shape, names in tiling.plan_buckets(whole, 1, cost).items():
-    shapes.update({n: shape for n in names})
-  return shapes
+  """Name -> padded shape to run whole (None: tiled): each side on
+  `tiling.bucket_side`'s fixed grid, so a pair's output never depends on
+  the other pairs in its folder, in a handful of shapes in all."""
+  return {name: (tiling.bucket_side(h), tiling.bucket_side(w))
+          if max(h, w) <= tile else None
+          for name, (h, w) in sizes.items()}
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:

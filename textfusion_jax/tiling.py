@@ -3,8 +3,9 @@
 An image is cut into fixed-size tiles (one compiled shape for every image),
 each tile is fused, and overlaps are blended with separable linear ramps so
 no seams show. Images no larger than one tile run whole, padded to a given
-bucket shape (`plan_buckets`: a handful of compiled shapes for any mix of
-sizes) or to a multiple of `pad_multiple`.
+bucket shape (`bucket_side`: a fixed grid of sizes, a handful of compiled
+shapes for any mix of sizes) or to a multiple of `pad_multiple`.
+`plan_buckets` groups images for scoring, whose metrics skip the padding.
 
 Every tile is anchored at the whole image's mean brightness (the fusion
 rule's means are passed in), but the network's channel attention sees only
@@ -59,12 +60,20 @@ def pad_bottom_right(images: np.ndarray, height: int, width: int) -> np.ndarray:
                 if min(images.shape[-3:-1]) > 1 else "edge")
 
 
-# Bucket planning: an extra compilation is worth this many pixels of padding
-# (a CPU compile of the small model or of the metric suite takes ~10-20 s,
-# running it ~1-2 us per pixel; on an accelerator compiles dominate more).
-COMPILE_COST_PIXELS = {"cpu": 1e7}
-DEFAULT_COMPILE_COST_PIXELS = 1e9
 _SIZE_STEP = 32  # buckets start from sizes rounded up to this
+_SIZES_PER_OCTAVE = 8  # `bucket_side`'s grid above 256 pixels
+
+
+def bucket_side(n: int) -> int:
+  """`n` pixels rounded up on a fixed grid: multiples of 32 below 512, then
+  8 sizes per octave (multiples of 64 below 1024, of 128 below 2048, ...),
+  so at most 12.5 % padding per side and a handful of shapes for any mix
+  of sizes. Fixed, so the shape a model runs an image at (and so its
+  output: channel attention sees the padding) depends on that image
+  alone, never on the other images fused with it."""
+  step = max(_SIZE_STEP, (1 << (max(n, 1).bit_length() - 1))
+             // _SIZES_PER_OCTAVE)
+  return -(-n // step) * step
 
 
 def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
@@ -109,6 +118,9 @@ def plan_buckets(sizes: Mapping[str, tuple[int, int]], batch_size: int,
 # Below this tile size a tiled fusion visibly drifts from the whole-image
 # one: each tile's channel attention pools only its own window.
 SMALL_TILE = 256
+# Below this overlap, neighbouring tiles (each with its own attention) meet
+# too abruptly: seams show.
+SMALL_OVERLAP = 32
 
 
 def check_tiling(tile: int, overlap: int) -> None:

@@ -206,6 +206,23 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   assert logged == [2, 3, 4, 6]
 
 
+def _tensorboard_purge_steps(logdir: Path) -> list[int]:
+  """Steps of the session-start (purge) events in `logdir`'s event files
+  (TFRecord framing: length, its CRC, the Event, its CRC)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 16 + length
+      if event.HasField("session_log"):
+        steps.append(event.step)
+  return steps
+
+
 def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
   from textfusion_jax import metric_writer  # pylint: disable=g-import-not-at-top
   path = tmp_path / "metrics.jsonl"
@@ -217,6 +234,9 @@ def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
   logged = [json.loads(line) for line in path.read_text().splitlines()]
   assert [(r["step"], r["train/loss"]) for r in logged] == [
       (2, 1.0), (4, 1.0), (6, 0.5)]
+  # TensorBoard hides the crashed run's points after step 4 too (they
+  # stayed beside the new ones).
+  assert _tensorboard_purge_steps(tmp_path / "tensorboard") == [5]
   # An evaluation-only rerun at step 6 replaces that step's evaluation, not
   # its training record.
   with open(path, "a", encoding="utf-8") as handle:

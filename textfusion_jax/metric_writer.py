@@ -24,13 +24,15 @@ class MetricWriter:
     """start_step: the step a run resumes from. Lines a crashed run logged
     after it (steps it will log again) are dropped from metrics.jsonl, and
     with `replace_evaluation` (an evaluation-only run) its evaluation at
-    start_step too, which this run writes anew."""
+    start_step too, which this run writes anew. TensorBoard is told to hide
+    the crashed run's events after start_step (a purge marker)."""
     self._enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
       self._jsonl_path = Path(workdir) / "metrics.jsonl"
       _drop_after(self._jsonl_path, start_step, replace_evaluation)
       self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")

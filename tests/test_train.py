@@ -198,12 +198,18 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
   segments = json.loads((tmp_path / "run_info.json").read_text())["segments"]
   assert [(s["start_step"], s["end_step"]) for s in segments] == [
       (0, 3), (3, config.train.num_steps)]
-  lines = [json.loads(line) for line in
-           (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  logged = [line["step"] for line in lines if "train/loss" in line]
-  # Step 3, where the first segment stopped, is logged too; a restart from
-  # 0 would log step 2 twice.
-  assert logged == [2, 3, 4, 6]
+  def losses(workdir):
+    lines = [json.loads(line) for line in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["train/loss"] for line in lines
+            if "train/loss" in line}
+
+  # Step 3, where the first segment stopped, is logged too (as is step 1,
+  # orbax's first checkpoint); a restart from 0 would log step 2 twice.
+  assert list(losses(tmp_path)) == [1, 2, 3, 4, 6]
+  # The same windows as the straight run: checkpoint steps (3) end one
+  # (the resumed step 4 averaged step 4 alone, the straight run's 3 and 4).
+  assert losses(tmp_path) == pytest.approx(losses(workdir_full), rel=1e-6)
 
 
 def _tensorboard_purge_steps(logdir: Path) -> list[int]:
@@ -412,7 +418,8 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_checkpoint(
   # A NaN loss goes through the same check (a divergent run's, without
   # compiling another one).
   with pytest.raises(train_loop.NonFiniteLossError,
-                     match=r"non-finite loss nan at step 7; .* step 6 in"):
+                     match=r"non-finite loss nan at step 7; .* step 6 in .*"
+                     r"resume with a lower --config.optim.learning_rate"):
     train_loop._check_finite((float("nan"), 1.0), 7,  # pylint: disable=protected-access
                              checkpointing.make_manager(
                                  tmp_path, save_interval_steps=1,
@@ -504,6 +511,27 @@ def test_a_resumed_run_keeps_the_reference_it_started_with(full_run,
   _, changed, to_copy = train_loop.reference_params(trainer, config, run,
                                                     resuming=True)
   assert changed["source"] == str(source) and to_copy is not None
+  # A lost copy, while the reference's own run trained on: the target
+  # moved to its newer step without a word.
+  trains_on = tmp_path / "trains_on"
+  shutil.copytree(source, trains_on)
+  shutil.rmtree(trains_on / "checkpoints" / "6")
+  config.train.reference_from = str(trains_on)
+  run = tmp_path / "run2"
+  run.mkdir()
+  _, record, to_copy = train_loop.reference_params(trainer, config, run,
+                                                   resuming=False)
+  assert record["step"] == 3
+  train_loop.record_start(config, run, 0, None, record, to_copy)
+  shutil.copytree(source / "checkpoints" / "6", trains_on / "checkpoints" / "6")
+  (run / train_loop.REFERENCE_COPY).unlink()
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"reference_params.safetensors: missing, and .* "
+                     r"now holds step 6, not the reference this run trained "
+                     r"toward \(step 3"):
+    train_loop.reference_params(trainer, config, run, resuming=True)
+
+
 def test_init_from_errors_are_one_line(full_run, tmp_path):
   source, _ = full_run
   out = _train_cli("--workdir", str(tmp_path / "a"),
@@ -946,7 +974,8 @@ def test_a_workdir_whose_run_saved_no_checkpoint_starts_afresh(tmp_path):
     train_loop.setup_workdir(failed, str(tmp_path))
 
 
-def test_a_bundle_or_clip_folder_given_as_workdir_is_refused(tmp_path):
+def test_a_bundle_or_clip_folder_given_as_workdir_is_refused(tmp_path,
+                                                             monkeypatch):
   """Training into a bundle overwrote its config.json (the bundle then
   failed its manifest check); into a CLIP folder, the CLIP's config.json."""
   from textfusion_jax.text import tiny_clip  # pylint: disable=g-import-not-at-top
@@ -958,6 +987,13 @@ def test_a_bundle_or_clip_folder_given_as_workdir_is_refused(tmp_path):
                      match=rf"--workdir {fake_bundle} holds a manifest.json "
                      r"\(a model bundle or caption store\)"):
     train_loop.setup_workdir(config, str(fake_bundle))
+  # A bucket URL became a local folder 'gs:' (each host its own).
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(train_loop.errors.UserError,
+                     match=r"--workdir gs://b/run: URLs are not supported; "
+                     "mount the bucket"):
+    train_loop.setup_workdir(config, "gs://b/run")
+  assert not (tmp_path / "gs:").exists()
   clip = tiny_clip.save_tiny_random_clip(tmp_path / "clip")
   before = (clip / "config.json").read_text()
   with pytest.raises(checkpointing.CheckpointError,
@@ -984,3 +1020,71 @@ def test_an_interrupted_segment_ends_at_its_last_checkpoint(tmp_path,
   segment = run_record.load(tmp_path)["segments"][-1]
   assert (segment["start_step"], segment["end_step"]) == (0, 3)
   assert checkpointing.has_checkpoint(tmp_path)
+
+
+def test_sigterm_saves_and_stops_and_the_run_resumes_exactly(full_run,
+                                                             tmp_path,
+                                                             monkeypatch):
+  """SIGTERM (a scheduler's preemption notice) killed the run where it
+  stood: up to checkpoint_every steps lost, a stray temporary checkpoint,
+  and a segment on record as 'evaluation only'. Now the step in flight
+  finishes, is saved, and the run stops with status 143."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import run_record  # pylint: disable=g-import-not-at-top
+  log_scalars = train_loop._log_scalars  # pylint: disable=protected-access
+
+  def sigterm_at_4(writer, step, *args):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return log_scalars(writer, step, *args)
+
+  before = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(train_loop, "_log_scalars", sigterm_at_4)
+  with pytest.raises(train_loop.Preempted,
+                     match=r"stopped by SIGTERM after step 5 of 6, saved in "
+                     r".*checkpoints; rerun the same command to resume") as e:
+    train_loop.train_and_evaluate(tiny.get_config(), str(tmp_path))
+  assert e.value.status == 143
+  assert signal.getsignal(signal.SIGTERM) == before
+  segment = run_record.load(tmp_path)["segments"][-1]
+  assert (segment["start_step"], segment["end_step"]) == (0, 5)
+  assert 5 in checkpointing.make_manager(
+      tmp_path, save_interval_steps=1, max_to_keep=None,
+      create=False).all_steps()
+  monkeypatch.setattr(train_loop, "_log_scalars", log_scalars)
+  config = tiny.get_config()
+  config.eval.at_end = False
+  train_loop.train_and_evaluate(config, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(_params(full_run[0], config)[1]),
+                  jax.tree.leaves(_params(tmp_path, config)[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_killed_segment_and_changed_data_are_on_the_model_card(tmp_path):
+  """A segment killed without a word (SIGKILL) was carded 'evaluation only'
+  and its steps left out; a resume on other data kept the first data's
+  fingerprint, so the card contradicted the bundle's config."""
+  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import run_bundle
+  from textfusion_jax import run_record
+  config = tiny.get_config()
+  run_record.start(tmp_path, config, 0)  # killed: never finished
+  first_data = run_record.load(tmp_path)["data"]
+  info = run_record.start(tmp_path, config, 3)  # resumes from step 3
+  run_record.finish(tmp_path, info, 6, 1.0)
+  config.data.train_size = 32
+  info = run_record.start(tmp_path, config, 6)
+  run_record.finish(tmp_path, info, 8, 1.0)
+  info = run_record.load(tmp_path)
+  first, second, third = info["segments"]
+  assert (first["end_step"], first["interrupted"]) == (3, True)
+  assert "running" not in first and "data" not in second
+  assert info["data"] == first_data
+  assert third["data"] == run_record.data_fingerprint(config) != first_data
+  card = run_bundle.model_card(config, info, 8, "")
+  assert "# steps 0-3 (killed: time not recorded)" in card
+  assert "evaluation only" not in card
+  assert (f"- Data from step 6: source `synthetic`, "
+          f"{third['data'].get('files', 0)} files, sha256 "
+          f"`{third['data']['sha256']}`") in card
+

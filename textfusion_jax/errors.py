@@ -47,6 +47,7 @@ def one_line_errors() -> Iterator[None]:
     if os.environ.get("TEXTFUSION_DEBUG"):
       raise
     fail(str(error) or type(error).__name__,
+         status=getattr(error, "status", 2),
          exit_now=getattr(error, "exit_now", False))
   except OSError as error:
     # A full disk, a read-only folder, a quota: the machine's state, not a

@@ -73,8 +73,16 @@ def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
       f"    python {' '.join(s['argv'])}   # " +
       (f"steps {s['start_step']}-{s['end_step']}"
        if s["end_step"] != s["start_step"] else "evaluation only") +
+      (" (killed: time not recorded)" if s.get("interrupted") else "") +
+      (" (still running or killed)" if s.get("running") else "") +
       f", commit {s['commit']}" for s in segments) or (
           "    (not recorded: run_info.json missing)")
+  changes = "".join(
+      f"- Data from step {s['start_step']}: source "
+      f"`{s['data'].get('source')}`, {s['data'].get('files', 0)} files, "
+      f"sha256 `{s['data'].get('sha256', 'unknown')}`" +
+      "".join(f"\n  - `{r}`" for r in s["data"].get("roots", [])) + "\n"
+      for s in segments if "data" in s)
   roots = "".join(f"  - `{r}`\n" for r in data.get("roots", []))
   eval_dirs = config.data.get("eval_dir", "") or config.data.get(
       "eval_split", "")
@@ -94,7 +102,7 @@ The bundle is checked against manifest.json before anything is loaded.
 
 - Data: source `{data.get('source', config.data.source)}`, {data.get('files', 0)} files, sha256 of the
   file list and contents `{data.get('sha256', 'unknown')}`
-{roots}- Held out for evaluation: `{eval_dirs}`
+{roots}{changes}- Held out for evaluation: `{eval_dirs}`
 - Command(s), run from the repository root:
 
 {commands}

@@ -157,10 +157,14 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
   encoder's when the run starts at step 0; `reference`, the frozen model
   this segment trains toward, whenever given)."""
   info = load(workdir)
+  data = data_fingerprint(config)
   if "data" not in info or start_step == 0:
     # (A run at step 0 trains from scratch: an earlier attempt there that
     # saved no checkpoint may have used other data or another encoder.)
-    info["data"] = data_fingerprint(config)
+    info["data"] = data
+  changed = (_data_at(info, len(info.get("segments", []))) != data
+             and start_step > 0)
+  _close_unfinished_segment(info, start_step)
   # Only a fresh run knows the encoder it trains with: a resumed run from
   # before fingerprints were recorded may meet another one now.
   if start_step == 0:
@@ -173,16 +177,39 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
   if reference is not None:  # the one this segment trains toward
     info["reference"] = reference
   info["seed"] = config.seed
-  info.setdefault("segments", []).append(
-      {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": git_commit(),
-       "start_step": start_step, "end_step": start_step,
-       "train_seconds": 0.0})
+  segment = {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+             "commit": git_commit(), "start_step": start_step,
+             "end_step": start_step, "train_seconds": 0.0,
+             "running": True}  # until `finish`
+  if changed:  # a resume on other data: the card must say so
+    segment["data"] = data
+  info.setdefault("segments", []).append(segment)
   _write(workdir, info)
   return info
 
 
+def _data_at(info: dict[str, Any], segment: int) -> dict[str, Any] | None:
+  """The data segment `segment` trained on (the last one recorded)."""
+  for earlier in reversed(info.get("segments", [])[:segment]):
+    if "data" in earlier:
+      return earlier["data"]
+  return info.get("data")
+
+
+def _close_unfinished_segment(info: dict[str, Any], start_step: int) -> None:
+  """A segment killed without a word (SIGKILL, a lost machine) never
+  recorded its end: it trained at least to the checkpoint this run resumes
+  from. Its time is unknown."""
+  segments = info.get("segments", [])
+  if segments and segments[-1].pop("running", False):
+    last = segments[-1]
+    if start_step > last["start_step"]:
+      last.update(end_step=start_step, interrupted=True)
+
+
 def finish(workdir: Path, info: dict[str, Any], end_step: int,
            train_seconds: float) -> None:
+  info["segments"][-1].pop("running", None)
   info["segments"][-1].update(end_step=end_step,
                               train_seconds=round(train_seconds, 1))
   _write(workdir, info)

@@ -13,8 +13,9 @@ Multi-host (every process runs the same command; `distributed.py`):
       --num_processes 2 --process_id {0|1}
   python train.py --config C --workdir W --multihost   # TPU pods, SLURM, MPI
 
-The workdir must be on storage every process sees (a shared filesystem or
-a gs:// bucket): Orbax writes each checkpoint with all processes.
+The workdir must be on storage every process sees (a shared filesystem, or
+a bucket mounted as one, e.g. with gcsfuse; gs:// URLs are refused): Orbax
+writes each checkpoint with all processes.
 """
 
 from collections.abc import Sequence

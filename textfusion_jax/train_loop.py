@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +45,46 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(errors.UserError):
   """A NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+class Preempted(errors.UserError):
+  """SIGTERM (a scheduler's preemption notice): stopped after saving."""
+  status = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM death
+
+
+class PreemptionNotice:
+  """Whether the job was told to stop (SIGTERM), agreed across processes.
+
+  One process: a SIGTERM handler sets a flag, read after each step.
+  Several: JAX's preemption service (on with `jax.distributed`) catches the
+  SIGTERM any of them gets and names one step at which all stop, so their
+  collective save meets (`multihost_utils.reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    self._multi = jax_distributed.global_state.client is not None
+    self._received = False
+    self._previous = None
+    # Only the main thread may set handlers (a library caller may train
+    # from another: it then keeps SIGTERM's default).
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._received = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._received
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 # -- phases -------------------------------------------------------------------
@@ -162,6 +204,12 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   """Checks the workdir and a previous run's config; writes nothing there
   but the directory itself (`record_start` writes the config once the run
   has started)."""
+  if "://" in str(workdir):
+    # pathlib would make 'gs://b/run' a local folder 'gs:/b/run': each host
+    # would checkpoint to its own disk.
+    raise errors.UserError(
+        f"--workdir {workdir}: URLs are not supported; mount the bucket as a "
+        "folder every process sees (e.g. gcsfuse) and give its path")
   if bundle.is_bundle(workdir):
     # Training would overwrite its config.json and break its manifest.
     raise errors.UserError(
@@ -384,6 +432,15 @@ def reference_params(trainer: train_step.ShardedTrainer,
   params, step = load_source_params(config, "reference_from")
   record = {"source": path, "step": int(step),
             "fingerprint": bundle.params_fingerprint(params)}
+  if (recorded and recorded.get("source") == path and
+      record["fingerprint"] != recorded.get("fingerprint")):
+    # The copy is gone and the source has trained on: loading it would
+    # move the loss target mid-run.
+    raise checkpointing.CheckpointError(
+        f"{copy}: missing, and {path} now holds step {step}, not the "
+        f"reference this run trained toward (step {recorded.get('step')}, "
+        f"fingerprint {recorded.get('fingerprint')} in run_info.json); "
+        "restore the copy, or train in a fresh --workdir")
   return trainer.place_params(params), record, params
 
 
@@ -455,9 +512,12 @@ def _check_finite(loss_and_grad_norm: tuple[Any, Any], step: int,
     kept = (f"Last good checkpoint: step {latest} in "
             f"{workdir / checkpointing.CHECKPOINT_DIR}" if latest is not None
             else "No checkpoint was saved yet")
+    # A rerun replays the same batches to the same failure: name a change.
     raise NonFiniteLossError(
         f"non-finite {what} at step {step}; stopped without applying it. "
-        f"{kept}")
+        f"{kept}; a rerun replays the same batches, so resume with a lower "
+        "--config.optim.learning_rate (or float32 compute, "
+        "--config.model.dtype=float32)")
 
 
 def _one_line(error: BaseException) -> str:
@@ -536,6 +596,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         workdir_path, start_step,
         replace_evaluation=start_step >= stop_at_step(config, start_step))
     cleanup.push(_closer(writer.close, "the metric writer"))
+    preemption = PreemptionNotice()
+    cleanup.callback(preemption.close)
     evaluator = evaluators.FusionEvaluator(
         trainer.apply, inputs.eval_batches, _to_global_eval(mesh), workdir_path,
         save_images=config.eval.save_images,
@@ -560,7 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       disable=jax.process_index() != 0, dynamic_ncols=True)
       step = start_step
       last_loss_and_grad_norm = None
-      completed = False
+      completed = preempted = False
       try:
         while step < stop_at:
           batch = sharding_lib.global_batch(next(train_iter),
@@ -587,13 +649,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           pending = (step_metrics if pending is None else
                      pending.merge(step_metrics))
           progress.update(1)
+          preempted = preemption.reached(step)
           # The segment's last step too: its loss is checked before the
           # final save and logged, even when a preemption stops it early.
+          # And every checkpoint step: a resume from it then logs the same
+          # windows as a straight run.
           is_log_step = (step % config.train.log_every == 0 or
-                         step == stop_at)
-          if is_log_step or manager.should_save(step):
-            _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
+                         step == stop_at or manager.should_save(step) or
+                         preempted)
           if is_log_step:
+            _check_finite(last_loss_and_grad_norm, step, manager, workdir_path)
             now = time.time()
             rate = (step - last_log_step) / max(now - last_log_time - paused,
                                                 1e-9)
@@ -603,6 +668,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             paused = 0.0
           checkpointing.save(manager, step, state,
                              data_position(batches_seen, batch_size))
+          if preempted:
+            break  # saved below, at once: the grace period is short
           if evaluates_in_loop(config, step):
             eval_start = time.time()
             _eval_and_log(evaluator, writer, state.params, step)
@@ -624,6 +691,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         checkpointing.save(manager, step, state,
                            data_position(batches_seen, batch_size), force=True)
         checkpointing.wait(manager)
+      if preempted:
+        raise Preempted(
+            f"stopped by SIGTERM after step {step} of {num_steps}, saved in "
+            f"{workdir_path / checkpointing.CHECKPOINT_DIR}; rerun the same "
+            "command to resume")
       if step < num_steps:
         log.warning("Stopped at step %d of %d (train.stop_after_steps)", step,
                     num_steps)

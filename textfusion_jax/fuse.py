@@ -112,12 +112,14 @@ def main(argv: Sequence[str]) -> None:
                                 tile=_TILE.value, overlap=_OVERLAP.value,
                                 progress=True)
   if result.seconds:
-    steady = result.seconds[1:] or result.seconds
+    warm, first = result.times()
     # (Counted as written: a pair fused but not written is in `failed`.)
     print(f"fused {len(pairs) - len(result.failed)} pair(s) with checkpoint "
-          f"step {fuser.step} -> {_OUT.value}; {1000 * np.mean(steady):.1f} "
-          f"ms/pair (first, with compilation: "
-          f"{1000 * result.seconds[0]:.1f} ms)")
+          f"step {fuser.step} -> {_OUT.value}; "
+          + (f"{1000 * np.mean(warm):.1f} ms/pair once compiled; "
+             if warm else "")
+          + f"{len(first)} shape(s) compiled, the first pair of each in "
+          f"{1000 * np.mean(first):.1f} ms/pair")
   if result.failed:
     raise errors.UserError(f"{len(result.failed)} of {len(pairs)} pair(s) not "
                            "fused or not written: " + "; ".join(result.failed))

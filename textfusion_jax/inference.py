@@ -384,8 +384,15 @@ class Fuser:
 
 @dataclasses.dataclass(frozen=True)
 class FusedPairs:
-  seconds: list[float]  # per fused pair, the first with compilation
+  seconds: list[float]  # per fused pair
   failed: list[str]  # one line per pair not decoded or not written
+  compiled: list[bool]  # per fused pair: the first of its shape (compiles)
+
+  def times(self) -> tuple[list[float], list[float]]:
+    """(seconds of the pairs whose shape was compiled already, seconds of
+    the first pair of each shape, compilation included)."""
+    warm = [t for t, c in zip(self.seconds, self.compiled) if not c]
+    return warm, [t for t, c in zip(self.seconds, self.compiled) if c]
 
 
 def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
@@ -400,7 +407,7 @@ def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   shapes = bucket_shapes(check_sizes(pairs), tile)
-  seconds, failed = [], []
+  seconds, failed, compiled, seen = [], [], [], set()
   for pair, emb in tqdm(list(zip(pairs, embeddings)), unit="pair",
                         disable=not progress):
     try:
@@ -412,9 +419,12 @@ def fuse_pairs(fuser: Fuser, pairs: Sequence[Pair], embeddings: np.ndarray, *,
     fused = fuser.fuse(vis, ir, emb, tile=tile, overlap=overlap,
                        pad_to=shapes[pair.name])
     seconds.append(time.perf_counter() - start)
+    shape = shapes[pair.name] or ("tiles", tile)  # tiles share one shape
+    compiled.append(shape not in seen)
+    seen.add(shape)
     try:
       image_io.write_png_atomic(pair.out, fused)
     except OSError as error:
       failed.append(f"{pair.out}: cannot write "
                     f"({error.strerror or error})")
-  return FusedPairs(seconds, failed)
+  return FusedPairs(seconds, failed, compiled)

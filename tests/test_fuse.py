@@ -382,6 +382,10 @@ def test_bucket_sides_lie_on_a_fixed_grid():
                    576: 576, 1000: 1024, 1024: 1024, 1025: 1152, 4000: 4096}
   for n in range(1, 5000):
     assert n <= tiling.bucket_side(n) <= max(n * 1.125, n + 31), n
+  # A smaller --tile bounds the padding too (it is how memory is bounded).
+  from textfusion_jax import inference  # pylint: disable=g-import-not-at-top
+  assert inference.bucket_shapes({"a": (1030, 1030), "b": (990, 700)},
+                                 1100) == {"a": (1088, 1088), "b": (1024, 704)}
 
 
 PRETRAINED = ROOT / "pretrained" / "textfusion-small"

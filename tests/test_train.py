@@ -699,21 +699,37 @@ def test_a_run_that_fails_before_its_first_step_keeps_the_old_record(
   assert closed == ["writer", "inputs", "manager"]
 
 
-def test_orbax_logs_a_refused_write_in_one_line(tmp_path, caplog):
+def test_orbax_logs_a_refused_write_in_one_line(tmp_path):
   """Orbax's save threads logged a full disk with a traceback each: on a
-  2 MB tmpfs, 340 lines above the one-line error. Other errors keep
-  theirs."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  2 MB tmpfs, 340 lines above the one-line error. Other errors, and other
+  libraries' records (a device out-of-memory error), keep theirs."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys as system  # pylint: disable=g-import-not-at-top
   checkpointing.make_manager(tmp_path, save_interval_steps=1, max_to_keep=1)
-  for error in (ValueError('RESOURCE_EXHAUSTED: Error writing local file "x"'
-                           ": No space left on device\nmore"),
-                OSError(errno.EDQUOT, "Disk quota exceeded"),
-                ValueError("a bug")):
-    try:
-      raise error
-    except Exception:  # pylint: disable=broad-except
-      absl_logging.exception("Save thread %s failed", "t")
-  full, quota, bug = caplog.records[-3:]
+  logger = logging.getLogger("absl")
+  seen = []
+  handler = logging.Handler()
+  handler.emit = seen.append
+  logger.addHandler(handler)
+  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint",
+                            "future.py")
+  try:
+    for error, where in (
+        (ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": No '
+                    'space left on device\nmore'), orbax_file),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), orbax_file),
+        (ValueError("a bug"), orbax_file),
+        (ValueError("RESOURCE_EXHAUSTED: Out of memory\nallocations: ..."),
+         __file__)):
+      try:
+        raise error
+      except Exception:  # pylint: disable=broad-except
+        logger.handle(logger.makeRecord("absl", logging.ERROR, where, 1,
+                                        "Save thread %s failed", ("t",),
+                                        system.exc_info()))
+  finally:
+    logger.removeHandler(handler)
+  full, quota, bug, other = seen
   assert full.getMessage() == ('Save thread t failed: RESOURCE_EXHAUSTED: '
                                'Error writing local file "x": No space left '
                                'on device')
@@ -721,6 +737,7 @@ def test_orbax_logs_a_refused_write_in_one_line(tmp_path, caplog):
   assert quota.getMessage().endswith("Disk quota exceeded")
   assert not quota.exc_info
   assert bug.exc_info and bug.getMessage() == "Save thread t failed"
+  assert other.exc_info and other.getMessage() == "Save thread t failed"
 
 
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_saved_steps(
@@ -1040,11 +1057,23 @@ def test_sigterm_saves_and_stops_and_the_run_resumes_exactly(full_run,
 
   before = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(train_loop, "_log_scalars", sigterm_at_4)
+  finish_segment = train_loop._finish_segment  # pylint: disable=protected-access
+  saved_when_recorded = []
+
+  def finish_after_the_save(workdir, info, manager, start, end, seconds):
+    # The save came after the record: a kill in between (the grace period
+    # running out) left a segment ending at a step never saved.
+    saved_when_recorded.append((end, (workdir / "checkpoints" / str(end)
+                                      ).is_dir()))
+    return finish_segment(workdir, info, manager, start, end, seconds)
+
+  monkeypatch.setattr(train_loop, "_finish_segment", finish_after_the_save)
   with pytest.raises(train_loop.Preempted,
                      match=r"stopped by SIGTERM after step 5 of 6, saved in "
                      r".*checkpoints; rerun the same command to resume") as e:
     train_loop.train_and_evaluate(tiny.get_config(), str(tmp_path))
   assert e.value.status == 143
+  assert saved_when_recorded == [(5, True)]
   assert signal.getsignal(signal.SIGTERM) == before
   segment = run_record.load(tmp_path)["segments"][-1]
   assert (segment["start_step"], segment["end_step"]) == (0, 5)
@@ -1075,16 +1104,47 @@ def test_a_killed_segment_and_changed_data_are_on_the_model_card(tmp_path):
   config.data.train_size = 32
   info = run_record.start(tmp_path, config, 6)
   run_record.finish(tmp_path, info, 8, 1.0)
+  config.data.train_size = 64  # failed before a step: never trained on
+  info = run_record.start(tmp_path, config, 8)
+  run_record.finish(tmp_path, info, 8, 0.0)
+  config.data.train_size = 32
+  run_record.start(tmp_path, config, 8)  # killed before its first save
+  info = run_record.start(tmp_path, config, 8)
+  run_record.finish(tmp_path, info, 9, 1.0)
   info = run_record.load(tmp_path)
-  first, second, third = info["segments"]
+  first, second, third, failed, killed, last = info["segments"]
   assert (first["end_step"], first["interrupted"]) == (3, True)
   assert "running" not in first and "data" not in second
   assert info["data"] == first_data
   assert third["data"] == run_record.data_fingerprint(config) != first_data
-  card = run_bundle.model_card(config, info, 8, "")
+  assert "data" in failed and "data" not in killed and "data" not in last
+  assert killed["interrupted"] and killed["end_step"] == 8
+  card = run_bundle.model_card(config, info, 9, "")
   assert "# steps 0-3 (killed: time not recorded)" in card
-  assert "evaluation only" not in card
+  assert "# killed before its first checkpoint" in card
+  assert card.count("- Data from step") == 1
   assert (f"- Data from step 6: source `synthetic`, "
           f"{third['data'].get('files', 0)} files, sha256 "
           f"`{third['data']['sha256']}`") in card
 
+
+
+def test_a_second_sigterm_ends_a_stuck_run():
+  """The first SIGTERM waits for the step in flight; a run stuck before it
+  (a hung input pipeline) is ended by the second, as by SIGTERM before."""
+  import signal  # pylint: disable=g-import-not-at-top
+  code = ("import os, signal, time\n"
+          "from textfusion_jax import train_loop\n"
+          "notice = train_loop.PreemptionNotice()\n"
+          "os.kill(os.getpid(), signal.SIGTERM)\n"
+          "assert notice.reached(1)\n"
+          "print('first heard', flush=True)\n"
+          "os.kill(os.getpid(), signal.SIGTERM)\n"
+          "time.sleep(30)\n"
+          "print('survived')\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
+  assert out.stdout == "first heard\n"

@@ -236,12 +236,15 @@ def _write_failures_named(manager: ocp.CheckpointManager) -> Iterator[None]:
 
 class _WriteFailureLogsInOneLine(logging.Filter):
   """Orbax's save threads log a refused write (full disk, quota) with a
-  traceback each, some 60 lines apiece above the one-line error: each is
-  kept as one line, the error's first line appended."""
+  traceback each, some 60 lines apiece above the one-line error: each of
+  orbax's is kept as one line, the error's first line appended (others'
+  records, e.g. a device out-of-memory error, are left whole)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    if error is not None and _write_failure_reason(error) is not None:
+    if (isinstance(error, BaseException) and
+        f"{os.sep}orbax{os.sep}" in record.pathname and
+        _write_failure_reason(error) is not None):
       first_line = (str(error).strip().splitlines() or [""])[0]
       message = record.getMessage()
       if first_line not in message:

@@ -208,9 +208,14 @@ def bucket_shapes(sizes: dict[str, tuple[int, int]], tile: int
                   ) -> dict[str, tuple[int, int] | None]:
   """Name -> padded shape to run whole (None: tiled): each side on
   `tiling.bucket_side`'s fixed grid, so a pair's output never depends on
-  the other pairs in its folder, in a handful of shapes in all."""
-  return {name: (tiling.bucket_side(h), tiling.bucket_side(w))
-          if max(h, w) <= tile else None
+  the other pairs in its folder, in a handful of shapes in all. A side is
+  never padded past `tile` (rounded down to 32) unless it is larger
+  itself: a smaller --tile is how a user bounds memory."""
+
+  def side(n: int) -> int:
+    return min(tiling.bucket_side(n), max(-(-n // 32) * 32, tile // 32 * 32))
+
+  return {name: (side(h), side(w)) if max(h, w) <= tile else None
           for name, (h, w) in sizes.items()}
 
 

@@ -69,20 +69,25 @@ def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
   """MODEL_CARD.md text: deterministic for a given run and step."""
   data = info.get("data", {})
   segments = info.get("segments", [])
+  def steps(s: dict[str, Any]) -> str:
+    if s.get("interrupted"):
+      return (f"steps {s['start_step']}-{s['end_step']} (killed: time not "
+              "recorded)" if run_record.trained(s)
+              else "killed before its first checkpoint")
+    if s.get("running"):
+      return "still running, or killed"
+    return (f"steps {s['start_step']}-{s['end_step']}" if run_record.trained(s)
+            else "evaluation only")
+
   commands = "\n".join(
-      f"    python {' '.join(s['argv'])}   # " +
-      (f"steps {s['start_step']}-{s['end_step']}"
-       if s["end_step"] != s["start_step"] else "evaluation only") +
-      (" (killed: time not recorded)" if s.get("interrupted") else "") +
-      (" (still running or killed)" if s.get("running") else "") +
-      f", commit {s['commit']}" for s in segments) or (
-          "    (not recorded: run_info.json missing)")
+      f"    python {' '.join(s['argv'])}   # {steps(s)}, commit {s['commit']}"
+      for s in segments) or "    (not recorded: run_info.json missing)"
   changes = "".join(
       f"- Data from step {s['start_step']}: source "
       f"`{s['data'].get('source')}`, {s['data'].get('files', 0)} files, "
       f"sha256 `{s['data'].get('sha256', 'unknown')}`" +
       "".join(f"\n  - `{r}`" for r in s["data"].get("roots", [])) + "\n"
-      for s in segments if "data" in s)
+      for s in segments if "data" in s and run_record.trained(s))
   roots = "".join(f"  - `{r}`\n" for r in data.get("roots", []))
   eval_dirs = config.data.get("eval_dir", "") or config.data.get(
       "eval_split", "")

@@ -162,9 +162,9 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
     # (A run at step 0 trains from scratch: an earlier attempt there that
     # saved no checkpoint may have used other data or another encoder.)
     info["data"] = data
+  _close_unfinished_segment(info, start_step)
   changed = (_data_at(info, len(info.get("segments", []))) != data
              and start_step > 0)
-  _close_unfinished_segment(info, start_step)
   # Only a fresh run knows the encoder it trains with: a resumed run from
   # before fingerprints were recorded may meet another one now.
   if start_step == 0:
@@ -188,10 +188,16 @@ def start(workdir: Path, config: ml_collections.ConfigDict,
   return info
 
 
+def trained(segment: dict[str, Any]) -> bool:
+  """Whether a segment trained any step (not evaluation only, not failed
+  or killed before its first checkpoint)."""
+  return segment["end_step"] > segment["start_step"]
+
+
 def _data_at(info: dict[str, Any], segment: int) -> dict[str, Any] | None:
-  """The data segment `segment` trained on (the last one recorded)."""
+  """The data the segments before `segment` last trained on."""
   for earlier in reversed(info.get("segments", [])[:segment]):
-    if "data" in earlier:
+    if "data" in earlier and trained(earlier):
       return earlier["data"]
   return info.get("data")
 
@@ -203,8 +209,8 @@ def _close_unfinished_segment(info: dict[str, Any], start_step: int) -> None:
   segments = info.get("segments", [])
   if segments and segments[-1].pop("running", False):
     last = segments[-1]
-    if start_step > last["start_step"]:
-      last.update(end_step=start_step, interrupted=True)
+    last.update(end_step=max(start_step, last["start_step"]),
+                interrupted=True)
 
 
 def finish(workdir: Path, info: dict[str, Any], end_step: int,

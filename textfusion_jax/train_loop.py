@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -63,7 +64,11 @@ class PreemptionNotice:
 
   def __init__(self):
     from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-    self._multi = jax_distributed.global_state.client is not None
+    state = jax_distributed.global_state
+    # (Without the service, jax_enable_preemption_service=False, each
+    # process hears only its own SIGTERM, as a single process does.)
+    self._multi = (state.client is not None and
+                   state.preemption_sync_manager is not None)
     self._received = False
     self._previous = None
     # Only the main thread may set handlers (a library caller may train
@@ -72,7 +77,10 @@ class PreemptionNotice:
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    if self._received:  # a second notice: the loop is stuck, so go
+      self.close()
+      os.kill(os.getpid(), signum)
     self._received = True
 
   def reached(self, step: int) -> bool:
@@ -82,6 +90,8 @@ class PreemptionNotice:
     return self._received
 
   def close(self) -> None:
+    """Back to the previous SIGTERM handling (after the loop: a SIGTERM
+    during the final evaluation ends the run as it did before)."""
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
@@ -666,16 +676,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
             pending, last_log_time, last_log_step = None, now, step
             paused = 0.0
+          # Preempted: saved at once (the grace period is short) and
+          # awaited below before the segment's end is recorded.
           checkpointing.save(manager, step, state,
-                             data_position(batches_seen, batch_size))
+                             data_position(batches_seen, batch_size),
+                             force=preempted)
           if preempted:
-            break  # saved below, at once: the grace period is short
+            break
           if evaluates_in_loop(config, step):
             eval_start = time.time()
             _eval_and_log(evaluator, writer, state.params, step)
             paused += time.time() - eval_start
         completed = True
       finally:
+        preemption.close()
         progress.close()
         saved = False
         try:

@@ -360,8 +360,9 @@ def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(
   train_loop.train_and_evaluate(config, str(tmp_path / "refined"))
   logged = [json.loads(line) for line in
             (tmp_path / "refined" / "metrics.jsonl").read_text().splitlines()]
+  # Logged at step 1 (orbax's first checkpoint ends a log window) and 2.
   assert [l["train/loss_reference"] > 0 for l in logged
-          if "train/loss_reference" in l] == [True]
+          if "train/loss_reference" in l] == [True, True]
   fuser = inference.Fuser.load(str(workdir))
   assert tuple(fuser.config.model.vis_smoothing_sigmas) == (1.0, 2.0)
   assert fuser.trained_on_condition_sentences

@@ -2,7 +2,11 @@
 
   python benchmarks/accelerator_suite.py            # one GPU: <= 8 minutes
   python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: about 2 min
-  [--out RESULTS.md] [--peak_tflops 989]
+  [--out RESULTS.md] [--peak_tflops 989] [--parts=train]
+
+On the GPU machine pipe its output through nothing that buffers it (or
+`grep --line-buffered`): a run stopped at its limit keeps only what was
+printed.
 
 Measures, on the first device, with random weights and data (speed does not
 depend on them):
@@ -52,6 +56,9 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "CPU-sized run of every part.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table here.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of "
                            "the device (default: looked up by device kind).")
+_PARTS = flags.DEFINE_list("parts", ["inference", "metrics", "text", "train"],
+                           "Parts to run, in this order (e.g. --parts=train "
+                           "to measure only training).")
 _PRINT_WHEELS = flags.DEFINE_bool("print_wheels", False, "Print how to carry "
                                   "the missing packages, then exit.")
 
@@ -133,8 +140,12 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
       batch = sharding_lib.global_batch(
           random_batch(batch_size, crop, 512), trainer.batch_sharding)
       rng = jax.random.key(1)
+      compile_start = time.perf_counter()
       compiled = trainer.jitted_train_step.lower(state, batch, rng,
                                                   None).compile()
+      # (A GPU run once spent over 7 minutes here or in the steps, unseen.)
+      print(f"  train batch {batch_size}: compiled in "
+            f"{time.perf_counter() - compile_start:.0f} s", flush=True)
       flops, _ = cost_of(compiled)
       holder = {"state": state}
 
@@ -289,10 +300,15 @@ def main(argv) -> None:
     return "\n".join(lines)
 
   # Inference first: the device's peak memory then reads per size.
-  for name, part in (("inference", lambda: inference_rows(smoke, on_gpu)),
-                     ("metrics", lambda: metric_rows(smoke)),
-                     ("text", lambda: text_rows(smoke)),
-                     ("train", lambda: train_rows(smoke, on_gpu, peak))):
+  parts = {"inference": lambda: inference_rows(smoke, on_gpu),
+           "metrics": lambda: metric_rows(smoke),
+           "text": lambda: text_rows(smoke),
+           "train": lambda: train_rows(smoke, on_gpu, peak)}
+  unknown = sorted(set(_PARTS.value) - set(parts))
+  if unknown:
+    raise errors.UserError(f"--parts: unknown {', '.join(unknown)} (choose "
+                           f"from {', '.join(parts)})")
+  for name, part in ((n, p) for n, p in parts.items() if n in _PARTS.value):
     part_start = time.perf_counter()
     try:
       part_rows = part()

@@ -24,6 +24,26 @@ def test_accelerator_suite_smoke(tmp_path):
   for word in ("inference", "metrics", "text", "train"):
     assert any(word in row for row in rows[1:]), (word, table)
   assert "captions/s" in table and "img/s" in table and "ms" in table
+  # Where a GPU run's time goes: the training compile is reported at once.
+  assert "  train batch 2: compiled in " in out.stdout
+
+
+def test_accelerator_suite_runs_the_parts_asked_for():
+  out = subprocess.run(
+      [sys.executable, "benchmarks/accelerator_suite.py", "--smoke",
+       "--parts=metrics,bogus"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: --parts: unknown bogus (choose from inference, metrics, text, "
+      "train)")
+  out = subprocess.run(
+      [sys.executable, "benchmarks/accelerator_suite.py", "--smoke",
+       "--parts=metrics"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+  assert len(rows) == 2 and "metrics" in rows[1], out.stdout
 
 
 def test_accelerator_suite_names_the_wheels_to_carry():

@@ -1,20 +1,26 @@
 """Everything worth timing on an accelerator, in one short run, as one table.
 
-  python benchmarks/accelerator_suite.py            # one GPU: <= 8 minutes
+  python benchmarks/accelerator_suite.py            # one GPU: ~10 minutes
   python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: about 2 min
   [--out RESULTS.md] [--peak_tflops 989] [--parts=train]
+  [--train_batch_sizes=8,32:remat] [--train_repeats=20]
 
 On the GPU machine pipe its output through nothing that buffers it (or
 `grep --line-buffered`): a run stopped at its limit keeps only what was
-printed.
+printed. On an H200 each training batch size spent ~70 s initialising the
+state, ~2 minutes compiling and ~23 s in its first step (cuDNN autotuning);
+the other parts together take ~2.5 minutes.
 
 Measures, on the first device, with random weights and data (speed does not
 depend on them):
 
 1. training: the base preset (Text-IF's sizes) at 256x256 in bfloat16,
-   batch 8 and 32: ms per step, images/s, and MFU = the compiled step's
-   FLOPs (`compiled.cost_analysis()`) per second over the device's peak dense
-   bf16 rate;
+   batch 8, and batch 32 with `model.remat` (without it the step would hold
+   ~108 GB of temporaries): ms per step, images/s, the compiled program's
+   temporary memory, and MFU = model FLOPs per second over the device's peak
+   dense bf16 rate. Model FLOPs are XLA's count of the lowered step without
+   remat (`bench_common.model_flops`), 2 per multiply-add, as Text-IF's
+   torch count;
 2. inference: 480x640 and 1024x1280, batch 1, bfloat16, attention through
    cuDNN's fused kernel on GPUs: ms per image and the device's peak memory;
 3. the 12 fusion metrics (`metrics.batched_all_metrics`) on 640x480 triples
@@ -56,6 +62,13 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "CPU-sized run of every part.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table here.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of "
                            "the device (default: looked up by device kind).")
+_TRAIN_BATCHES = flags.DEFINE_list(
+    "train_batch_sizes", ["8", "32:remat"], "Batch sizes the training part "
+    "times, each compiling its own step; ':remat' sets config.model.remat "
+    "(the base preset's step at 256x256 holds ~8 GB of activations per image "
+    "in float32).")
+_TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 20, "Timed training "
+                                      "steps per batch size.")
 _PARTS = flags.DEFINE_list("parts", ["inference", "metrics", "text", "train"],
                            "Parts to run, in this order (e.g. --parts=train "
                            "to measure only training).")
@@ -123,43 +136,69 @@ def model_config(smoke: bool, on_gpu: bool):
 
 def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
   # pylint: disable=g-import-not-at-top
-  from bench_common import cost_of, random_batch, time_calls
+  from bench_common import model_flops, random_batch, time_calls
   from configs import default
   from textfusion_jax import sharding as sharding_lib
   from textfusion_jax import train_step
   rows = []
   crop = 64 if smoke else 256
-  for batch_size in ((2,) if smoke else (8, 32)):
+  for spec in (("2:remat",) if smoke else _TRAIN_BATCHES.value):
+    size, _, option = spec.partition(":")
+    if not size.isdigit() or option not in ("", "remat"):
+      raise errors.UserError(f"--train_batch_sizes: {spec!r} is not SIZE or "
+                             "SIZE:remat")
+    batch_size = int(size)
     config = default.get_config()
     config.model = model_config(smoke, on_gpu)
+    config.model.remat = option == "remat"
     config.train.batch_size, config.data.crop_size = batch_size, crop
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     trainer = train_step.ShardedTrainer(config, mesh)
+    # MFU counts the step as written: remat's recomputation is not model
+    # work, so the FLOPs come from the same step without remat.
+    plain = config.copy_and_resolve_references()
+    plain.model.remat = False
+    plain_trainer = train_step.ShardedTrainer(plain, mesh)
     with jax.set_mesh(mesh):
-      state = trainer.init_state(jax.random.key(0))
+      init_start = time.perf_counter()
+      state = jax.block_until_ready(trainer.init_state(jax.random.key(0)))
+      print(f"  train batch {batch_size}: state initialised in "
+            f"{time.perf_counter() - init_start:.0f} s", flush=True)
       batch = sharding_lib.global_batch(
           random_batch(batch_size, crop, 512), trainer.batch_sharding)
       rng = jax.random.key(1)
+      flops = model_flops(plain_trainer.jitted_train_step.lower(
+          state, batch, rng, None))
       compile_start = time.perf_counter()
       compiled = trainer.jitted_train_step.lower(state, batch, rng,
                                                   None).compile()
       # (A GPU run once spent over 7 minutes here or in the steps, unseen.)
-      print(f"  train batch {batch_size}: compiled in "
-            f"{time.perf_counter() - compile_start:.0f} s", flush=True)
-      flops, _ = cost_of(compiled)
+      memory = compiled.memory_analysis()
+      temp_gb = (memory.temp_size_in_bytes / 1e9 if memory is not None
+                 else float("nan"))
+      print(f"  train batch {batch_size}{' (remat)' * config.model.remat}: "
+            f"compiled in {time.perf_counter() - compile_start:.0f} s; "
+            f"{temp_gb:.1f} GB of temporaries", flush=True)
       holder = {"state": state}
 
       def step():
         holder["state"], metrics = compiled(holder["state"], batch, rng, None)
         return metrics.loss.compute()
 
-      best, median = time_calls(step, 2 if smoke else 20)
+      first_start = time.perf_counter()
+      jax.block_until_ready(step())
+      print(f"  train batch {batch_size}: first step "
+            f"{time.perf_counter() - first_start:.1f} s", flush=True)
+      best, median = time_calls(step, 2 if smoke else _TRAIN_REPEATS.value)
     mfu = (f"{100 * flops / median / (peak * 1e12):.1f} %" if peak else "n/a")
     anchor = ANCHORS["train b8"] if batch_size == 8 else ""
-    rows.append((f"train {crop}x{crop}, batch {batch_size}, bf16",
+    rows.append(row := (f"train {crop}x{crop}, batch {batch_size}, bf16"
+                 f"{', remat' * config.model.remat}",
                  f"{1e3 * median:.1f} ms/step (best {1e3 * best:.1f}); "
                  f"{batch_size / median:.1f} img/s; {flops / 1e9:.1f} "
-                 f"GFLOP/step; MFU {mfu}", anchor))
+                 f"model GFLOP/step; MFU {mfu}; {temp_gb:.1f} GB "
+                 "temporaries", anchor))
+    print(f"  {row[0]}: {row[1]}", flush=True)  # before the next compile
   return rows
 
 

@@ -25,7 +25,10 @@ def test_accelerator_suite_smoke(tmp_path):
     assert any(word in row for row in rows[1:]), (word, table)
   assert "captions/s" in table and "img/s" in table and "ms" in table
   # Where a GPU run's time goes: the training compile is reported at once.
-  assert "  train batch 2: compiled in " in out.stdout
+  assert "  train batch 2 (remat): compiled in " in out.stdout
+  # MFU's FLOPs are the model's: the smoke step is lowered without remat too.
+  assert "model GFLOP/step" in table and "train 64x64, batch 2, bf16, remat" \
+      in table, table
 
 
 def test_accelerator_suite_runs_the_parts_asked_for():

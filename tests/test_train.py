@@ -941,8 +941,8 @@ def test_cudnn_attention_needs_a_gpu_to_train_but_its_model_fuses_anywhere():
 
 
 def test_compute_settings_may_change_on_resume_and_are_announced():
-  """dtype, attention kernel and K/V pooling leave the parameters as they
-  are: a float32 run may go on in bfloat16 (it was refused as an
+  """dtype, attention kernel, K/V pooling and remat leave the parameters as
+  they are: a float32 run may go on in bfloat16 (it was refused as an
   incompatible config)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   # As a workdir's config.json reads back.
@@ -951,9 +951,14 @@ def test_compute_settings_may_change_on_resume_and_are_announced():
   current = tiny.get_config()
   current.model.dtype = "bfloat16"
   current.model.max_kv_tokens = 0
+  # Rematerialisation changes only memory and speed: not even announced.
+  current.model.remat = True
   checkpointing.check_compatible(saved, current, "w")
   assert checkpointing.changed_training_fields(saved, current) == [
       "model.dtype 'float32' -> 'bfloat16'", "model.max_kv_tokens 256 -> 0"]
+  # A workdir written before model.remat existed.
+  del saved.model["remat"]
+  checkpointing.check_compatible(saved, current, "w")
   current.model.dim = 16
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"model.dim: checkpoint 8 != config 16"):

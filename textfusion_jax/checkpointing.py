@@ -31,7 +31,8 @@ CHECKPOINT_DIR = "checkpoints"  # Orbax step folders, under the workdir.
 ARCHITECTURE_KEYS = ("model",)
 # ... except these model fields: how the same parameters are computed with
 # (a float32 run may go on in bfloat16, or with cuDNN's attention).
-COMPUTE_FIELDS = ("model.dtype", "model.attention_impl", "model.max_kv_tokens")
+COMPUTE_FIELDS = ("model.dtype", "model.attention_impl", "model.max_kv_tokens",
+                  "model.remat")
 
 
 class CheckpointError(errors.UserError):
@@ -130,7 +131,7 @@ _TRAINING_FIELDS = ("seed", "optim.", "loss.", "data.", "train.num_steps",
                     "train.reference_from", "text.dtype", *COMPUTE_FIELDS)
 # ... except those that change only how fast the same data arrives.
 _THROUGHPUT_FIELDS = ("data.worker_count", "data.prefetch_buffer_size",
-                      "data.cache_in_memory")
+                      "data.cache_in_memory", "model.remat")
 
 
 def changed_training_fields(saved: ml_collections.ConfigDict,

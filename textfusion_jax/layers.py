@@ -348,14 +348,23 @@ class TransformerBlock(nnx.Module):
   """Restormer block: x + MDTA(LN(x)), then x + FFN(LN(x))."""
 
   def __init__(self, channels: int, heads: int, ffn_expansion: float,
-               ffn_kind: str, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+               ffn_kind: str, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+               remat: bool = False):
     self.norm1 = layer_norm(channels, dtype=dtype, rngs=rngs)
     self.attn = ChannelAttention(channels, heads, dtype=dtype, rngs=rngs)
     self.norm2 = layer_norm(channels, dtype=dtype, rngs=rngs)
     self.ffn = FeedForward(channels, ffn_expansion, ffn_kind, dtype=dtype,
                            rngs=rngs)
+    # Rematerialisation: the backward pass recomputes the block's inner
+    # activations instead of keeping them, so only its input is stored.
+    self.remat = remat
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.remat:
+      return nnx.remat(TransformerBlock._forward)(self, x)
+    return self._forward(x)
+
+  def _forward(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x))
     return x + self.ffn(self.norm2(x))
 

@@ -16,11 +16,11 @@ depend on them):
 
 1. training: the base preset (Text-IF's sizes) at 256x256 in bfloat16,
    batch 8, and batch 32 with `model.remat` (without it the step would hold
-   ~108 GB of temporaries): ms per step, images/s, the compiled program's
+   ~4 x 26.9 GB of temporaries, more than an 80 GB card): ms per step, images/s, the compiled program's
    temporary memory, and MFU = model FLOPs per second over the device's peak
    dense bf16 rate. Model FLOPs are XLA's count of the lowered step without
-   remat (`bench_common.model_flops`), 2 per multiply-add, as Text-IF's
-   torch count;
+   remat, with XLA's attention (`bench_common.model_flops`), 2 per
+   multiply-add, as Text-IF's torch count;
 2. inference: 480x640 and 1024x1280, batch 1, bfloat16, attention through
    cuDNN's fused kernel on GPUs: ms per image and the device's peak memory;
 3. the 12 fusion metrics (`metrics.batched_all_metrics`) on 640x480 triples
@@ -65,8 +65,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of "
 _TRAIN_BATCHES = flags.DEFINE_list(
     "train_batch_sizes", ["8", "32:remat"], "Batch sizes the training part "
     "times, each compiling its own step; ':remat' sets config.model.remat "
-    "(the base preset's step at 256x256 holds ~8 GB of activations per image "
-    "in float32).")
+    "(on an H200 the batch-8 step held 26.9 GB of temporaries: batch 32 "
+    "without remat would not fit an 80 GB card).")
 _TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 20, "Timed training "
                                       "steps per batch size.")
 _PARTS = flags.DEFINE_list("parts", ["inference", "metrics", "text", "train"],
@@ -154,10 +154,10 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
     config.train.batch_size, config.data.crop_size = batch_size, crop
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     trainer = train_step.ShardedTrainer(config, mesh)
-    # MFU counts the step as written: remat's recomputation is not model
-    # work, so the FLOPs come from the same step without remat.
+    # Model FLOPs: the step without remat (its recomputation is not model
+    # work) and with XLA's attention (a cuDNN custom call counts as 0).
     plain = config.copy_and_resolve_references()
-    plain.model.remat = False
+    plain.model.remat, plain.model.attention_impl = False, None
     plain_trainer = train_step.ShardedTrainer(plain, mesh)
     with jax.set_mesh(mesh):
       init_start = time.perf_counter()
@@ -167,18 +167,18 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
       batch = sharding_lib.global_batch(
           random_batch(batch_size, crop, 512), trainer.batch_sharding)
       rng = jax.random.key(1)
-      flops = model_flops(plain_trainer.jitted_train_step.lower(
-          state, batch, rng, None))
       compile_start = time.perf_counter()
-      compiled = trainer.jitted_train_step.lower(state, batch, rng,
-                                                  None).compile()
-      # (A GPU run once spent over 7 minutes here or in the steps, unseen.)
+      lowered = trainer.jitted_train_step.lower(state, batch, rng, None)
+      compiled = lowered.compile()
       memory = compiled.memory_analysis()
       temp_gb = (memory.temp_size_in_bytes / 1e9 if memory is not None
                  else float("nan"))
       print(f"  train batch {batch_size}{' (remat)' * config.model.remat}: "
             f"compiled in {time.perf_counter() - compile_start:.0f} s; "
             f"{temp_gb:.1f} GB of temporaries", flush=True)
+      flops = model_flops(
+          lowered if plain.to_json() == config.to_json() else
+          plain_trainer.jitted_train_step.lower(state, batch, rng, None))
       holder = {"state": state}
 
       def step():
@@ -349,6 +349,9 @@ def main(argv) -> None:
                            f"from {', '.join(parts)})")
   for name, part in ((n, p) for n, p in parts.items() if n in _PARTS.value):
     part_start = time.perf_counter()
+    # Training prints each row as it is measured (its batch sizes take
+    # minutes each); the other parts' rows are printed here.
+    printed = name == "train"
     try:
       part_rows = part()
     except Exception as error:  # pylint: disable=broad-except
@@ -357,7 +360,8 @@ def main(argv) -> None:
       first = (str(error).strip().splitlines() or [""])[0][:200]
       part_rows = [(f"{name} (failed)", f"{type(error).__name__}: {first}",
                     "")]
-    for row in part_rows:
+      printed = False
+    for row in () if printed else part_rows:
       print(f"  {row[0]}: {row[1]}", flush=True)
     print(f"  ({time.perf_counter() - part_start:.0f} s, compiling "
           "included)", flush=True)

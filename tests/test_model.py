@@ -447,3 +447,17 @@ def test_remat_keeps_parameters_and_gradients_and_saves_less():
   for a, b in zip(plain, rematted):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert residuals[True] < 0.7 * residuals[False], residuals
+
+
+def test_a_rematerialised_block_runs_inside_plain_jax_transforms():
+  """Captured by jax.jit or jax.grad (not split and merged), as a user's own
+  code may call it: nnx.remat's default write-back raised a trace error."""
+  block = layers.TransformerBlock(8, 2, 2.0, "gdfn", dtype=jnp.float32,
+                                  rngs=nnx.Rngs(0), remat=True)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 5, 8))
+  expected = block._forward(x)  # pylint: disable=protected-access
+  np.testing.assert_allclose(jax.jit(lambda x: block(x))(x), expected,
+                             rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(block(x) ** 2))(x)
+  assert grad.shape == x.shape and bool(jnp.all(jnp.isfinite(grad)))
+  np.testing.assert_allclose(block(x), expected, rtol=1e-5, atol=1e-6)

@@ -922,6 +922,18 @@ def test_model_values_are_checked_by_name(field, value, expect):
     train_loop.check_config(config)
 
 
+def test_a_non_bool_remat_read_back_from_json_is_one_line():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  # As a hand-edited config.json reads back ("false" would count as True).
+  config.model = ml_collections.ConfigDict(
+      {**config.model.to_dict(), "remat": "false"})
+  with pytest.raises(train_loop.errors.UserError,
+                     match="config.model.remat='false': must be True or "
+                     "False"):
+    train_loop.check_config(config)
+
+
 def test_cudnn_attention_needs_a_gpu_to_train_but_its_model_fuses_anywhere():
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from textfusion_jax import model as model_lib  # pylint: disable=g-import-not-at-top

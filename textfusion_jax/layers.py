@@ -361,12 +361,19 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.remat:
-      return nnx.remat(TransformerBlock._forward)(self, x)
+      return _rematerialised_forward(self, x)
     return self._forward(x)
 
   def _forward(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x))
     return x + self.ffn(self.norm2(x))
+
+
+# The block keeps no state it updates, so no variables are written back
+# (graph_updates=True would refuse a block called inside a plain JAX
+# transform, e.g. `jax.jit(lambda x: block(x))`).
+_rematerialised_forward = nnx.remat(TransformerBlock._forward,
+                                    graph_updates=False)
 
 
 class SpatialSelfAttention(nnx.Module):

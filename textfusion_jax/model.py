@@ -216,6 +216,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field, least in (("dim", 2), ("input_stride", 1), ("text_hidden", 1),
                        ("refinement_blocks", 0), ("max_kv_tokens", 0)):
     whole(field, config.get(field, least), least)
+  if not isinstance(config.get("remat", False), bool):
+    raise UserError(f"config.model.remat={config.remat!r}: must be True or "
+                    "False")
   for field in ("num_blocks", "heads"):
     values = tuple(config[field])
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1

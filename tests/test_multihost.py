@@ -19,6 +19,7 @@ killed, so a stuck coordinator cannot hang the suite.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -246,3 +247,45 @@ def test_a_job_that_never_forms_fails_within_the_timeout(tmp_path, process_id,
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
   assert time.monotonic() - start < 60
   assert not (tmp_path / "w").exists()
+
+
+def test_sigterm_to_one_process_stops_the_whole_job_at_one_saved_step(
+    tmp_path):
+  """A pod scheduler may notify a single host: every process must stop
+  after the same step (JAX's preemption sync point), save it, and exit with
+  status 143, not hang in a collective or stop one step apart."""
+  workdir = tmp_path / "w"
+  # Later overrides win over _OVERRIDES' 4 steps and checkpoints every 2.
+  commands = [cmd + ["--config.train.num_steps=1000",
+                     "--config.train.checkpoint_every=1000",
+                     "--config.eval.at_end=False"]
+              for cmd in _job(workdir, 2, (2, 2))]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+           for cmd in commands]
+  try:
+    deadline = time.monotonic() + _TIMEOUT_S
+    metrics = workdir / "metrics.jsonl"
+    # Training is under way once steps 1 and 2 are logged.
+    while not (metrics.is_file() and
+               len(metrics.read_text().splitlines()) >= 2):
+      assert all(p.poll() is None for p in procs), procs[0].communicate()[1]
+      assert time.monotonic() < deadline, "the job never trained"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+  assert [p.returncode for p in procs] == [143, 143], errors[1][-3000:]
+  stopped = [re.search(r"stopped by SIGTERM after step (\d+) of 1000",
+                       err) for err in errors]
+  assert all(stopped), errors
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step
+  assert (workdir / "checkpoints" / str(step)).is_dir()
+  segment = json.loads((workdir / "run_info.json").read_text())["segments"][-1]
+  assert (segment["start_step"], segment["end_step"]) == (0, step)

@@ -1,6 +1,9 @@
 """Everything worth timing on an accelerator, in one short run, as one table.
 
   python benchmarks/accelerator_suite.py            # one GPU: ~10 minutes
+  # ... or in two calls, under a 10-minute command limit (H200: ~2.5 + ~7.5):
+  python benchmarks/accelerator_suite.py --parts=inference,metrics,text
+  python benchmarks/accelerator_suite.py --parts=train
   python benchmarks/accelerator_suite.py --smoke    # CPU, tiny preset: about 2 min
   [--out RESULTS.md] [--peak_tflops 989] [--parts=train]
   [--train_batch_sizes=8,32:remat] [--train_repeats=20]

@@ -11,7 +11,7 @@
 On the GPU machine pipe its output through nothing that buffers it (or
 `grep --line-buffered`): a run stopped at its limit keeps only what was
 printed. On an H200 each training batch size spent ~70 s initialising the
-state, ~2 minutes compiling and ~23 s in its first step (cuDNN autotuning);
+state, ~2 minutes compiling and ~23 s in its first step (cause not measured);
 the other parts together take ~2.5 minutes.
 
 Measures, on the first device, with random weights and data (speed does not
@@ -19,11 +19,12 @@ depend on them):
 
 1. training: the base preset (Text-IF's sizes) at 256x256 in bfloat16,
    batch 8, and batch 32 with `model.remat` (without it the step would hold
-   ~4 x 26.9 GB of temporaries, more than an 80 GB card): ms per step, images/s, the compiled program's
-   temporary memory, and MFU = model FLOPs per second over the device's peak
-   dense bf16 rate. Model FLOPs are XLA's count of the lowered step without
-   remat, with XLA's attention (`bench_common.model_flops`), 2 per
-   multiply-add, as Text-IF's torch count;
+   ~4 x 26.9 GB of temporaries, more than an 80 GB card): ms per step,
+   images/s, the compiled program's temporary memory, and MFU = model FLOPs
+   per second over the device's peak dense bf16 rate. Model FLOPs are XLA's
+   count of the lowered step without remat, with XLA's attention
+   (`bench_common.model_flops`), 2 per multiply-add, as Text-IF's torch
+   count;
 2. inference: 480x640 and 1024x1280, batch 1, bfloat16, attention through
    cuDNN's fused kernel on GPUs: ms per image and the device's peak memory;
 3. the 12 fusion metrics (`metrics.batched_all_metrics`) on 640x480 triples
@@ -33,7 +34,8 @@ depend on them):
 
 Text-IF's figures on one H100 (../shared/ANCHORS.md: PyTorch 2.11, bf16
 autocast) are printed beside ours. `--smoke` shrinks every part (tiny
-preset, small images, few repeats) so the script itself is tested on CPU.
+preset, small images, few repeats; training batch 2 with remat unless
+--train_batch_sizes is given) so the script itself is tested on CPU.
 
 Runs on the GPU machine's stack (Python 3.12, jax 0.11.2 + CUDA, flax 0.12.10,
 torch 2.11) as well as on the pinned one. It needs neither grain nor
@@ -145,7 +147,8 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
   from textfusion_jax import train_step
   rows = []
   crop = 64 if smoke else 256
-  for spec in (("2:remat",) if smoke else _TRAIN_BATCHES.value):
+  for spec in (("2:remat",) if smoke and not _TRAIN_BATCHES.present
+               else _TRAIN_BATCHES.value):
     size, _, option = spec.partition(":")
     if not size.isdigit() or option not in ("", "remat"):
       raise errors.UserError(f"--train_batch_sizes: {spec!r} is not SIZE or "
@@ -161,7 +164,8 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
     # work) and with XLA's attention (a cuDNN custom call counts as 0).
     plain = config.copy_and_resolve_references()
     plain.model.remat, plain.model.attention_impl = False, None
-    plain_trainer = train_step.ShardedTrainer(plain, mesh)
+    plain_trainer = (trainer if plain.to_json() == config.to_json() else
+                     train_step.ShardedTrainer(plain, mesh))
     with jax.set_mesh(mesh):
       init_start = time.perf_counter()
       state = jax.block_until_ready(trainer.init_state(jax.random.key(0)))
@@ -180,7 +184,7 @@ def train_rows(smoke: bool, on_gpu: bool, peak: float | None) -> list[tuple]:
             f"compiled in {time.perf_counter() - compile_start:.0f} s; "
             f"{temp_gb:.1f} GB of temporaries", flush=True)
       flops = model_flops(
-          lowered if plain.to_json() == config.to_json() else
+          lowered if plain_trainer is trainer else
           plain_trainer.jitted_train_step.lower(state, batch, rng, None))
       holder = {"state": state}
 

@@ -162,7 +162,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   c.max_kv_tokens = 256
   # Recompute each transformer block's activations in the backward pass
   # instead of storing them: training memory for about a third more compute
-  # (large crops or batches per device; same parameters, same results).
+  # (large crops or batches per device; same parameters, and the same
+  # gradients up to rounding).
   c.remat = False
   # The network runs at 1/input_stride resolution: the sources enter
   # pixel-unshuffled (FFDNet's reversible downsampling) and the head's output

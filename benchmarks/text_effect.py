@@ -2,9 +2,14 @@
 
   python benchmarks/text_effect.py --checkpoint pretrained/textfusion-small-degraded \
       [--out runs/text_effect] [--seed 0] [--shuffle_seed S] [--report R.md] \
-      [--figure docs/prompt_control.png]
+      [--figure docs/prompt_control.png] [--pairs DIR[,DIR...] --split SPLIT]
 
-On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno:
+On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno, or on the
+pairs of --pairs (folders with ir/ and vi/, joined by ',') at --split (a
+split or slice such as 'train[80%:]', as config.data.eval_split reads a
+folder): configs/real_pairs_degraded_validation.py's validation pairs, on
+which a change is chosen before TNO measures it. Pairs of several folders
+are named '<folder>_<stem>'.
 
 1. A degraded copy of every visible image (`input_pipeline.degradations`,
    fixed --seed): each kind's level drawn uniformly from 0-3, redrawn until at
@@ -48,10 +53,14 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from textfusion_jax import bundle
 from textfusion_jax import errors
+from input_pipeline import datasets
 from input_pipeline import degradations
 from input_pipeline import files
 from input_pipeline import image_io
+from input_pipeline import sources
+from input_pipeline.layouts import DEFAULT_SPLIT
 from input_pipeline.captions import derangement
 from textfusion_jax import fusion_baselines
 from textfusion_jax import inference
@@ -60,6 +69,9 @@ from textfusion_jax import score_folders
 
 TNO = Path(__file__).resolve().parents[2] / "shared/data/ivf_samples/tno"
 BRIGHT_PROMPT = "heavily underexposed visible image"
+# This script's folders under --out (each scored whole), besides sources/.
+OUTPUT_FOLDERS = ("reference", "wiener_target", "true", "shuffled", "empty",
+                  "degraded_vi")
 # The ranked metrics that sum a part per source (textfusion_jax/metrics.py).
 SUMMED_METRICS = ("MI", "VIF", "Qabf", "SSIM")
 
@@ -73,8 +85,13 @@ _SHUFFLE_SEED = flags.DEFINE_integer(
     "were drawn.", lower_bound=0)
 _REPORT = flags.DEFINE_string("report", None, "Write the report here.")
 _FIGURE = flags.DEFINE_string("figure", None, "Write the figure here.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pairs (a smoke "
-                              "test; 0 = all).")
+_PAIRS = flags.DEFINE_string(
+    "pairs", str(TNO), "Folders of pairs (ir/, vi/), joined by ','.")
+_SPLIT = flags.DEFINE_string(
+    "split", "train", "Split of --pairs: a name, or a slice such as "
+    "'train[80%:]' (an undivided folder is all 'train').")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pairs, in the "
+                              "order of --pairs (a smoke test; 0 = all).")
 
 
 def degraded_levels(count: int, seed: int) -> list[degradations.Levels]:
@@ -142,6 +159,45 @@ def per_source_lines(per_image: dict[str, dict], key: str,
             for s, source in (("vis", "visible"), ("ir", "infrared"))), ""]
 
 
+def evaluation_pairs(roots: str, split: str, out: Path
+                     ) -> list[inference.Pair]:
+  """The pairs of the folders `roots` (joined by ',') at `split`, each named
+  by its stem, or '<folder>_<stem>' when there are several folders."""
+  folders = [Path(r.strip()) for r in roots.split(",") if r.strip()]
+  if not folders:
+    raise errors.UserError("--pairs is empty")
+  for folder in folders:
+    if not folder.is_dir():
+      raise errors.UserError(f"--pairs {folder}: no such folder")
+  pairs = []
+  for folder in folders:
+    prefix = f"{folder.resolve().name}_" if len(folders) > 1 else ""
+    source = datasets.PairedFolderSource(
+        folder, split=sources.folder_split(folder, split))
+    # Numbers in natural order (2 before 10): a pair's index draws its
+    # degradation levels.
+    pairs += [inference.Pair(f"{prefix}{p.name}", Path(p.ir), Path(p.vi),
+                             out / f"{prefix}{p.name}.png")
+              for p in sorted(source.pairs,
+                              key=lambda p: inference.natural_key(p.name))]
+  names = [p.name for p in pairs]
+  if len(set(names)) != len(names):
+    raise errors.UserError(f"--pairs {roots}: two folders have the same "
+                           "name, so their pairs' names repeat")
+  return pairs
+
+
+def describe(roots: str, split: str) -> str:
+  """'TNO', or the folders' names (and split, where one is read), for the
+  report's title."""
+  folders = [Path(r.strip()).resolve() for r in roots.split(",") if r.strip()]
+  whole = all(sources.folder_split(f, split) == DEFAULT_SPLIT
+              for f in folders)
+  if folders == [TNO.resolve()] and whole:
+    return "TNO"
+  return "+".join(f.name for f in folders) + ("" if whole else f" ({split})")
+
+
 def remove_stale_images(folder: Path, keep: set[str]) -> None:
   """Deletes the images in this script's output `folder` whose stems are
   not in `keep`."""
@@ -153,17 +209,22 @@ def remove_stale_images(folder: Path, keep: set[str]) -> None:
 
 def main(argv) -> None:
   del argv
-  if not TNO.is_dir():
-    raise errors.UserError(f"needs {TNO}")
   if _LIMIT.value < 0 or _LIMIT.value == 1:
     raise errors.UserError(f"--limit={_LIMIT.value}: must be 0 (all pairs) "
                            "or at least 2 (the shuffled prompts need two)")
   files.check_writable({"--report": _REPORT.value,
                        "--figure": _FIGURE.value})
   out = Path(_OUT.value)
-  pairs = inference.collect_pairs(str(TNO / "ir"), str(TNO / "vi"),
-                                  str(out / "reference"))
+  bundle.check_not_inside_a_sealed_folder(out, itself_too=True)
+  files.check_own_folder(out, frozenset(OUTPUT_FOLDERS + ("sources",)),
+                         "text_effect output")
+  pairs = evaluation_pairs(_PAIRS.value, _SPLIT.value, out / "reference")
+  where = describe(_PAIRS.value, _SPLIT.value)
   pairs = pairs[:_LIMIT.value] if _LIMIT.value else pairs
+  if len(pairs) < 2:
+    raise errors.UserError(f"--pairs {_PAIRS.value} at --split {_SPLIT.value}"
+                           f" holds {len(pairs)} pair(s): the shuffled "
+                           "prompts need two")
   names = [p.name for p in pairs]
   levels = degraded_levels(len(pairs), _SEED.value)
   true = [degradations.condition_sentence(l) for l in levels]
@@ -177,9 +238,12 @@ def main(argv) -> None:
   fuser = inference.Fuser.load(_CHECKPOINT.value)
   # The folders are scored whole: fusions an earlier run (of more pairs)
   # left there would be scored with these.
-  for folder in ("reference", "wiener_target", "true", "shuffled", "empty",
-                 "degraded_vi", "sources/ir", "sources/vi"):
+  for folder in OUTPUT_FOLDERS:
     remove_stale_images(out / folder, {p.name for p in pairs})
+  # Copies of the sources keep their file type, so a stem kept from another
+  # set of pairs may be another file: start them afresh.
+  for folder in ("sources/ir", "sources/vi"):
+    remove_stale_images(out / folder, set())
   # Each pair at its own bucket shape, as fuse and tno_report run it.
   shapes = inference.bucket_shapes(inference.check_sizes(pairs),
                                    inference.DEFAULT_TILE)
@@ -218,7 +282,8 @@ def main(argv) -> None:
       figure_rows = (pair.name, [bad, ir, under_clean, under_bright,
                                  fused["true"][pair.name],
                                  fused["reference"][pair.name]],
-                     [f"degraded visible (TNO {pair.name})", "infrared", '"clean visible image"',
+                     [f"degraded visible ({'TNO ' * (where == 'TNO')}"
+                      f"{pair.name})", "infrared", '"clean visible image"',
                       f'"{BRIGHT_PROMPT}"', f'true: "{true[i]}"',
                       "clean input (reference)"])
   for key, images in fused.items():
@@ -228,7 +293,7 @@ def main(argv) -> None:
   # The clean sources of the pairs used, as the folders to score against.
   for pair in pairs:
     for kind, src in (("ir", pair.ir), ("vi", pair.vis)):
-      dst = out / "sources" / kind / Path(src).name
+      dst = out / "sources" / kind / f"{pair.name}{Path(src).suffix}"
       dst.parent.mkdir(parents=True, exist_ok=True)
       dst.write_bytes(Path(src).read_bytes())
   ceilings = ("reference", "wiener_target")
@@ -246,7 +311,8 @@ def main(argv) -> None:
                                             fused["reference"][name])
   # CC is shown beside the 8 ranked metrics (not counted in the wins).
   metrics = ("PSNR_ref",) + fusion_baselines.RANKED_METRICS + ("CC",)
-  lines = [f"### Text effect on {len(pairs)} degraded TNO pairs (checkpoint "
+  lines = [f"### Text effect on {len(pairs)} degraded {where} pairs "
+           f"(checkpoint "
            f"`{_CHECKPOINT.value}`, seed {_SEED.value}"
            + ("" if shuffle_seed == _SEED.value
               else f", derangement seed {shuffle_seed}") + ")", "",

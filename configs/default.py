@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_dir = ""  # Folder source: held-out root with the same layout.
   config.data.tfds_name = ""  # TFDS source: builder name, e.g. 'ivf_pairs/llvip'.
   config.data.tfds_data_dir = ""  # TFDS source: data_dir the dataset was built into.
-  config.data.train_split = "train"  # TFDS or splits.json split to train on.
-  config.data.eval_split = "test"  # TFDS or splits.json split to evaluate.
+  config.data.train_split = "train"  # TFDS or splits.json split to train on; 'train[:80%]' slices folders too.
+  config.data.eval_split = "test"  # TFDS or splits.json split to evaluate; 'train[80%:]' slices folders too.
   config.data.caption_sources = ()  # ((source, weight), ...): caption files to train on ('default' = captions.jsonl, NAME = captions_NAME.jsonl); empty: all.
   config.data.caption_sampling = "uniform"  # 'uniform' over a pair's captions, or 'weighted': a source by weight, then one of its captions.
   config.data.cache_in_memory = False  # Folder or mixture source: keep decoded training pairs in RAM (off: stream from disk).

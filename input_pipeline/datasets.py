@@ -55,6 +55,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -506,6 +507,39 @@ class RecordSource(Sequence):
     return to_record(self._source[index % len(self)])
 
 
+def select_pairs(splits: Mapping[str, Sequence[layouts.Pair]], split: str,
+                 root: str | os.PathLike) -> list[layouts.Pair]:
+  """The pairs a split name or tfds split expression reads from a folder.
+
+  'train' is a split; 'train[:80%]', 'train[80%:]', 'train[:8]' and
+  'train+test' slice and join splits in their stem order, with tfds's
+  rounding, so complementary percent slices share no pair.
+  """
+  if split in splits:
+    return list(splits[split])
+  names = ", ".join(sorted(splits))
+  unknown = [base for base in base_splits(split) if base not in splits]
+  if unknown:
+    raise UserError(f"{root}: no split {unknown[0]!r}; splits: {names}")
+  sizes = {name: types.SimpleNamespace(num_examples=len(pairs))
+           for name, pairs in splits.items()}
+  try:
+    reads = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
+  except (ValueError, AssertionError, AttributeError) as e:
+    # AttributeError: a shard slice ('train[:1shard]') asks for shard sizes,
+    # which a folder does not have.
+    reason = "; ".join(line.strip() for line in str(e).splitlines()
+                       if line.strip()) or type(e).__name__
+    raise UserError(f"{root}: split {split!r}: {reason}") from None
+  pairs = [pair for read in reads
+           for pair in splits[read.splitname][read.from_:read.to]]
+  if not pairs:
+    raise UserError(f"{root}: split {split!r} selects no pairs (splits: "
+                    + ", ".join(f"{n} {len(p)}" for n, p in
+                                sorted(splits.items())) + ")")
+  return pairs
+
+
 class PairedFolderSource(Sequence):
   """Pairs read straight from a folder, no build; common-format records.
 
@@ -530,11 +564,8 @@ class PairedFolderSource(Sequence):
                          captions=captions, split_file=split_file,
                          text_emb=text_emb, text_emb_dataset=text_emb_dataset,
                          decode=check_images, caption_sources=caption_sources)
-    if split not in found.splits:
-      raise UserError(f"{root}: no split {split!r}; splits: "
-                       f"{', '.join(sorted(found.splits))}")
     layouts.resolve(found, on_bad_data)
-    self.pairs = found.splits[split]
+    self.pairs = select_pairs(found.splits, split, root)
 
   def __len__(self) -> int:
     return len(self.pairs)

@@ -62,6 +62,9 @@ class ConcatSource(Sequence):
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
+  def parts(self) -> list[tuple[str, Sequence[Any]]]:
+    return list(self._sources)
+
   def part_names(self) -> list[str]:
     return [name for name, _ in self._sources]
 
@@ -143,18 +146,34 @@ def _split_roots(roots: str) -> list[Path]:
   return [Path(r.strip()) for r in roots.split(",") if r.strip()]
 
 
-def _folder_parts(roots: str, field: str, split: str = DEFAULT_SPLIT
+def folder_split(root: str | Path, split: str, slice_undivided: bool = True
+                 ) -> str:
+  """The split of the folder `root` that a config split reads.
+
+  A folder divided by its splits.json is read at `split`. An undivided one
+  is all DEFAULT_SPLIT ('train'): read whole, unless `slice_undivided` and
+  `split` slices that split ('train[:80%]', 'train[80%:]': a validation
+  split of a folder; config.data.source 'folder').
+  """
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  if (Path(root) / SPLITS_FILE).is_file():
+    return split
+  slices_all = all(base == DEFAULT_SPLIT
+                   for base in datasets.base_splits(split))
+  return split if slice_undivided and slices_all else DEFAULT_SPLIT
+
+
+def _folder_parts(roots: str, field: str, split: str = DEFAULT_SPLIT,
+                  slice_undivided: bool = True
                   ) -> list[tuple[str, Sequence[Any]]]:
-  """A folder divided by its splits.json is read at `split`; an undivided one
-  whole (its only split is DEFAULT_SPLIT)."""
+  """Each folder of `roots` at `folder_split(folder, split, ...)`."""
   from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
   paths = _split_roots(roots)
   if not paths:
     raise UserError(f"config.data.{field} is empty but config.data.source is"
                      " 'folder'")
   return [(dataset_key(p), datasets.PairedFolderSource(
-      p, split=split if (p / SPLITS_FILE).is_file() else DEFAULT_SPLIT))
-          for p in paths]
+      p, split=folder_split(p, split, slice_undivided))) for p in paths]
 
 
 def _folder_source(roots: str, field: str,
@@ -264,8 +283,10 @@ def _mixture_sources(config: ml_collections.ConfigDict
   train = ConcatSource([(name, train) for _, _, name, train, _ in parts])
   evals = [(name, ev) for _, _, name, _, ev in parts if ev is not None]
   if config.data.eval_dir:
+    # eval_split slices the TFDS sources; the held-out folders are read
+    # whole (or at their own splits.json's split), as before.
     evals += _folder_parts(config.data.eval_dir, "eval_dir",
-                           config.data.eval_split)
+                           config.data.eval_split, slice_undivided=False)
   if not evals:
     raise UserError("config.data.mixture: no eval data: no TFDS source has "
                     f"the split {config.data.eval_split!r} and "
@@ -281,16 +302,22 @@ def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
   return [w for _, w in check_mixture(config.data.mixture)]
 
 
-def _warn_if_evaluated_on_training_pairs(data: ml_collections.ConfigDict
-                                        ) -> None:
-  """A folder in both train_dir and eval_dir (undivided, or at one split)
-  is scored on the pairs it trained on."""
-  roots = lambda value: {path.resolve() for path in _split_roots(value)}
-  for shared in sorted(roots(data.train_dir) & roots(data.eval_dir)):
-    if (data.train_split == data.eval_split or
-        not (shared / SPLITS_FILE).is_file()):
-      _log.warning("%s is in both config.data.train_dir and eval_dir: the "
-                   "evaluation scores pairs the model trained on", shared)
+def _warn_if_evaluated_on_training_pairs(train: ConcatSource,
+                                        evaluation: ConcatSource) -> None:
+  """Pairs both trained on and evaluated (a folder in train_dir and eval_dir,
+  read whole or at overlapping splits) are not held out."""
+  def pair_files(source: ConcatSource) -> dict[Path, str]:
+    return {Path(pair.ir).resolve(): name for name, part in source.parts()
+            for pair in getattr(part, "pairs", ())}
+  trained = pair_files(train)
+  shared: dict[str, int] = {}
+  for path, name in pair_files(evaluation).items():
+    if path in trained:
+      shared[name] = shared.get(name, 0) + 1
+  for name, count in sorted(shared.items()):
+    _log.warning("%s: %d evaluated pairs are trained on too (config.data."
+                 "train_dir and eval_dir both read them): their scores are "
+                 "not held out", name, count)
 
 
 # TNO is the field's held-out test set (the README's tables score it).
@@ -340,10 +367,11 @@ def make_sources(config: ml_collections.ConfigDict
                                      data.image_width,
                                      seed=config.seed + _EVAL_SEED_OFFSET))
   if data.source == "folder":
-    _warn_if_evaluated_on_training_pairs(data)
     train = _folder_source(data.train_dir, "train_dir", data.train_split)
+    evaluation = _folder_source(data.eval_dir, "eval_dir", data.eval_split)
+    _warn_if_evaluated_on_training_pairs(train, evaluation)
     return (CachedSource(train) if data.cache_in_memory else train,
-            _folder_source(data.eval_dir, "eval_dir", data.eval_split))
+            evaluation)
   if data.source == "tfds":
     from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
     return tuple(

@@ -93,6 +93,9 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
   assert not any(path.exists() for path in stale)
   assert (tmp_path / "figure.png").stat().st_size > 0
   assert "on 2 degraded TNO pairs" in text
+  # TNO's pairs in natural order, each index drawing its levels: the
+  # README's figures are of these.
+  assert "per pair: 1 (3, 2, 2), 2 (2, 3, 3)\n" in text
   means = _table_rows(text, "method")
   for row in ("true", "shuffled", "empty", "reference", "wiener_target",
               "degraded_vi", "copy_vis", "copy_ir", "rule_mean", "rule_max"):
@@ -112,6 +115,39 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
   assert "infrared parts: reference better on" in text
 
 
+def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
+  """--pairs and --split: the validation pairs of
+  configs/real_pairs_degraded_validation.py, so that a change is chosen
+  without looking at TNO."""
+  from tests.test_train import _write_folder_dataset  # pylint: disable=g-import-not-at-top
+  folders = [_write_folder_dataset(tmp_path / "a", ["1", "2", "10"], 0),
+             _write_folder_dataset(tmp_path / "b", ["1", "2", "3"], 1)]
+  report = tmp_path / "report.md"
+  # An earlier run's copy of another source under a kept stem: two images
+  # of one stem stopped the scoring after every pair was fused.
+  stale = tmp_path / "out" / "sources" / "vi" / "a_2.jpg"
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes(b"not this run's")
+  out = subprocess.run(
+      [sys.executable, "benchmarks/text_effect.py",
+       "--checkpoint=pretrained/textfusion-small-degraded",
+       f"--pairs={','.join(map(str, folders))}", "--split=train[1:]",
+       f"--out={tmp_path / 'out'}", f"--report={report}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = report.read_text()
+  # The slice is taken in the training pipeline's (string) stem order, so
+  # a's '1' is left out; pairs are then numbered in natural order.
+  assert "on 4 degraded a+b (train[1:]) pairs" in text
+  levels = text[text.index("Levels"):].splitlines()[0]
+  assert [part.split()[0] for part in levels.split(": ")[1].split(", ")
+          if part[0].isalpha()] == ["a_2", "a_10", "b_2", "b_3"]
+  assert sorted(p.name for p in (tmp_path / "out/sources/vi").iterdir()) == [
+      "a_10.png", "a_2.png", "b_2.png", "b_3.png"]
+  assert "true better on" in text
+
+
 @pytest.mark.parametrize("args, expected", [
     # Both pairs drawn at (2, 1, 1): no derangement can give either another
     # sentence. Refused before the model loads (it was a ValueError
@@ -119,7 +155,15 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
     (("--limit=2", "--seed=19"), "no derangement gives every pair another "
      "sentence (pairs share 'moderately underexposed, slightly noisy, "
      "slightly hazy visible image')"),
-    (("--seed=-1",), "flag --seed=-1: -1 is not a non-negative integer")])
+    (("--seed=-1",), "flag --seed=-1: -1 is not a non-negative integer"),
+    (("--pairs=/nonexistent/val",), "--pairs /nonexistent/val: no such "
+     "folder"),
+    (("--split=train[:1]",), "tno at --split train[:1] holds 1 pair(s): the "
+     "shuffled prompts need two"),
+    (("--out=pretrained/textfusion-small-degraded/effect",),
+     "/pretrained/textfusion-small-degraded/effect is inside"),
+    (("--out=README.md",), "README.md is a file; give a folder for the "
+     "text_effect output")])
 def test_text_effect_bad_seeds_are_one_line(shared_dir, tmp_path, args,
                                             expected):
   del shared_dir

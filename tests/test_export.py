@@ -288,7 +288,47 @@ def test_data_fingerprint_follows_contents_not_location(tmp_path):
   second = run_record.data_fingerprint(config)
   assert first["sha256"] == second["sha256"] and first["files"] == 3
   (tmp_path / "two" / "set" / "captions.jsonl").write_text("{} \n")
-  assert run_record.data_fingerprint(config)["sha256"] != first["sha256"]
+  changed = run_record.data_fingerprint(config)
+  assert changed["sha256"] != first["sha256"] and "split" not in changed
+  # A slice of the folders trains on other pairs: another fingerprint.
+  config.data.train_split = "train[:80%]"
+  sliced = run_record.data_fingerprint(config)
+  assert sliced["split"] == "train[:80%]"
+  assert sliced["sha256"] != changed["sha256"]
+
+
+def test_the_model_card_names_the_slices_a_run_trained_and_was_scored_on(
+    tmp_path):
+  """configs/real_pairs_degraded_validation.py trains on 'train[:80%]' of
+  folders it also evaluates on ('train[80%:]'): a card without the splits
+  would say the model was scored on its own training folders."""
+  folder = tmp_path / "set"
+  for name in "abcd":
+    _pair(folder, name)
+  (folder / "captions.jsonl").write_text("{}\n")
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = str(folder)
+  config.data.train_split, config.data.eval_split = "train[:2]", "train[2:]"
+  info = run_record.start(tmp_path / "run", config, 0)
+  run_record.finish(tmp_path / "run", info, 3, 1.0)
+  config.data.train_split = "train[:3]"  # resumed on another slice
+  info = run_record.start(tmp_path / "run", config, 3)
+  run_record.finish(tmp_path / "run", info, 5, 1.0)
+  card = run_bundle.model_card(config, run_record.load(tmp_path / "run"), 5,
+                               "")
+  assert "- Data: source `folder` at split `train[:2]`, 9 files" in card
+  assert f"- Held out for evaluation: `{folder}` at split `train[2:]`" in card
+  assert "- Data from step 3: source `folder`, 9 files, sha256 `" in card
+  assert ", split `train[:3]`" in card
+  # Read whole, a folder is carded as before: no split.
+  config.data.train_split, config.data.eval_split = "train", "test"
+  info = run_record.start(tmp_path / "whole", config, 0)
+  run_record.finish(tmp_path / "whole", info, 1, 1.0)
+  card = run_bundle.model_card(config, run_record.load(tmp_path / "whole"),
+                               1, "")
+  assert "- Data: source `folder`, 9 files" in card
+  assert f"- Held out for evaluation: `{folder}`\n" in card
 
 
 def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_bundle(

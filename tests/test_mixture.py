@@ -208,6 +208,88 @@ def test_a_folder_with_splits_is_evaluated_on_its_eval_split(tmp_path):
     sources.make_sources(config)
 
 
+def test_a_slice_of_undivided_folders_holds_out_the_rest(tmp_path):
+  """train_split 'train[:80%]' and eval_split 'train[80%:]' divide folders
+  that have no splits.json (configs/real_pairs_degraded_validation.py);
+  before, an undivided folder was read whole at any split, so every
+  validation pair was trained on."""
+  a = _write_folder_dataset(tmp_path / "a", "abcdefghij", 0)
+  b = _write_folder_dataset(tmp_path / "b", "klmno", 1)
+  config = tiny.get_config()
+  config.data.source = "folder"
+  config.data.train_dir = config.data.eval_dir = f"{a},{b}"
+  config.data.train_split = "train[:80%]"
+  config.data.eval_split = "train[80%:]"
+  names = lambda source: [source.dataset_and_name(i)
+                          for i in range(len(source))]
+  said = []
+  with mock.patch.object(sources._log, "warning",
+                         lambda *args: said.append(args)):
+    train, evaluation = sources.make_sources(config)
+    assert names(train) == ([("a", n) for n in "abcdefgh"] +
+                            [("b", n) for n in "klmn"])
+    assert names(evaluation) == [("a", "i"), ("a", "j"), ("b", "o")]
+    assert not said
+    # Overlapping slices: each folder's shared pairs are counted.
+    config.data.eval_split = "train[-3:]"
+    sources.make_sources(config)
+    assert [(args[1], args[2]) for args in said] == [("a", 1), ("b", 2)]
+    assert "not held out" in said[0][0]
+    # A split an undivided folder does not slice reads it whole, as before.
+    config.data.eval_split = "test"
+    assert len(sources.make_sources(config)[1]) == 15
+  for bad, message in (("train[:80%", r"a: split 'train\[:80%': Error "
+                        "parsing split"),
+                       ("train[:20]", r"a: split 'train\[:20\]': Requested "
+                        r"slice \[:20\] incompatible with 10 examples"),
+                       ("train[:1shard]", r"a: split 'train\[:1shard\]': "),
+                       ("train[5:2]", r"a: split 'train\[5:2\]' selects no "
+                        r"pairs \(splits: train 10\)"),
+                       ("val[:5]", None)):
+    config.data.eval_split = bad
+    if message is None:  # not a slice of 'train': the folder is read whole
+      assert len(sources.make_sources(config)[1]) == 15
+      continue
+    with pytest.raises(UserError, match=message) as raised:
+      sources.make_sources(config)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_mixture_slices_its_tfds_data_not_its_eval_folders(tmp_path):
+  """eval_split slices a mixture's TFDS sources; its eval_dir is held out
+  whole, as before folders could be sliced."""
+  held = _write_folder_dataset(tmp_path / "held", "abcde", 0)
+  config = tiny.get_config()
+  config.data.source = "mixture"
+  config.data.mixture = ((str(_write_folder_dataset(tmp_path / "t", "xy",
+                                                    1)), 1.0),)
+  config.data.eval_dir = str(held)
+  config.data.train_split = "train[:90%]"
+  config.data.eval_split = "train[90%:]"
+  assert len(sources.make_sources(config)[1]) == 5
+
+
+def test_the_validation_config_holds_out_a_fifth_of_each_folder(shared_dir):
+  """configs/real_pairs_degraded_validation.py: 80 pairs to train both
+  stages on, 20 others to choose changes on; TNO in neither."""
+  del shared_dir
+  from configs import real_pairs_degraded_validation as validation  # pylint: disable=g-import-not-at-top
+  names = lambda source: {source.dataset_and_name(i)
+                          for i in range(len(source))}
+  for stage in ("stage1", "refine"):
+    config = validation.get_config(stage)
+    train, evaluation = sources.make_sources(config)
+    assert (len(train), len(evaluation)) == (80, 20)
+    assert not names(train) & names(evaluation)
+    assert {d for d, _ in names(train) | names(evaluation)} == {
+        "llvip", "msrs", "roadscene"}
+  assert config.train.init_from == validation.FIRST_STAGE
+  assert config.loss.reference > 0
+  with pytest.raises(ValueError, match=r"^real_pairs_degraded_validation.py:"
+                     "stage2: no such stage; use stage1 or refine$"):
+    validation.get_config("stage2")
+
+
 def test_training_on_a_folder_named_tno_is_warned(tmp_path):
   """TNO is the held-out test set; training on it was noticed only when the
   same folder was also the eval folder."""

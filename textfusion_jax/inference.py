@@ -97,7 +97,7 @@ def collect_pairs(ir: str, vis: str, out: str) -> list[Pair]:
   if problems:
     raise errors.UserError("; ".join(problems))
   return [Pair(s, ir_files[s], vis_files[s], out_path / f"{s}.png")
-          for s in sorted(ir_files, key=_natural_key)]
+          for s in sorted(ir_files, key=natural_key)]
 
 
 def _check_out(ir: Path, vis: Path, out: Path) -> None:
@@ -139,7 +139,7 @@ def _check_out(ir: Path, vis: Path, out: Path) -> None:
     raise errors.UserError(f"--out {out}: folder {existing} is not writable")
 
 
-def _natural_key(stem: str) -> tuple:
+def natural_key(stem: str) -> tuple:
   # isdecimal, not isdigit: '²' is a digit that int() refuses.
   return tuple(int(t) if t.isdecimal() else t for t in
                re.split(r"(\d+)", stem))

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from input_pipeline import files
+from input_pipeline.layouts import DEFAULT_SPLIT
 from textfusion_jax import bundle
 from textfusion_jax import errors
 from textfusion_jax import evaluators
@@ -64,6 +65,23 @@ def _hms(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
 
 
+def _split_of(data: dict[str, Any]) -> str | None:
+  """The training split a data fingerprint records, where it says which
+  pairs were read (a mixture's folders are read whole whatever it says)."""
+  return data.get("split") if data.get("source") in ("folder", "tfds") else None
+
+
+def _sliced(source: str, eval_dir: str, eval_split: str) -> str:
+  """'` at split `X' (inside the card's backticks) where a folder source's
+  eval folders are read at a split, not whole."""
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+  roots = [r.strip() for r in eval_dir.split(",") if r.strip()]
+  if source == "folder" and any(sources.folder_split(root, eval_split) !=
+                                DEFAULT_SPLIT for root in roots):
+    return f"` at split `{eval_split}"
+  return ""
+
+
 def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
                step: int, eval_table: str, report: str = "") -> str:
   """MODEL_CARD.md text: deterministic for a given run and step."""
@@ -86,11 +104,15 @@ def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
       f"- Data from step {s['start_step']}: source "
       f"`{s['data'].get('source')}`, {s['data'].get('files', 0)} files, "
       f"sha256 `{s['data'].get('sha256', 'unknown')}`" +
+      (f", split `{_split_of(s['data'])}`" if _split_of(s["data"]) else "") +
       "".join(f"\n  - `{r}`" for r in s["data"].get("roots", [])) + "\n"
       for s in segments if "data" in s and run_record.trained(s))
   roots = "".join(f"  - `{r}`\n" for r in data.get("roots", []))
   eval_dirs = config.data.get("eval_dir", "") or config.data.get(
       "eval_split", "")
+  eval_dirs += _sliced(config.data.source, config.data.get("eval_dir", ""),
+                       config.data.get("eval_split", ""))
+  at_split = f" at split `{_split_of(data)}`" if _split_of(data) else ""
   m = config.model
   return f"""# textfusion-jax fusion model, step {step}
 
@@ -105,7 +127,7 @@ The bundle is checked against manifest.json before anything is loaded.
 
 ## Training
 
-- Data: source `{data.get('source', config.data.source)}`, {data.get('files', 0)} files, sha256 of the
+- Data: source `{data.get('source', config.data.source)}`{at_split}, {data.get('files', 0)} files, sha256 of the
   file list and contents `{data.get('sha256', 'unknown')}`
 {roots}{changes}- Held out for evaluation: `{eval_dirs}`
 - Command(s), run from the repository root:

@@ -15,7 +15,9 @@ sha256 of every file under each training root (images and captions), so two
 copies of the same data give the same fingerprint wherever they live. For
 built TFDS records it covers file names and sizes only (they can be huge);
 a mixture covers each of its sources so, with their weights; for the
-synthetic source it is the sha256 of the generator's config. A run
+synthetic source it is the sha256 of the generator's config. Folders sliced
+by config.data.train_split ('train[:80%]') add the split to the hash and
+the record. A run
 that stops early (preempted, interrupted, non-finite loss) still records the
 steps and time it did.
 """
@@ -34,6 +36,7 @@ import ml_collections
 
 from input_pipeline import files
 from input_pipeline.errors import UserError
+from input_pipeline.layouts import DEFAULT_SPLIT, SPLITS_FILE
 
 RUN_INFO = "run_info.json"
 _REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +95,17 @@ def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if data.source == "folder":
     roots = [r.strip() for r in data.train_dir.split(",") if r.strip()]
     count = sum(_hash_folder(Path(root), digest) for root in roots)
-    return {"source": "folder", "roots": roots, "files": count,
-            "sha256": digest.hexdigest()}
+    info = {"source": "folder", "roots": roots, "files": count}
+    # Only a slice of undivided folders ('train[:80%]'): fingerprints of
+    # runs that read folders whole, or at a splits.json split, stay as
+    # they were recorded (a resume compares them).
+    from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+    if any(not (Path(root) / SPLITS_FILE).is_file() and
+           sources.folder_split(root, data.train_split) != DEFAULT_SPLIT
+           for root in roots):
+      digest.update(f"split {data.train_split}\n".encode())
+      info["split"] = data.train_split
+    return {**info, "sha256": digest.hexdigest()}
   if data.source == "tfds":
     root, count = _hash_build(data.tfds_name, data.tfds_data_dir, digest)
     return {"source": "tfds", "roots": [str(root)], "files": count,

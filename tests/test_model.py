@@ -427,15 +427,17 @@ def test_pixel_normalisation_keeps_a_bounded_gradient_at_zero():
 
 def test_remat_keeps_parameters_and_gradients_and_saves_less():
   vis, ir, text = _inputs(batch=1, height=24, width=20)
-  weights = default.get_config().loss
   grads, residuals = {}, {}
   for remat in (False, True):
     model = model_lib.FusionNet(_config(remat=remat), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    # A smooth loss: the fusion loss's max and abs terms turn the last-bit
+    # differences of a recomputed forward pass into gradients up to 2.5 %
+    # apart on one CPU (AMD EPYC), while the model's own agree within 4e-6.
     def loss_fn(params, graphdef=graphdef, rest=rest):
       fused = nnx.merge(graphdef, params, rest)(vis, ir, text)
-      return losses.fusion_loss(fused, vis, ir, weights)[0]
+      return jnp.sum((fused - vis) ** 2)
 
     # The pullback jax.vjp returns is a pytree over the residuals: the
     # values the backward pass keeps from the forward one.
@@ -445,7 +447,8 @@ def test_remat_keeps_parameters_and_gradients_and_saves_less():
   plain, rematted = (jax.tree.leaves(grads[r]) for r in (False, True))
   assert len(plain) == len(rematted)
   for a, b in zip(plain, rematted):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(np.max(np.abs(a))))
   assert residuals[True] < 0.7 * residuals[False], residuals
 
 

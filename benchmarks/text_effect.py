@@ -2,7 +2,8 @@
 
   python benchmarks/text_effect.py --checkpoint pretrained/textfusion-small-degraded \
       [--out runs/text_effect] [--seed 0] [--shuffle_seed S] [--report R.md] \
-      [--figure docs/prompt_control.png] [--pairs DIR[,DIR...] --split SPLIT]
+      [--figure docs/prompt_control.png] [--pairs DIR[,DIR...] --split SPLIT] \
+      [--wiener_kind contrast|spectral]
 
 On the 20 held-out TNO pairs of ../shared/data/ivf_samples/tno, or on the
 pairs of --pairs (folders with ir/ and vi/, joined by ',') at --split (a
@@ -27,9 +28,12 @@ are named '<folder>_<stem>'.
    for, so where it loses a metric to the shuffled prompts, the true prompt
    can win that metric only by beating its own target.
    So is the Wiener target: the model's fusion, under "clean visible image",
-   of the clean visible image with its contrast scaled by the degraded
-   input's Wiener gain S / (S + N) (`degradations.wiener_gain`, over the
-   whole image): what survives the noise, the most a restorer can hope for.
+   of the clean visible image reduced to what survives the noise, the most a
+   restorer can hope for: its contrast scaled by the degraded input's
+   Wiener gain S / (S + N) over the whole image (`degradations.wiener_gain`;
+   squared with --wiener_kind=contrast_squared), or with
+   --wiener_kind=spectral filtered by S / (S + N) per spatial frequency
+   (`degradations.wiener_filter`); by default as the model was trained.
    Means of every fusion, with the trivial rows (copies of each clean
    source, mean and max rules, a copy of the degraded visible image).
    Per source: MI, VIF, Qabf and SSIM are sums of a part against each
@@ -77,6 +81,12 @@ SUMMED_METRICS = ("MI", "VIF", "Qabf", "SSIM")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle or workdir.")
 _OUT = flags.DEFINE_string("out", "runs/text_effect", "Output folder.")
+_WIENER_KIND = flags.DEFINE_enum(
+    "wiener_kind", None, degradations.WIENER_KINDS,
+    "How the Wiener target row keeps what survives the noise "
+    "(`degradations.wiener_target`); default: as the checkpoint was trained "
+    "(config.data.degradations.wiener_kind when its wiener_target is on), "
+    "else 'contrast'.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the degradations.",
                              lower_bound=0)
 _SHUFFLE_SEED = flags.DEFINE_integer(
@@ -198,6 +208,15 @@ def describe(roots: str, split: str) -> str:
   return "+".join(f.name for f in folders) + ("" if whole else f" ({split})")
 
 
+def trained_wiener_kind(config) -> str:
+  """The Wiener target kind a checkpoint's config trained toward, or
+  'contrast' (the default) when it trained toward none."""
+  spec = config.data.get("degradations") or {}
+  if spec.get("wiener_target", False):
+    return spec.get("wiener_kind", "contrast")
+  return "contrast"
+
+
 def remove_stale_images(folder: Path, keep: set[str]) -> None:
   """Deletes the images in this script's output `folder` whose stems are
   not in `keep`."""
@@ -236,6 +255,7 @@ def main(argv) -> None:
   figure_index = next((i for i, l in enumerate(levels) if l[0] >= 2),
                       max(range(len(levels)), key=lambda i: levels[i][0]))
   fuser = inference.Fuser.load(_CHECKPOINT.value)
+  wiener_kind = _WIENER_KIND.value or trained_wiener_kind(fuser.config)
   # The folders are scored whole: fusions an earlier run (of more pairs)
   # left there would be scored with these.
   for folder in OUTPUT_FOLDERS:
@@ -269,8 +289,8 @@ def main(argv) -> None:
     fuse = lambda v, emb, pad=shapes[pair.name]: fuser.fuse(v, ir, emb,
                                                             pad_to=pad)
     fused["reference"][pair.name] = fuse(vis, clean_emb)
-    survives = degradations.shrink_contrast(
-        vis_u8, degradations.wiener_gain(vis_u8, params))
+    survives = degradations.wiener_target(vis_u8, vis_u8, params,
+                                          wiener_kind)
     fused["wiener_target"][pair.name] = fuse(
         survives.astype(np.float32) / 255, clean_emb)
     for key, embs in prompts.items():
@@ -342,8 +362,9 @@ def main(argv) -> None:
   lines += per_source_lines(per_image, "reference", "Clean-input reference")
   for key, what in (("reference", "Clean-input reference (what the true "
                      "sentence asks for)"),
-                    ("wiener_target", "Wiener target (the clean visible "
-                     "image shrunk to what survives the noise, fused)")):
+                    ("wiener_target", f"Wiener target ({wiener_kind}: the "
+                     "clean visible image reduced to what survives the "
+                     "noise, fused)")):
     ceiling = paired_comparison.paired_differences(
         per_image[key], per_image["shuffled"],
         fusion_baselines.RANKED_METRICS)

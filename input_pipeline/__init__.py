@@ -149,8 +149,15 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
   if not isinstance(wiener_target, bool):
     raise UserError("config.data.degradations.wiener_target="
                     f"{wiener_target!r}: give True or False")
+  wiener_kind = config.data.degradations.get("wiener_kind", "contrast")
+  if wiener_kind not in degradations.WIENER_KINDS:
+    raise UserError(f"config.data.degradations.wiener_kind={wiener_kind!r}: "
+                    f"one of {', '.join(degradations.WIENER_KINDS)}")
+  if wiener_kind != "contrast" and not wiener_target:
+    raise UserError(f"config.data.degradations.wiener_kind={wiener_kind!r} "
+                    "needs config.data.degradations.wiener_target=True")
   spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
-                                  wiener_target)
+                                  wiener_target, wiener_kind)
   clean = table[degradations.levels_index((0, 0, 0))][None]
 
   def clean_table(count: int) -> CaptionTable:

@@ -59,6 +59,19 @@ share of visible contrast that survives, and so leaves the infrared's detail
 at full strength where the visible image has lost its own. Measured (README):
 a stage trained toward it lifted the true and the shuffled prompts' fusions
 alike, so it is off by default.
+
+With wiener_kind='contrast_squared' the contrast is scaled by the gain
+squared: the visible image's share of the fusion falls with the share of its
+contrast that survives, so the fusion leans further on the infrared.
+
+Spectral Wiener targets (wiener_kind='spectral'; 'contrast' above is the
+default): the same S / (S + N), but per spatial frequency (`wiener_filter`):
+S the clean crop's luma power per orthonormal DCT coefficient, smoothed over
+7x7 neighbouring coefficients (one coefficient's power is a single noisy
+draw, and keeps speckle), N the noise variance as above; so the
+target keeps the large-scale brightness and contrast that survive any noise
+and loses only the fine detail that the noise buries. A whole-crop gain also
+flattens the shapes a noisy input still shows.
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.fft
+from scipy import ndimage
 
 from input_pipeline.errors import UserError
 from input_pipeline.synthetic import scenes
@@ -206,14 +221,68 @@ _LUMA_NOISE_STD = float(np.sqrt(0.8**2 + 0.6**2 * np.sum(
     np.square(_LUMA_WEIGHTS))))
 
 
+def _signal_scale(gain: float, haze: float) -> float:
+  """What underexposure and haze multiply the visible signal's power by."""
+  return (gain * (1.0 - haze))**2
+
+
+def _luma_noise_variance(sigma: float) -> float:
+  """The degraded luma's noise variance, 8-bit rounding included, in grey
+  levels squared."""
+  return (_LUMA_NOISE_STD * sigma)**2 + 1.0 / 12.0
+
+
 def wiener_gain(clean_u8: np.ndarray, params: Parameters) -> float:
   """S / (S + N) for `clean_u8` degraded with `params` (module docstring)."""
   gain, sigma, haze = params
   rgb = np.asarray(clean_u8, np.float32)
   luma = rgb @ _LUMA_WEIGHTS
-  signal = float(luma.var()) * (gain * (1.0 - haze))**2
-  noise = (_LUMA_NOISE_STD * sigma)**2 + 1.0 / 12.0
-  return signal / (signal + noise)
+  signal = float(luma.var()) * _signal_scale(gain, haze)
+  return signal / (signal + _luma_noise_variance(sigma))
+
+
+WIENER_KINDS = ("contrast", "contrast_squared", "spectral")
+# DCT coefficients (per side) averaged into the spectral filter's signal power.
+_SPECTRUM_SMOOTHING = 7
+
+
+def wiener_filter(clean_u8: np.ndarray, params: Parameters,
+                  image_u8: np.ndarray | None = None) -> np.ndarray:
+  """`image_u8` (default `clean_u8`; (H, W, 3)) filtered per spatial
+  frequency by S / (S + N) of `clean_u8` degraded under `params` (module
+  docstring), as uint8."""
+  gain, sigma, haze = params
+  x = np.asarray(clean_u8, np.float32)
+  image = x if image_u8 is None else np.asarray(image_u8, np.float32)
+  if image.shape != x.shape:
+    raise ValueError(f"image of shape {image.shape} filtered by a clean "
+                     f"image of shape {x.shape}")
+  # An orthonormal DCT-II is the Fourier transform of the symmetrically
+  # extended image (no jumps at the borders to spread power everywhere),
+  # and gives white noise its variance in every coefficient.
+  dct = lambda a: scipy.fft.dctn(a, type=2, norm="ortho", axes=(0, 1))
+  signal = ndimage.uniform_filter(dct(x @ _LUMA_WEIGHTS)**2,
+                                  _SPECTRUM_SMOOTHING, mode="mirror")
+  signal *= _signal_scale(gain, haze)
+  keep = signal / (signal + _luma_noise_variance(sigma))
+  keep[0, 0] = 1.0  # the mean is known whatever the noise
+  filtered = scipy.fft.idctn(dct(image) * keep[..., None], type=2,
+                             norm="ortho", axes=(0, 1))
+  return np.clip(np.rint(filtered), 0, 255).astype(np.uint8)
+
+
+def wiener_target(target_u8: np.ndarray, clean_u8: np.ndarray,
+                  params: Parameters, kind: str) -> np.ndarray:
+  """`target_u8` reduced to what of `clean_u8` survives its degradation
+  under `params`: contrast scaled by `wiener_gain` ('contrast') or filtered
+  by `wiener_filter` ('spectral')."""
+  if kind in ("contrast", "contrast_squared"):
+    factor = wiener_gain(clean_u8, params)
+    return shrink_contrast(target_u8,
+                           factor**2 if kind == "contrast_squared" else factor)
+  if kind == "spectral":
+    return wiener_filter(clean_u8, params, target_u8)
+  raise ValueError(f"Wiener target kind {kind!r}: one of {WIENER_KINDS}")
 
 
 def shrink_contrast(image_u8: np.ndarray, factor: float) -> np.ndarray:

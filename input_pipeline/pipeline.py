@@ -79,13 +79,14 @@ class DegradationSpec:
   renamed_prob: share of crops prompted with another underexposure or haze
     level (`degradations.rename_one_level`) and trained toward what that
     prompt asks for (`degradations.prompted_target`).
-  wiener_target: scale the target's contrast by the degraded input's Wiener
-    gain (`degradations.wiener_gain`).
+  wiener_target: train toward what of the clean crop survives the
+    degradation (`degradations.wiener_target`), of kind `wiener_kind`.
   """
   level_probs: tuple[float, ...]
   condition_table: np.ndarray
   renamed_prob: float = 0.0
   wiener_target: bool = False
+  wiener_kind: str = "contrast"
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,8 +227,8 @@ class _TrainExample:
       images["vis_clean"] = degradations.prompted_target(clean, params,
                                                          levels, named)
     if spec.wiener_target:
-      images["vis_clean"] = degradations.shrink_contrast(
-          images["vis_clean"], degradations.wiener_gain(clean, params))
+      images["vis_clean"] = degradations.wiener_target(
+          images["vis_clean"], clean, params, spec.wiener_kind)
     example = _example(images, record_index, caption, self._table,
                        self._as_float)
     row = degradations.levels_index(named)

@@ -113,6 +113,8 @@ def test_text_effect_shows_trivial_rows_and_per_source_parts(shared_dir,
         1.0, abs(total)), (metric, total, means["true"][metric])
   assert "visible parts: true better on" in text
   assert "infrared parts: reference better on" in text
+  # The shipped model trained toward no Wiener target: the default kind.
+  assert "Wiener target (contrast: " in text
 
 
 def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
@@ -132,7 +134,8 @@ def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
       [sys.executable, "benchmarks/text_effect.py",
        "--checkpoint=pretrained/textfusion-small-degraded",
        f"--pairs={','.join(map(str, folders))}", "--split=train[1:]",
-       f"--out={tmp_path / 'out'}", f"--report={report}"],
+       "--wiener_kind=spectral", f"--out={tmp_path / 'out'}",
+       f"--report={report}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -146,6 +149,7 @@ def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
   assert sorted(p.name for p in (tmp_path / "out/sources/vi").iterdir()) == [
       "a_10.png", "a_2.png", "b_2.png", "b_3.png"]
   assert "true better on" in text
+  assert "Wiener target (spectral: " in text
 
 
 @pytest.mark.parametrize("args, expected", [

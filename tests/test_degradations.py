@@ -1,6 +1,7 @@
 """Captioned degradations of real pairs: grammar, image model, pipeline."""
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from configs import tiny
@@ -222,12 +223,80 @@ def test_wiener_targets_shrink_the_target_by_its_inputs_gain():
                                 plain["condition_index"])
   shrunk = 0
   for i in range(4):
-    target, clean = batch["vis_clean"][i], plain["vis_clean"][i]
+    # In grey levels: in-process batches are floats in [0, 1].
+    target, clean = batch["vis_clean"][i] * 255, plain["vis_clean"][i] * 255
     np.testing.assert_allclose(target.mean((0, 1)), clean.mean((0, 1)),
                                atol=1.0)
     assert target.std() <= clean.std() + 0.5
     shrunk += target.std() < 0.95 * clean.std()
   assert shrunk  # at least one crop of the batch is noisy enough
+
+
+def _edges_and_shading(size: int = 64) -> np.ndarray:
+  """A smooth shading (low frequencies) plus a fine checkerboard (the
+  highest), in three tinted channels, uint8."""
+  y, x = np.mgrid[:size, :size]
+  luma = 60 + 100 * np.sin(np.pi * x / size) * np.sin(np.pi * y / size)
+  luma = luma + 30 * ((x + y) % 2)
+  return np.clip(np.rint(luma[..., None] * (1.0, 0.9, 0.8)), 0,
+                 255).astype(np.uint8)
+
+
+def test_spectral_wiener_filter_drops_the_fine_detail_noise_buries():
+  image = _edges_and_shading()
+  # Undegraded: only 8-bit rounding, so the image comes back.
+  np.testing.assert_allclose(
+      degradations.wiener_filter(image, (1.0, 0.0, 0.0)), image, atol=3)
+  checker = lambda a: np.abs(np.diff(a.astype(float)[..., 0], axis=1)).mean()
+  shading = lambda a: ndimage.uniform_filter(a.astype(float)[..., 0],
+                                             8)[8:-8, 8:-8]
+  light = degradations.wiener_filter(image, (0.6, 4.0, 0.0))
+  moderate = degradations.wiener_filter(image, (0.35, 10.0, 0.36))
+  heavy = degradations.wiener_filter(image, (0.15, 21.0, 0.5))
+  # The checkerboard fades as the noise buries it (S/N below 1 once heavily
+  # degraded), while the shading and the channel means stay; a whole-crop
+  # gain flattens both alike.
+  assert checker(image) > checker(light) > checker(moderate) > 2 * checker(
+      heavy)
+  np.testing.assert_allclose(shading(moderate), shading(image), atol=3)
+  np.testing.assert_allclose(heavy.mean((0, 1)), image.mean((0, 1)), atol=1)
+  contrast = degradations.wiener_target(image, image, (0.35, 10.0, 0.36),
+                                        "contrast")
+  assert np.abs(shading(contrast) - shading(image)).max() > 20
+  # Another target (a renamed prompt's, here the image at 80 % brightness)
+  # is filtered by the clean image's S / (S + N), not its own.
+  dim = np.rint(image * 0.8).astype(np.uint8)
+  np.testing.assert_allclose(
+      degradations.wiener_target(dim, image, (0.15, 21.0, 0.5), "spectral"),
+      heavy * 0.8, atol=1.5)
+  # The squared gain leans the fusion further on the infrared.
+  gain = degradations.wiener_gain(image, (0.35, 10.0, 0.36))
+  squared = degradations.wiener_target(image, image, (0.35, 10.0, 0.36),
+                                       "contrast_squared")
+  np.testing.assert_allclose(squared.std((0, 1)),
+                             image.std((0, 1)) * gain**2, rtol=0.02)
+  with pytest.raises(ValueError, match="'wavelet'"):
+    degradations.wiener_target(image, image, (1.0, 0.0, 0.0), "wavelet")
+
+
+def test_spectral_wiener_targets_in_the_pipeline():
+  source = _records()
+  table = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  plain = _first_batch(source, pipeline.DegradationSpec((0.25,) * 4, table))
+  batch = _first_batch(source, pipeline.DegradationSpec(
+      (0.25,) * 4, table, wiener_target=True, wiener_kind="spectral"))
+  np.testing.assert_array_equal(batch["vis"], plain["vis"])
+  contrast = _first_batch(source, pipeline.DegradationSpec(
+      (0.25,) * 4, table, wiener_target=True))
+  np.testing.assert_array_equal(batch["condition_index"],
+                                plain["condition_index"])
+  for i in range(4):
+    target, clean = batch["vis_clean"][i] * 255, plain["vis_clean"][i] * 255
+    np.testing.assert_allclose(target.mean((0, 1)), clean.mean((0, 1)),
+                               atol=1.5)
+    assert target.std() <= clean.std() + 0.5
+  assert not np.array_equal(batch["vis_clean"], plain["vis_clean"])
+  assert not np.array_equal(batch["vis_clean"], contrast["vis_clean"])
 
 
 def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
@@ -319,6 +388,17 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   with config.ignore_type():  # e.g. a config file that builds its own dict
     config.data.degradations.wiener_target = "yes"
   with pytest.raises(UserError, match=r"wiener_target='yes'"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  with config.ignore_type():
+    config.data.degradations.wiener_target = False
+  config.data.degradations.wiener_kind = "spectral"
+  with pytest.raises(UserError, match=r"wiener_kind='spectral' needs "
+                     r"config.data.degradations.wiener_target=True"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.wiener_target = True
+  config.data.degradations.wiener_kind = "spectal"
+  with pytest.raises(UserError, match=r"wiener_kind='spectal': one of "
+                     r"contrast, contrast_squared, spectral"):
     create_datasets(config, lambda: text_encoder.from_config(config.text))
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,15 +135,15 @@ def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
       [sys.executable, "benchmarks/text_effect.py",
        "--checkpoint=pretrained/textfusion-small-degraded",
        f"--pairs={','.join(map(str, folders))}", "--split=train[1:]",
-       "--wiener_kind=spectral", f"--out={tmp_path / 'out'}",
-       f"--report={report}"],
+       "--wiener_kind=spectral", "--ir_contrast=0.5",
+       f"--out={tmp_path / 'out'}", f"--report={report}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   text = report.read_text()
   # The slice is taken in the training pipeline's (string) stem order, so
   # a's '1' is left out; pairs are then numbered in natural order.
-  assert "on 4 degraded a+b (train[1:]) pairs" in text
+  assert "on 4 degraded a+b (train[1:]) pairs (infrared contrast x0.5)" in text
   levels = text[text.index("Levels"):].splitlines()[0]
   assert [part.split()[0] for part in levels.split(": ")[1].split(", ")
           if part[0].isalpha()] == ["a_2", "a_10", "b_2", "b_3"]
@@ -150,6 +151,16 @@ def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
       "a_10.png", "a_2.png", "b_2.png", "b_3.png"]
   assert "true better on" in text
   assert "Wiener target (spectral: " in text
+  # Fused and scored with the infrared images' contrast halved.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for name in ("a_2", "b_3"):
+    scaled = np.asarray(Image.open(tmp_path / "out/sources/ir" /
+                                   f"{name}.png"), float)
+    folder, stem = name.split("_")
+    original = np.asarray(Image.open(tmp_path / folder / "ir" /
+                                     f"{stem}.png").convert("L"), float)
+    assert abs(scaled.std() - original.std() / 2) < 1.0
+    assert abs(scaled.mean() - original.mean()) < 1.0
 
 
 @pytest.mark.parametrize("args, expected", [

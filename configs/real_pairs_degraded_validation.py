@@ -14,7 +14,7 @@ Then measure the text effect on the validation pairs (not TNO):
       --pairs ../shared/data/ivf_samples/llvip,../shared/data/ivf_samples/msrs,../shared/data/ivf_samples/roadscene \
       --split 'train[80%:]' --out runs/text_effect_validation
 and once more with --ir_contrast 0.6: these pairs' infrared images have
-more contrast than their visible ones, TNO's less, and three variants that
+more contrast than their visible ones, TNO's less, and two variants that
 won here lost on TNO (README).
 A variant is a command-line override of either stage; only a variant that
 beats this baseline on the validation pairs is worth a TNO measurement.

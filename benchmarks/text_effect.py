@@ -94,8 +94,10 @@ _IR_CONTRAST = flags.DEFINE_float(
     "by this factor (`degradations.shrink_contrast`) before fusing, and "
     "score against the scaled image: the validation pairs' infrared images "
     "have more contrast than their visible ones, TNO's less (0.6 turns the "
-    "validation pairs' SD 46.5 against 35.8 into 27.9 against 35.8).",
-    lower_bound=0.0, upper_bound=1.0)
+    "validation pairs' SD 46.5 against 35.8 into 27.9 against 35.8).")
+flags.register_validator(
+    "ir_contrast", lambda value: 0.0 < value <= 1.0,
+    "must be in (0, 1]: a factor that lowers the contrast")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the degradations.",
                              lower_bound=0)
 _SHUFFLE_SEED = flags.DEFINE_integer(

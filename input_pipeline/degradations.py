@@ -274,8 +274,8 @@ def wiener_filter(clean_u8: np.ndarray, params: Parameters,
 def wiener_target(target_u8: np.ndarray, clean_u8: np.ndarray,
                   params: Parameters, kind: str) -> np.ndarray:
   """`target_u8` reduced to what of `clean_u8` survives its degradation
-  under `params`: contrast scaled by `wiener_gain` ('contrast') or filtered
-  by `wiener_filter` ('spectral')."""
+  under `params`: contrast scaled by `wiener_gain` ('contrast') or by its
+  square ('contrast_squared'), or filtered by `wiener_filter` ('spectral')."""
   if kind in ("contrast", "contrast_squared"):
     factor = wiener_gain(clean_u8, params)
     return shrink_contrast(target_u8,

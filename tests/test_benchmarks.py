@@ -178,7 +178,8 @@ def test_text_effect_measures_a_validation_slice_of_other_folders(tmp_path):
     (("--out=pretrained/textfusion-small-degraded/effect",),
      "/pretrained/textfusion-small-degraded/effect is inside"),
     (("--out=README.md",), "README.md is a file; give a folder for the "
-     "text_effect output")])
+     "text_effect output"),
+    (("--ir_contrast=0",), "flag --ir_contrast=0.0: must be in (0, 1]")])
 def test_text_effect_bad_seeds_are_one_line(shared_dir, tmp_path, args,
                                             expected):
   del shared_dir

@@ -35,13 +35,22 @@ Draws are pure functions of (seed, epoch, record): the pipeline passes a
 generator seeded by them, so data order and resume stay exact.
 
 Prompt-following targets (config.data.degradations.renamed_prob): a share
-of training crops is prompted with another sentence, whose underexposure or
-haze level is changed (`rename_one_level`; noise keeps its true level), and
-the target is what that sentence asks for (`prompted_target`): the degraded
-crop with the named gain and haze undone instead of the true ones. Trained
-only on true sentences, the network learned to read brightness from the
-pixels (real scenes are mostly well exposed) and half-ignored the words; with
-renamed prompts the words decide how far it corrects.
+of training crops is prompted with another sentence, whose level of one kind
+is changed (`rename_one_level`; the kinds in config.data.degradations.
+renamed_kinds, by default underexposure and haze, so noise keeps its true
+level), and the target is what that sentence asks for (`prompted_target`):
+the degraded crop with the named gain and haze undone instead of the true
+ones. Trained only on true sentences, the network learned to read brightness
+from the pixels (real scenes are mostly well exposed) and half-ignored the
+words; with renamed prompts the words decide how far it corrects. When noise
+may be renamed too, a sentence that names less noise than the input holds
+asks for the unnamed share to stay: the crop's own noise times
+1 - named sigma / true sigma (nearly all of it when the sentence names no
+noise: level 0's sigma is at most 1.5), then the named gain and haze undone
+as for the rest of the image, so brightening amplifies the noise it keeps,
+as brightening the input itself would (clipped to 8 bits like it). One that
+names more noise than there is asks for the clean crop, as the true
+sentence does.
 
 Wiener targets (config.data.degradations.wiener_target): the target's
 contrast around its per-channel mean is scaled by the Wiener gain of the
@@ -307,34 +316,67 @@ def renamed_parameters(params: Parameters, levels: Levels,
   return tuple(out)
 
 
-def rename_one_level(levels: Levels, rng: np.random.Generator) -> Levels:
-  """`levels` with the underexposure or the haze level (equally likely)
-  replaced by one of the other three levels. One kind at a time keeps the
-  asked-for image within reach: renaming both can ask to remove more
-  airlight than a dark image has (an all-black target)."""
+KIND_WORDS = tuple(word for _, word, _ in KINDS)
+# What config.data.degradations.renamed_kinds defaults to.
+DEFAULT_RENAMED_KINDS = ("underexposed", "hazy")
+
+
+def check_renamed_kinds(kinds: Sequence[str], field: str) -> tuple[str, ...]:
+  """`kinds`, distinct KIND_WORDS, in KIND_WORDS order (so the draws do not
+  depend on how a config lists them); a UserError naming `field`."""
+  if (isinstance(kinds, str) or not isinstance(kinds, Sequence) or
+      not kinds or any(kind not in KIND_WORDS for kind in kinds) or
+      len(set(kinds)) != len(kinds)):
+    raise UserError(f"{field}={kinds!r}: give distinct kinds out of "
+                    f"{', '.join(KIND_WORDS)}")
+  return tuple(kind for kind in KIND_WORDS if kind in kinds)
+
+
+def rename_one_level(levels: Levels, rng: np.random.Generator,
+                     kinds: Sequence[str] = DEFAULT_RENAMED_KINDS) -> Levels:
+  """`levels` with the level of one of `kinds` (equally likely) replaced by
+  one of the other three levels. One kind at a time keeps the asked-for
+  image within reach: renaming both underexposure and haze can ask to remove
+  more airlight than a dark image has (an all-black target)."""
   levels = list(check_levels(levels, "levels"))
-  kind = 0 if rng.random() < 0.5 else 2
+  positions = [KIND_WORDS.index(kind)
+               for kind in check_renamed_kinds(kinds, "kinds")]
+  # int(u * n) draws as `0 if u < 0.5 else 2` did for the default kinds.
+  kind = positions[int(rng.random() * len(positions))]
   others = [l for l in range(NUM_LEVELS) if l != levels[kind]]
   levels[kind] = others[int(rng.integers(len(others)))]
   return tuple(levels)
 
 
 def prompted_target(vis_u8: np.ndarray, params: Parameters, levels: Levels,
-                    named: Levels) -> np.ndarray:
-  """What a prompt naming `named` asks for when the input was degraded with
-  `params` at `levels`: the noise-free degraded image with the *named*
+                    named: Levels,
+                    degraded_u8: np.ndarray | None = None) -> np.ndarray:
+  """What a prompt naming `named` asks for when the input `degraded_u8` was
+  degraded with `params` at `levels`: the image with the *named*
   underexposure and haze undone (parameters renamed by
   `renamed_parameters`), as uint8. Equals `vis_u8` (up to rounding) when the
   named levels are the true ones, so it generalises the clean target: a
   prompt that claims heavier underexposure than the truth asks for a
-  brighter image, a lighter one for a darker image. Noise is not undone
-  differently by name: noise levels must match (`named[1] == levels[1]`).
+  brighter image, a lighter one for a darker image. A prompt that names less
+  noise than the truth keeps the input's noise times 1 - named sigma / true
+  sigma (linear in sigma; `degraded_u8` is needed when the noise levels
+  differ), and undoing the named gain and haze then scales that noise as it
+  scales the image; one that names more asks for no noise, as the true
+  prompt does.
   """
-  if named[1] != levels[1]:
-    raise ValueError(f"named noise level {named[1]} != true {levels[1]}")
-  gain, _, haze = params
-  named_gain, _, named_haze = renamed_parameters(params, levels, named)
+  gain, sigma, haze = params
+  named_gain, named_sigma, named_haze = renamed_parameters(params, levels,
+                                                           named)
   x = _haze_and_gain(np.asarray(vis_u8, np.float32) / np.float32(255), gain,
                      haze)
+  if named[1] != levels[1]:
+    if degraded_u8 is None:
+      raise ValueError(f"named noise level {named[1]} != true {levels[1]} "
+                       "needs the degraded image")
+    # Level ranges are disjoint and ordered: a lower named level has a
+    # smaller sigma, and the true one (level >= 1) is at least 3.
+    if named[1] < levels[1]:
+      noise = np.asarray(degraded_u8, np.float32) / np.float32(255) - x
+      x = x + np.float32(1.0 - named_sigma / sigma) * noise
   x = (x / named_gain - named_haze * scenes.AIRLIGHT) / (1 - named_haze)
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

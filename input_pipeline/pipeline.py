@@ -76,9 +76,9 @@ class DegradationSpec:
   condition_table: (64, D) embeddings of the 64 condition sentences, in
     `degradations.all_levels()` order; an example's text embedding is the row
     of its levels, so the prompt names exactly what was done to its input.
-  renamed_prob: share of crops prompted with another underexposure or haze
-    level (`degradations.rename_one_level`) and trained toward what that
-    prompt asks for (`degradations.prompted_target`).
+  renamed_prob: share of crops prompted with another level of one of
+    `renamed_kinds` (`degradations.rename_one_level`) and trained toward what
+    that prompt asks for (`degradations.prompted_target`).
   wiener_target: train toward what of the clean crop survives the
     degradation (`degradations.wiener_target`), of kind `wiener_kind`.
   """
@@ -87,6 +87,12 @@ class DegradationSpec:
   renamed_prob: float = 0.0
   wiener_target: bool = False
   wiener_kind: str = "contrast"
+  renamed_kinds: tuple[str, ...] = degradations.DEFAULT_RENAMED_KINDS
+
+  def __post_init__(self):
+    # Checked here, not at the first renamed crop inside a grain worker.
+    object.__setattr__(self, "renamed_kinds", degradations.check_renamed_kinds(
+        self.renamed_kinds, "renamed_kinds"))
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,9 +229,10 @@ class _TrainExample:
     images["vis_clean"], named = clean, levels
     rename = _rng(self._seed, _RENAME_STREAM, epoch, record_index)
     if spec.renamed_prob and rename.random() < spec.renamed_prob:
-      named = degradations.rename_one_level(levels, rename)
-      images["vis_clean"] = degradations.prompted_target(clean, params,
-                                                         levels, named)
+      named = degradations.rename_one_level(levels, rename,
+                                            spec.renamed_kinds)
+      images["vis_clean"] = degradations.prompted_target(
+          clean, params, levels, named, images["vis"])
     if spec.wiener_target:
       images["vis_clean"] = degradations.wiener_target(
           images["vis_clean"], clean, params, spec.wiener_kind)

@@ -110,6 +110,87 @@ def test_prompted_target_undoes_what_the_prompt_names():
     degradations.prompted_target(image, params, levels, (2, 2, 0))
 
 
+def test_prompted_target_keeps_the_noise_the_prompt_leaves_unnamed():
+  image = np.random.default_rng(0).integers(40, 216, (32, 32, 3), np.uint8)
+  levels = (0, 3, 0)
+  rng = np.random.default_rng(4)
+  params = degradations.draw_parameters(levels, rng)
+  noisy = degradations.apply(image, params, rng)
+  error = lambda target: np.abs(target.astype(float) - image).mean()
+  # Named noise: the true level asks for the clean image, a lower one for
+  # part of the input's own noise (the larger the lower), "clean" for all.
+  same = degradations.prompted_target(image, params, levels, levels, noisy)
+  assert error(same) < 0.5
+  kept = [error(degradations.prompted_target(image, params, levels,
+                                             (0, named, 0), noisy))
+          for named in (2, 1, 0)]
+  assert kept == sorted(kept) and kept[0] > 2, kept
+  assert abs(kept[2] - error(noisy)) < 0.1 * error(noisy), (kept, error(noisy))
+  sigma, named_sigma = params[1], degradations.renamed_parameters(
+      params, levels, (0, 1, 0))[1]
+  residual = degradations.prompted_target(image, params, levels, (0, 1, 0),
+                                          noisy).astype(float) - image
+  np.testing.assert_allclose(
+      residual.std(), (1 - named_sigma / sigma) *
+      (noisy.astype(float) - image).std(), rtol=0.05)
+  # Underexposed too: the kept noise is brightened with the image, as
+  # brightening the input would (to within the 8-bit clipping).
+  levels, named = (2, 3, 1), (2, 1, 1)
+  params = degradations.draw_parameters(levels, rng)
+  noisy = degradations.apply(image, params, rng)
+  gain, sigma, haze = params
+  named_sigma = degradations.renamed_parameters(params, levels, named)[1]
+  dark = degradations.prompted_target(image, params, levels, named, noisy)
+  noise = noisy.astype(float) - degradations.apply(image, params[:1] + (
+      0.0,) + params[2:], rng).astype(float)
+  unclipped = (noisy > 0) & (noisy < 255) & (dark > 0) & (dark < 255)
+  np.testing.assert_allclose(
+      (dark.astype(float) - image)[unclipped].std(),
+      (1 - named_sigma / sigma) / (gain * (1 - haze)) *
+      noise[unclipped].std(), rtol=0.1)
+  assert (dark.astype(float) - image)[unclipped].std() > 2 * noise.std() * (
+      1 - named_sigma / sigma)
+  # More noise named than there is: the clean image, as the true prompt.
+  less = (0, 1, 0)
+  params = degradations.draw_parameters(less, rng)
+  noisy = degradations.apply(image, params, rng)
+  assert error(degradations.prompted_target(image, params, less, (0, 3, 0),
+                                            noisy)) < 0.5
+  with pytest.raises(ValueError, match="noise level 3 != true 1 needs"):
+    degradations.prompted_target(image, params, less, (0, 3, 0))
+
+
+def test_rename_one_level_may_rename_noise_and_keeps_the_default_draws():
+  rng = np.random.default_rng(1)
+  kinds = ("underexposed", "noisy", "hazy")
+  seen = set()
+  for _ in range(300):
+    levels = tuple(int(l) for l in rng.integers(0, 4, 3))
+    named = degradations.rename_one_level(levels, rng, kinds)
+    changed = [k for k in range(3) if named[k] != levels[k]]
+    assert len(changed) == 1, (levels, named)
+    seen.add((changed[0], named[changed[0]]))
+  assert len(seen) == 12  # every level of every kind is named sometimes
+  # The default kinds draw exactly as before renamed_kinds existed, so
+  # earlier runs' data (and resumes) stay the same.
+  a, b = np.random.default_rng(7), np.random.default_rng(7)
+  for levels in degradations.all_levels():
+    kind = 0 if b.random() < 0.5 else 2
+    expected = list(levels)
+    expected[kind] = [l for l in range(4) if l != levels[kind]][
+        int(b.integers(3))]
+    assert degradations.rename_one_level(levels, a) == tuple(expected)
+  for bad in ((), ("noisy", "noisy"), ("blurry",), "noisy", (["noisy"],)):
+    with pytest.raises(UserError, match=r"kinds="):
+      degradations.rename_one_level((1, 1, 1), a, bad)
+  # Listed in another order, the same kinds draw the same.
+  assert degradations.check_renamed_kinds(("hazy", "underexposed"), "k") == (
+      degradations.DEFAULT_RENAMED_KINDS)
+  with pytest.raises(UserError, match=r"renamed_kinds=\('fog',\)"):
+    pipeline.DegradationSpec((0.25,) * 4, np.zeros((64, 4), np.float32),
+                             renamed_kinds=("fog",))
+
+
 def test_rename_one_level_changes_underexposure_or_haze_only():
   rng = np.random.default_rng(0)
   seen = set()
@@ -180,6 +261,30 @@ def test_renamed_prompts_ask_for_what_they_name():
     np.testing.assert_array_equal(batch["text_emb"][i], table[
         batch["condition_index"][i]])
     assert not np.array_equal(batch["vis_clean"][i], plain["vis_clean"][i])
+
+
+def test_renamed_noise_levels_keep_the_unnamed_noise_in_the_target():
+  source = _records()
+  table = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  plain = _first_batch(source, pipeline.DegradationSpec((0.25,) * 4, table))
+  batch = _first_batch(source, pipeline.DegradationSpec(
+      (0.25,) * 4, table, renamed_prob=1.0, renamed_kinds=("noisy",)))
+  np.testing.assert_array_equal(batch["vis"], plain["vis"])
+  all_levels = degradations.all_levels()
+  lower = 0
+  for i in range(4):
+    true = all_levels[plain["condition_index"][i]]
+    named = all_levels[batch["condition_index"][i]]
+    assert named[0] == true[0] and named[2] == true[2] and named[1] != true[1]
+    # Less noise named: part of the input's noise stays in the target;
+    # more: the clean crop, as under the true prompt.
+    off_clean = np.abs(batch["vis_clean"][i] - plain["vis_clean"][i]).mean()
+    if named[1] < true[1]:
+      lower += 1
+      assert off_clean > 2 / 255, (true, named, off_clean * 255)
+    else:
+      assert off_clean < 1 / 255, (true, named, off_clean * 255)
+  assert 0 < lower < 4  # seed 5 names less noise on some crops, not all
 
 
 def test_wiener_gain_measures_the_signal_that_survives_the_noise():
@@ -399,6 +504,16 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config.data.degradations.wiener_kind = "spectal"
   with pytest.raises(UserError, match=r"wiener_kind='spectal': one of "
                      r"contrast, contrast_squared, spectral"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.wiener_kind = "contrast"
+  config.data.degradations.renamed_prob = 0.5
+  config.data.degradations.renamed_kinds = ("noisy", "blurry")
+  with pytest.raises(UserError, match=r"renamed_kinds=\('noisy', 'blurry'\)"
+                     r": give distinct kinds out of underexposed, noisy, hazy"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_kinds = ("noisy",)
+  with pytest.raises(UserError, match=r"renamed_kinds=\('noisy',\) with "
+                     r"'noisy' and config.data.degradations.wiener_target"):
     create_datasets(config, lambda: text_encoder.from_config(config.text))
 
 

@@ -901,6 +901,25 @@ def test_a_text_dtype_change_on_resume_is_announced():
       "text.dtype 'float32' -> 'bfloat16'"]
 
 
+def test_a_field_added_since_a_run_was_saved_is_no_change_at_its_default():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  saved = ml_collections.ConfigDict(json.loads(
+      checkpointing.config_to_json(tiny.get_config())))
+  del saved.data.degradations["renamed_kinds"]  # as a run saved before it
+  current = tiny.get_config()
+  assert checkpointing.changed_training_fields(
+      saved, current, default.get_config()) == []
+  # Without the defaults (and with another value) it is a change.
+  assert checkpointing.changed_training_fields(saved, current) == [
+      "data.degradations.renamed_kinds None -> ['underexposed', 'hazy']"]
+  current.data.degradations.renamed_kinds = ("noisy",)
+  assert checkpointing.changed_training_fields(
+      saved, current, default.get_config()) == [
+          "data.degradations.renamed_kinds ['underexposed', 'hazy'] -> "
+          "['noisy']"]
+
+
 @pytest.mark.parametrize("field, value, expect", [
     ("ffn", "foo", "config.model.ffn='foo': must be one of"),
     ("input_stride", 0, "config.model.input_stride=0: must be a whole"),

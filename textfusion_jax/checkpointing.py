@@ -134,11 +134,20 @@ _THROUGHPUT_FIELDS = ("data.worker_count", "data.prefetch_buffer_size",
                       "data.cache_in_memory", "model.remat")
 
 
-def changed_training_fields(saved: ml_collections.ConfigDict,
-                            current: ml_collections.ConfigDict) -> list[str]:
-  """'field: saved -> current' for each training field that differs."""
+def changed_training_fields(
+    saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
+    defaults: ml_collections.ConfigDict | None = None) -> list[str]:
+  """'field: saved -> current' for each training field that differs.
+
+  A field missing from `saved` (a run written before the field existed ran
+  with its default) is not a change while `current` keeps its value in
+  `defaults` (configs/default.py)."""
   saved_flat = _flatten(saved.to_dict())
   current_flat = _flatten(json.loads(config_to_json(current)))
+  default_flat = ({} if defaults is None else
+                  _flatten(json.loads(config_to_json(defaults))))
+  for key, value in default_flat.items():
+    saved_flat.setdefault(key, value)
   return [f"{key} {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"
           for key in sorted(set(saved_flat) | set(current_flat))
           if key.startswith(_TRAINING_FIELDS)

@@ -237,7 +237,9 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: str) -> Path:
   if (path / checkpointing.CONFIG_FILE).exists():
     saved = checkpointing.load_saved_config(path)
     checkpointing.check_compatible(saved, config, path)
-    changed = checkpointing.changed_training_fields(saved, config)
+    from configs import default  # pylint: disable=g-import-not-at-top
+    changed = checkpointing.changed_training_fields(saved, config,
+                                                    default.get_config())
     if changed and jax.process_index() == 0:
       # Allowed (extending a run is common), but the schedule jumps.
       log.warning("Resuming %s with changed settings (the remaining steps "

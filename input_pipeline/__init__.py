@@ -160,13 +160,6 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
       config.data.degradations.get("renamed_kinds",
                                    degradations.DEFAULT_RENAMED_KINDS),
       "config.data.degradations.renamed_kinds")
-  if renamed_prob and "noisy" in renamed_kinds and wiener_target:
-    # The Wiener gain is the true noise's; a target that keeps some noise
-    # would be shrunk as if it had been removed.
-    raise UserError("config.data.degradations.renamed_kinds="
-                    f"{renamed_kinds!r} with 'noisy' and "
-                    "config.data.degradations.wiener_target=True: not "
-                    "supported together")
   spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
                                   wiener_target, wiener_kind, renamed_kinds)
   clean = table[degradations.levels_index((0, 0, 0))][None]

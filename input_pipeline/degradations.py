@@ -50,7 +50,8 @@ noise: level 0's sigma is at most 1.5), then the named gain and haze undone
 as for the rest of the image, so brightening amplifies the noise it keeps,
 as brightening the input itself would (clipped to 8 bits like it). One that
 names more noise than there is asks for the clean crop, as the true
-sentence does.
+sentence does. With Wiener targets (below), a target that keeps noise is not
+shrunk: the gain is for noise that was removed.
 
 Wiener targets (config.data.degradations.wiener_target): the target's
 contrast around its per-channel mean is scaled by the Wiener gain of the

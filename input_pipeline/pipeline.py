@@ -80,7 +80,8 @@ class DegradationSpec:
     `renamed_kinds` (`degradations.rename_one_level`) and trained toward what
     that prompt asks for (`degradations.prompted_target`).
   wiener_target: train toward what of the clean crop survives the
-    degradation (`degradations.wiener_target`), of kind `wiener_kind`.
+    degradation (`degradations.wiener_target`), of kind `wiener_kind`;
+    not where a renamed prompt names less noise (its target keeps noise).
   """
   level_probs: tuple[float, ...]
   condition_table: np.ndarray
@@ -233,7 +234,8 @@ class _TrainExample:
                                             spec.renamed_kinds)
       images["vis_clean"] = degradations.prompted_target(
           clean, params, levels, named, images["vis"])
-    if spec.wiener_target:
+    # A target that keeps unnamed noise is not shrunk as if it were gone.
+    if spec.wiener_target and named[1] >= levels[1]:
       images["vis_clean"] = degradations.wiener_target(
           images["vis_clean"], clean, params, spec.wiener_kind)
     example = _example(images, record_index, caption, self._table,

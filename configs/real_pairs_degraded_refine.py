@@ -2,8 +2,9 @@
 
 Fine-tunes a trained real_pairs_degraded run with the 'reference' loss: the
 fusion of a degraded crop under its condition sentence is pulled towards
-what the first-stage model (frozen) makes of the clean crop under "clean
-visible image" (L1; textfusion_jax/losses.py). The reference is frozen:
+what the first-stage model (frozen) makes of the crop's target under "clean
+visible image" (L1; textfusion_jax/losses.py; the target of a renamed
+prompt: config.data.degradations.renamed_reference). The reference is frozen:
 against its own clean fusion (a target that moves with it) a fine-tuned
 model drifted (intensity loss doubled, clean TNO SCD fell to 1.76).
   python train.py --config configs/real_pairs_degraded.py --workdir runs/real_pairs_degraded

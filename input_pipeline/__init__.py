@@ -160,8 +160,20 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
       config.data.degradations.get("renamed_kinds",
                                    degradations.DEFAULT_RENAMED_KINDS),
       "config.data.degradations.renamed_kinds")
+  renamed_reference = degradations.check_renamed_reference(
+      config.data.degradations.get("renamed_reference",
+                                   "fuse_prompted_target"),
+      renamed_kinds, "config.data.degradations.renamed_reference")
+  if renamed_reference == "prompted_fusion" and not (
+      renamed_prob and config.loss.get("reference", 0.0)):
+    # It would only add an image to every batch.
+    raise UserError("config.data.degradations.renamed_reference="
+                    "'prompted_fusion' changes nothing without "
+                    "config.data.degradations.renamed_prob > 0 and "
+                    "config.loss.reference > 0")
   spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
-                                  wiener_target, wiener_kind, renamed_kinds)
+                                  wiener_target, wiener_kind, renamed_kinds,
+                                  renamed_reference)
   clean = table[degradations.levels_index((0, 0, 0))][None]
 
   def clean_table(count: int) -> CaptionTable:

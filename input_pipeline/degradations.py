@@ -53,6 +53,21 @@ names more noise than there is asks for the clean crop, as the true
 sentence does. With Wiener targets (below), a target that keeps noise is not
 shrunk: the gain is for noise that was removed.
 
+What the stage-2 reference model is asked to match on a renamed crop
+(config.data.degradations.renamed_reference): by default
+('fuse_prompted_target') its fusion of the prompted target, the infrared and
+"clean visible image". A prompted target darker than the clean crop then
+gives a fusion that leans on the infrared (the intensity and gradient terms
+take the brighter, sharper source), so a wrong sentence's fusion came out
+nearer a copy of the infrared, which MI, VIF and Qabf (summed over the
+sources) reward. With 'prompted_fusion' the reference fuses the true
+sentence's target (the clean crop, or its Wiener target) and the
+named-versus-true gain and haze are applied to that fusion
+(`prompted_affine`): a wrong sentence asks for the same fusion, mis-exposed
+or hazed as the sentence says, so the words still decide the brightness and
+the balance of the sources stays the true one's. Noise cannot be renamed
+then (an affine map cannot put noise back).
+
 Wiener targets (config.data.degradations.wiener_target): the target's
 contrast around its per-channel mean is scaled by the Wiener gain of the
 degraded input, S / (S + N): S the clean crop's luma variance times
@@ -381,3 +396,38 @@ def prompted_target(vis_u8: np.ndarray, params: Parameters, levels: Levels,
       x = x + np.float32(1.0 - named_sigma / sigma) * noise
   x = (x / named_gain - named_haze * scenes.AIRLIGHT) / (1 - named_haze)
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+# What config.data.degradations.renamed_reference may be (module docstring).
+RENAMED_REFERENCES = ("fuse_prompted_target", "prompted_fusion")
+
+
+def check_renamed_reference(value: str, kinds: Sequence[str],
+                            field: str) -> str:
+  """`value` if it is one of RENAMED_REFERENCES and fits the renamed `kinds`;
+  a UserError naming `field` otherwise."""
+  if value not in RENAMED_REFERENCES:
+    raise UserError(f"{field}={value!r}: give one of "
+                    f"{', '.join(RENAMED_REFERENCES)}")
+  if value == "prompted_fusion" and "noisy" in kinds:
+    # A gain and an offset cannot put back the noise a sentence leaves.
+    raise UserError(f"{field}='prompted_fusion' cannot keep the noise a "
+                    "renamed sentence leaves: drop 'noisy' from "
+                    f"{field.replace('renamed_reference', 'renamed_kinds')}")
+  return value
+
+
+def prompted_affine(params: Parameters, levels: Levels,
+                    named: Levels) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset), float32 (3,) each: the per-channel map x -> scale * x
+  + offset that takes a clean image (in [0, 1]) to what a sentence naming
+  `named` asks for when the truth is `levels` with `params`: the true haze
+  and gain applied, then the named ones undone (`prompted_target` without
+  noise and rounding). The identity when `named` equals `levels`."""
+  gain, _, haze = params
+  named_gain, _, named_haze = renamed_parameters(params, levels, named)
+  airlight = scenes.AIRLIGHT.astype(np.float64)
+  scale = gain * (1 - haze) / (named_gain * (1 - named_haze))
+  offset = (gain * haze / named_gain - named_haze) * airlight / (
+      1 - named_haze)
+  return (np.full(3, scale, np.float32), offset.astype(np.float32))

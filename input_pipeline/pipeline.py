@@ -20,7 +20,11 @@ shard count):
   'caption_index' int32 (b,)       which caption of the record was used
   'record_index'  int32 (b,)       index of the record in the source
   with a DegradationSpec also 'condition_index' int32 (b,) and
-  'text_emb_clean' float32 (b, D), the embedding of "clean visible image"
+  'text_emb_clean' float32 (b, D), the embedding of "clean visible image";
+  with its renamed_reference 'prompted_fusion' also 'reference_vis' float32
+  (b, crop, crop, 3), the true target (what the reference model fuses),
+  and 'reference_affine' float32 (b, 2, 3), the scale and offset that take
+  that fusion to what the prompt asks for (`degradations.prompted_affine`)
 
 Example e of epoch k is built from record r = shuffle_k(e): its crop window,
 flip and caption are pure functions of (seed, k, r), so they do not depend on
@@ -60,7 +64,7 @@ from input_pipeline import image_io
 from input_pipeline.captions import CaptionTable
 from input_pipeline.errors import UserError
 
-_IMAGE_KEYS = ("vis", "ir", "vis_clean")
+_IMAGE_KEYS = ("vis", "ir", "vis_clean", "reference_vis")
 # Streams of the per-(seed, epoch, record) random draws, kept apart so that
 # e.g. changing the crop size does not change which captions are sampled.
 _SHUFFLE_STREAM, _CAPTION_STREAM, _CROP_STREAM, _DEGRADE_STREAM = 0, 1, 2, 3
@@ -82,6 +86,10 @@ class DegradationSpec:
   wiener_target: train toward what of the clean crop survives the
     degradation (`degradations.wiener_target`), of kind `wiener_kind`;
     not where a renamed prompt names less noise (its target keeps noise).
+  renamed_reference: what the stage-2 reference model is asked to match on
+    a renamed crop (`degradations.RENAMED_REFERENCES`, module docstring
+    there): 'prompted_fusion' adds 'reference_vis' and 'reference_affine'
+    to every example.
   """
   level_probs: tuple[float, ...]
   condition_table: np.ndarray
@@ -89,11 +97,15 @@ class DegradationSpec:
   wiener_target: bool = False
   wiener_kind: str = "contrast"
   renamed_kinds: tuple[str, ...] = degradations.DEFAULT_RENAMED_KINDS
+  renamed_reference: str = "fuse_prompted_target"
 
   def __post_init__(self):
     # Checked here, not at the first renamed crop inside a grain worker.
     object.__setattr__(self, "renamed_kinds", degradations.check_renamed_kinds(
         self.renamed_kinds, "renamed_kinds"))
+    degradations.check_renamed_reference(self.renamed_reference,
+                                         self.renamed_kinds,
+                                         "renamed_reference")
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,12 +250,22 @@ class _TrainExample:
     if spec.wiener_target and named[1] >= levels[1]:
       images["vis_clean"] = degradations.wiener_target(
           images["vis_clean"], clean, params, spec.wiener_kind)
+    if spec.renamed_reference == "prompted_fusion":
+      # The true sentence's target; the prompt's difference is applied to
+      # the reference's fusion of it (reference_affine).
+      images["reference_vis"] = (
+          images["vis_clean"] if named == levels else
+          degradations.wiener_target(clean, clean, params, spec.wiener_kind)
+          if spec.wiener_target else clean)
     example = _example(images, record_index, caption, self._table,
                        self._as_float)
     row = degradations.levels_index(named)
     example["text_emb"] = self._degradation.condition_table[row]
     example["text_emb_clean"] = self._degradation.condition_table[_CLEAN_ROW]
     example["condition_index"] = np.int32(row)
+    if spec.renamed_reference == "prompted_fusion":
+      example["reference_affine"] = np.stack(
+          degradations.prompted_affine(params, levels, named))
     return example
 
 
@@ -300,7 +322,9 @@ def make_train_dataset(
     derangement_seed: seed of that fixed derangement (share it with eval).
     degradation: degrade each crop's visible image and prompt with the
       condition sentence instead of the record's captions ('vis_clean' then
-      holds the clean crop, 'condition_index' the sentence's row).
+      holds the target: the clean crop, or what a renamed prompt asks for,
+      or its Wiener target; 'condition_index' the sentence's row; module
+      docstring for the keys a renamed_reference adds).
     worker_count: grain worker processes (0: produce in this process).
     worker_buffer_size: batches each worker prefetches.
     read_threads, read_buffer_size: threads building batches in each process

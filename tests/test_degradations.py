@@ -211,13 +211,14 @@ def _records(n=6, size=40):
           for i in range(n)]
 
 
-def _first_batch(source, degradation, seed=5):
+def _first_batch(source, degradation, seed=5, worker_count=0):
   table = CaptionTable(np.eye(len(source), 4, dtype=np.float32),
                        tuple(np.array([i], np.int32)
                              for i in range(len(source))))
   ds = pipeline.make_train_dataset(
       source, global_batch_size=4, crop_size=32, seed=seed,
-      caption_table=table, degradation=degradation, shard_by_process=False)
+      caption_table=table, degradation=degradation, shard_by_process=False,
+      worker_count=worker_count)
   return next(iter(ds))
 
 
@@ -295,6 +296,86 @@ def test_renamed_noise_levels_keep_the_unnamed_noise_in_the_target():
     named = all_levels[batch["condition_index"][i]]
     same = np.array_equal(wiener["vis_clean"][i], batch["vis_clean"][i])
     assert same == (named[1] < true[1]), (true, named)
+
+
+def test_prompted_affine_is_the_prompted_target_without_noise():
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  renamed = 0
+  for levels in degradations.all_levels():
+    params = degradations.draw_parameters(levels, rng)
+    scale, offset = degradations.prompted_affine(params, levels, levels)
+    np.testing.assert_allclose(scale, 1.0, atol=1e-6)
+    np.testing.assert_allclose(offset, 0.0, atol=1e-6)
+    named = degradations.rename_one_level(levels, rng)
+    scale, offset = degradations.prompted_affine(params, levels, named)
+    mapped = np.clip(np.rint((image / 255 * scale + offset) * 255), 0, 255)
+    target = degradations.prompted_target(image, params, levels, named)
+    # Up to the target's rounding inside float32.
+    assert np.abs(mapped - target).max() <= 1, (levels, named)
+    renamed += not np.allclose(scale, 1.0)
+  assert renamed > 40  # most renamings change the scale
+
+
+def test_prompted_fusion_references_fuse_the_true_target():
+  """With renamed_reference='prompted_fusion' the reference model fuses the
+  true sentence's target; the batch's affine takes it to what the renamed
+  prompt asks for (the prompted target)."""
+  source = _records()
+  table = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  plain = _first_batch(source, pipeline.DegradationSpec((0.25,) * 4, table))
+  renamed = _first_batch(source, pipeline.DegradationSpec(
+      (0.25,) * 4, table, renamed_prob=1.0))
+  spec = pipeline.DegradationSpec((0.25,) * 4, table, renamed_prob=1.0,
+                                  renamed_reference="prompted_fusion")
+  batch = _first_batch(source, spec)
+  for key in renamed:  # the same draws and targets as the default
+    np.testing.assert_array_equal(batch[key], renamed[key])
+  # Worker processes ship uint8 images: the new one is converted too.
+  from_worker = _first_batch(source, spec, worker_count=1)
+  assert set(from_worker) == set(batch)
+  for key in batch:
+    np.testing.assert_array_equal(from_worker[key], batch[key])
+  np.testing.assert_array_equal(batch["reference_vis"], plain["vis_clean"])
+  assert batch["reference_affine"].shape == (4, 2, 3)
+  scale = batch["reference_affine"][:, :1, None]
+  offset = batch["reference_affine"][:, 1:, None]
+  mapped = np.clip(batch["reference_vis"] * scale + offset, 0, 1)
+  np.testing.assert_allclose(mapped, batch["vis_clean"], atol=1.01 / 255)
+  assert not np.allclose(batch["reference_affine"][:, 0], 1.0)
+  # Unrenamed crops: the identity, and the reference fuses the target as
+  # before; with Wiener targets the true (shrunk) target either way.
+  for wiener, kind in ((False, "contrast"),
+                       *((True, k) for k in degradations.WIENER_KINDS)):
+    default = _first_batch(source, pipeline.DegradationSpec(
+        (0.25,) * 4, table, wiener_target=wiener, wiener_kind=kind))
+    unrenamed = _first_batch(source, pipeline.DegradationSpec(
+        (0.25,) * 4, table, wiener_target=wiener, wiener_kind=kind,
+        renamed_reference="prompted_fusion"))
+    np.testing.assert_array_equal(unrenamed["reference_vis"],
+                                  default["vis_clean"])
+    np.testing.assert_allclose(unrenamed["reference_affine"][:, 0], 1.0,
+                               atol=1e-6)
+    np.testing.assert_allclose(unrenamed["reference_affine"][:, 1], 0.0,
+                               atol=1e-6)
+    shrunk = _first_batch(source, pipeline.DegradationSpec(
+        (0.25,) * 4, table, renamed_prob=1.0, wiener_target=wiener,
+        wiener_kind=kind, renamed_reference="prompted_fusion"))
+    np.testing.assert_array_equal(shrunk["reference_vis"],
+                                  default["vis_clean"])
+
+
+def test_renamed_reference_errors_name_the_value():
+  table = np.zeros((64, 4), np.float32)
+  with pytest.raises(UserError, match=r"renamed_reference='fused': give one "
+                     r"of fuse_prompted_target, prompted_fusion"):
+    pipeline.DegradationSpec((0.25,) * 4, table, renamed_reference="fused")
+  with pytest.raises(UserError, match=r"renamed_reference='prompted_fusion' "
+                     r"cannot keep the noise.*drop 'noisy' from "
+                     r"renamed_kinds$"):
+    pipeline.DegradationSpec((0.25,) * 4, table,
+                             renamed_kinds=("underexposed", "noisy"),
+                             renamed_reference="prompted_fusion")
 
 
 def test_wiener_gain_measures_the_signal_that_survives_the_noise():
@@ -414,6 +495,28 @@ def test_spectral_wiener_targets_in_the_pipeline():
   assert not np.array_equal(batch["vis_clean"], contrast["vis_clean"])
 
 
+def _reference_training(seed):
+  """(mesh, trainer, batch): the tiny model trained with a reference term,
+  and a random batch of the degraded pipeline's keys."""
+  # pylint: disable=g-import-not-at-top
+  from textfusion_jax import sharding as sharding_lib
+  from textfusion_jax import train_step
+  config = tiny.get_config()
+  config.loss.reference = 5.0
+  mesh = sharding_lib.make_mesh(config.mesh)
+  trainer = train_step.ShardedTrainer(config, mesh)
+  rng = np.random.default_rng(seed)
+  size, count = config.data.crop_size, config.train.batch_size
+  dim = config.model.text_dim
+  batch = {"vis": rng.random((count, size, size, 3), np.float32) * 0.3,
+           "vis_clean": rng.random((count, size, size, 3), np.float32),
+           "ir": rng.random((count, size, size, 1), np.float32),
+           "text_emb": rng.standard_normal((count, dim)).astype(np.float32),
+           "text_emb_clean": np.repeat(
+               rng.standard_normal((1, dim)).astype(np.float32), count, 0)}
+  return mesh, trainer, batch
+
+
 def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   """With config.loss.reference the train step's target is the *reference*
   model's fusion of the clean crop under the clean prompt, held fixed: its
@@ -424,20 +527,7 @@ def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   import optax
   from textfusion_jax import losses
   from textfusion_jax import sharding as sharding_lib
-  from textfusion_jax import train_step
-  config = tiny.get_config()
-  config.loss.reference = 5.0
-  mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = train_step.ShardedTrainer(config, mesh)
-  rng = np.random.default_rng(0)
-  size, count = config.data.crop_size, config.train.batch_size
-  dim = config.model.text_dim
-  batch = {"vis": rng.random((count, size, size, 3), np.float32) * 0.3,
-           "vis_clean": rng.random((count, size, size, 3), np.float32),
-           "ir": rng.random((count, size, size, 1), np.float32),
-           "text_emb": rng.standard_normal((count, dim)).astype(np.float32),
-           "text_emb_clean": np.repeat(
-               rng.standard_normal((1, dim)).astype(np.float32), count, 0)}
+  mesh, trainer, batch = _reference_training(seed=0)
   with jax.set_mesh(mesh):
     state = trainer.init_state(jax.random.key(0))
     params = jax.tree.map(np.asarray, state.params)
@@ -473,6 +563,45 @@ def test_reference_loss_pulls_towards_the_frozen_models_clean_fusion():
   # tolerance above (rtol 1e-4).
   assert abs(float(own_parts["reference"]) / float(parts["reference"]) -
              1) > 1e-3
+
+
+def test_prompted_fusion_reference_maps_the_frozen_fusion_of_the_true_target():
+  """A batch with 'reference_affine' (renamed_reference='prompted_fusion'):
+  the train step's reference term is the L1 to the frozen model's fusion of
+  'reference_vis', scaled, offset and clipped per example; not of the
+  prompted target 'vis_clean'."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from textfusion_jax import sharding as sharding_lib
+  mesh, trainer, batch = _reference_training(seed=1)
+  count = len(batch["vis"])
+  # Offsets differ per channel, as the airlight's do.
+  affine = np.stack([np.stack([np.full(3, s, np.float32),
+                               np.float32(o) * np.float32([1.0, -0.5, 2.0])])
+                     for s, o in zip(np.linspace(0.3, 3.0, count),
+                                     np.linspace(-0.1, 0.2, count))])
+  batch["reference_affine"] = affine
+  batch["reference_vis"] = np.random.default_rng(2).random(
+      batch["vis_clean"].shape, np.float32)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(jax.random.key(0))
+    frozen = trainer.init_state(jax.random.key(7)).params
+    apply = jax.jit(trainer.apply)
+    fused = np.asarray(apply(state.params, batch["vis"], batch["ir"],
+                             batch["text_emb"]))
+    clean_prompt = (batch["ir"], batch["text_emb_clean"])
+    of_true = np.asarray(apply(frozen, batch["reference_vis"], *clean_prompt))
+    of_prompted = np.asarray(apply(frozen, batch["vis_clean"], *clean_prompt))
+    _, metrics = trainer.jitted_train_step(
+        state, sharding_lib.global_batch(batch, trainer.batch_sharding),
+        jax.random.key(1), frozen)
+    logged = float(metrics.compute()["loss_reference"])
+  expected = np.clip(of_true * affine[:, :1, None] + affine[:, 1:, None],
+                     0, 1)
+  assert 0 < expected.mean() < 1 and (expected == 1).any()  # clipped, too
+  np.testing.assert_allclose(logged, np.abs(fused - expected).mean(),
+                             rtol=1e-4)
+  assert abs(logged / np.abs(fused - of_prompted).mean() - 1) > 1e-2
 
 
 def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
@@ -520,6 +649,21 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config.data.degradations.renamed_kinds = ("noisy", "blurry")
   with pytest.raises(UserError, match=r"renamed_kinds=\('noisy', 'blurry'\)"
                      r": give distinct kinds out of underexposed, noisy, hazy"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_kinds = ("noisy",)
+  config.data.degradations.renamed_reference = "prompted_fusion"
+  with pytest.raises(UserError, match=r"config.data.degradations."
+                     r"renamed_reference='prompted_fusion' cannot keep.* "
+                     r"from config.data.degradations.renamed_kinds$"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_kinds = ("hazy",)
+  config.data.degradations.renamed_reference = "prompted"
+  with pytest.raises(UserError, match=r"config.data.degradations."
+                     r"renamed_reference='prompted': give one of"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_reference = "prompted_fusion"
+  with pytest.raises(UserError, match=r"'prompted_fusion' changes nothing "
+                     r"without .*renamed_prob > 0 and config.loss.reference"):
     create_datasets(config, lambda: text_encoder.from_config(config.text))
 
 

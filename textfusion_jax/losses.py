@@ -19,7 +19,10 @@ computed in float32, and are means over pixels and the batch:
 * reference: L1 between the fused RGB image and a reference fusion, which
   the train step makes with a frozen trained model (config.train.
   reference_from) from the target visible crop and the prompt "clean visible
-  image"; 0 when no reference is given. Degraded training only.
+  image", or, with config.data.degradations.renamed_reference
+  'prompted_fusion', from the true sentence's target, then mapped per
+  channel to what the crop's prompt asks for (`train_step.reference_fusion`);
+  0 when no reference is given. Degraded training only.
 
 Why the complementarity term: the first three reward copying. Each is a sum
 or mean over the two sources, and on real training crops all three fall when

@@ -182,6 +182,23 @@ def apply(graphdef: nnx.GraphDef, params: PyTree, vis: jax.Array,
   return nnx.merge(graphdef, params)(vis, ir, text_emb, valid_size)
 
 
+def reference_fusion(graphdef: nnx.GraphDef, reference_params: PyTree,
+                     batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The 'reference' loss term's target: the frozen model's fusion, under
+  "clean visible image", of the target crop ('vis_clean'), or, when the
+  batch has 'reference_affine' (config.data.degradations.renamed_reference
+  'prompted_fusion'), of the true target 'reference_vis', mapped per
+  channel by that scale and offset to what the crop's prompt asks for."""
+  if "reference_affine" not in batch:
+    return apply(graphdef, reference_params, batch["vis_clean"], batch["ir"],
+                 batch["text_emb_clean"])
+  fused = apply(graphdef, reference_params, batch["reference_vis"],
+                batch["ir"], batch["text_emb_clean"])
+  affine = batch["reference_affine"].astype(jnp.float32)[:, :, None, None, :]
+  return jnp.clip(fused.astype(jnp.float32) * affine[:, 0] + affine[:, 1],
+                  0.0, 1.0).astype(fused.dtype)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                rng: jax.Array, reference_params: PyTree | None = None, *,
                graphdef: nnx.GraphDef,
@@ -196,8 +213,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
   reference_params: a frozen model (same graph) for the 'reference' loss
   term; its fusion of the target crop under "clean visible image" is the
-  target. A frozen model, not this one: pulled towards its own clean-input
-  fusion (a target that moves with it), a fine-tuned model drifted: the
+  target (`reference_fusion`). A frozen model, not this one: pulled
+  towards its own clean-input fusion (a target that moves with it), a
+  fine-tuned model drifted: the
   intensity loss doubled within 1000 steps and clean-pair SCD fell to 1.76
   (README, "Prompts on degraded real pairs").
   """
@@ -208,9 +226,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                   batch["text_emb"])
     reference = None
     if loss_weights.get("reference"):  # a static float: no extra pass at 0
-      reference = jax.lax.stop_gradient(apply(
-          graphdef, reference_params, batch["vis_clean"], batch["ir"],
-          batch["text_emb_clean"]))
+      reference = jax.lax.stop_gradient(reference_fusion(
+          graphdef, reference_params, batch))
     return losses.fusion_loss(fused, batch["vis"], batch["ir"], loss_weights,
                               vis_target=batch.get("vis_clean"),
                               reference=reference)

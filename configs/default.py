@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.degradations.level_probs = (0.4, 0.2, 0.2, 0.2)  # P(level 0, 1, 2, 3), drawn per kind.
   config.data.degradations.renamed_prob = 0.0  # Share of crops prompted with one redrawn level, target = what that prompt asks for.
   config.data.degradations.renamed_kinds = ("underexposed", "hazy")  # Kinds a renamed prompt may redraw; with "noisy", naming less noise keeps the rest in the target (not Wiener-shrunk).
+  config.data.degradations.renamed_max_kinds = 1  # A renamed prompt redraws 1 to this many of renamed_kinds (shuffled or typed wrong sentences differ in several).
   config.data.degradations.renamed_reference = "fuse_prompted_target"  # Stage-2 reference on a renamed crop: its fusion of the prompted target, or 'prompted_fusion': of the true target, then mis-exposed/hazed as the prompt says.
   config.data.degradations.wiener_target = False  # Reduce the target to what survives the degradation, by the Wiener gain S/(S+N) (input_pipeline/degradations.py).
   config.data.degradations.wiener_kind = "contrast"  # 'contrast': the whole crop's contrast times S/(S+N); 'contrast_squared': times (S/(S+N))^2; 'spectral': S/(S+N) per spatial frequency.

@@ -171,9 +171,12 @@ def _degradation_prompts(config: ml_collections.ConfigDict, encoder: Any,
                     "'prompted_fusion' changes nothing without "
                     "config.data.degradations.renamed_prob > 0 and "
                     "config.loss.reference > 0")
+  renamed_max_kinds = degradations.check_renamed_max_kinds(
+      config.data.degradations.get("renamed_max_kinds", 1), renamed_kinds,
+      "config.data.degradations.renamed_max_kinds")
   spec = pipeline.DegradationSpec(tuple(probs), table, float(renamed_prob),
                                   wiener_target, wiener_kind, renamed_kinds,
-                                  renamed_reference)
+                                  renamed_reference, renamed_max_kinds)
   clean = table[degradations.levels_index((0, 0, 0))][None]
 
   def clean_table(count: int) -> CaptionTable:

@@ -38,7 +38,8 @@ Prompt-following targets (config.data.degradations.renamed_prob): a share
 of training crops is prompted with another sentence, whose level of one kind
 is changed (`rename_one_level`; the kinds in config.data.degradations.
 renamed_kinds, by default underexposure and haze, so noise keeps its true
-level), and the target is what that sentence asks for (`prompted_target`):
+level; config.data.degradations.renamed_max_kinds > 1 changes up to that
+many kinds at once, `rename_levels`), and the target is what that sentence asks for (`prompted_target`):
 the degraded crop with the named gain and haze undone instead of the true
 ones. Trained only on true sentences, the network learned to read brightness
 from the pixels (real scenes are mostly well exposed) and half-ignored the
@@ -362,6 +363,37 @@ def rename_one_level(levels: Levels, rng: np.random.Generator,
   others = [l for l in range(NUM_LEVELS) if l != levels[kind]]
   levels[kind] = others[int(rng.integers(len(others)))]
   return tuple(levels)
+
+
+def check_renamed_max_kinds(value: int, kinds: Sequence[str],
+                            field: str) -> int:
+  """`value` if it is an int in [1, len(kinds)]; a UserError naming `field`."""
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
+      not 1 <= value <= len(kinds)):
+    raise UserError(f"{field}={value!r}: give a whole number from 1 to "
+                    f"{len(kinds)} (the renamed kinds: {', '.join(kinds)})")
+  return int(value)
+
+
+def rename_levels(levels: Levels, rng: np.random.Generator,
+                  kinds: Sequence[str] = DEFAULT_RENAMED_KINDS,
+                  max_kinds: int = 1) -> Levels:
+  """`levels` with 1 to `max_kinds` (equally likely) distinct `kinds` each
+  replaced by another level. A wrong sentence a user types (or a shuffled
+  one) usually differs in several kinds at once; with `max_kinds` 1 this is
+  `rename_one_level`, draw for draw."""
+  if max_kinds == 1:
+    return rename_one_level(levels, rng, kinds)
+  check_levels(levels, "levels")
+  kinds = check_renamed_kinds(kinds, "kinds")
+  check_renamed_max_kinds(max_kinds, kinds, "max_kinds")
+  count = 1 + int(rng.integers(max_kinds))
+  renamed = list(levels)
+  for kind in rng.choice(len(kinds), count, replace=False):
+    position = KIND_WORDS.index(kinds[int(kind)])
+    others = [l for l in range(NUM_LEVELS) if l != levels[position]]
+    renamed[position] = others[int(rng.integers(len(others)))]
+  return tuple(renamed)
 
 
 def prompted_target(vis_u8: np.ndarray, params: Parameters, levels: Levels,

@@ -86,6 +86,8 @@ class DegradationSpec:
   wiener_target: train toward what of the clean crop survives the
     degradation (`degradations.wiener_target`), of kind `wiener_kind`;
     not where a renamed prompt names less noise (its target keeps noise).
+  renamed_max_kinds: a renamed prompt changes 1 to this many of
+    `renamed_kinds` (`degradations.rename_levels`).
   renamed_reference: what the stage-2 reference model is asked to match on
     a renamed crop (`degradations.RENAMED_REFERENCES`, module docstring
     there): 'prompted_fusion' adds 'reference_vis' and 'reference_affine'
@@ -98,6 +100,7 @@ class DegradationSpec:
   wiener_kind: str = "contrast"
   renamed_kinds: tuple[str, ...] = degradations.DEFAULT_RENAMED_KINDS
   renamed_reference: str = "fuse_prompted_target"
+  renamed_max_kinds: int = 1
 
   def __post_init__(self):
     # Checked here, not at the first renamed crop inside a grain worker.
@@ -106,6 +109,9 @@ class DegradationSpec:
     degradations.check_renamed_reference(self.renamed_reference,
                                          self.renamed_kinds,
                                          "renamed_reference")
+    degradations.check_renamed_max_kinds(self.renamed_max_kinds,
+                                         self.renamed_kinds,
+                                         "renamed_max_kinds")
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,8 +248,8 @@ class _TrainExample:
     images["vis_clean"], named = clean, levels
     rename = _rng(self._seed, _RENAME_STREAM, epoch, record_index)
     if spec.renamed_prob and rename.random() < spec.renamed_prob:
-      named = degradations.rename_one_level(levels, rename,
-                                            spec.renamed_kinds)
+      named = degradations.rename_levels(levels, rename, spec.renamed_kinds,
+                                         spec.renamed_max_kinds)
       images["vis_clean"] = degradations.prompted_target(
           clean, params, levels, named, images["vis"])
     # A target that keeps unnamed noise is not shrunk as if it were gone.

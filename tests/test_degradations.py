@@ -191,6 +191,37 @@ def test_rename_one_level_may_rename_noise_and_keeps_the_default_draws():
                              renamed_kinds=("fog",))
 
 
+def test_rename_levels_may_change_several_kinds_and_keeps_one_by_default():
+  rng, again = np.random.default_rng(4), np.random.default_rng(4)
+  for levels in degradations.all_levels():
+    assert degradations.rename_levels(levels, rng) == (
+        degradations.rename_one_level(levels, again))
+  counts = {1: 0, 2: 0, 3: 0}
+  for levels in degradations.all_levels() * 20:
+    named = degradations.rename_levels(
+        levels, rng, ("underexposed", "noisy", "hazy"), max_kinds=3)
+    counts[sum(a != b for a, b in zip(levels, named))] += 1
+    two = degradations.rename_levels(levels, rng, max_kinds=2)
+    assert two[1] == levels[1] and two != levels
+  assert min(counts.values()) > 300, counts  # 1, 2 and 3 kinds, alike
+  # The pipeline passes it on: a batch with crops renamed in both kinds.
+  table = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  plain = _first_batch(_records(), pipeline.DegradationSpec((0.25,) * 4,
+                                                            table), seed=6)
+  batch = _first_batch(_records(), pipeline.DegradationSpec(
+      (0.25,) * 4, table, renamed_prob=1.0, renamed_max_kinds=2), seed=6)
+  all_levels = degradations.all_levels()
+  changed = [sum(a != b for a, b in zip(all_levels[t], all_levels[n]))
+             for t, n in zip(plain["condition_index"],
+                             batch["condition_index"])]
+  assert 2 in changed and set(changed) <= {1, 2}, changed
+  with pytest.raises(UserError, match=r"renamed_max_kinds=3: give a whole "
+                     r"number from 1 to 2 \(the renamed kinds: underexposed, "
+                     r"hazy\)"):
+    pipeline.DegradationSpec((0.25,) * 4, np.zeros((64, 4), np.float32),
+                             renamed_max_kinds=3)
+
+
 def test_rename_one_level_changes_underexposure_or_haze_only():
   rng = np.random.default_rng(0)
   seen = set()
@@ -665,6 +696,12 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   with pytest.raises(UserError, match=r"'prompted_fusion' changes nothing "
                      r"without .*renamed_prob > 0 and config.loss.reference"):
     create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_reference = "fuse_prompted_target"
+  config.data.degradations.renamed_max_kinds = 0
+  with pytest.raises(UserError, match=r"config.data.degradations."
+                     r"renamed_max_kinds=0: give a whole number from 1 to 1"):
+    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  config.data.degradations.renamed_max_kinds = 1
 
 
 def test_degraded_training_and_fuse_through_a_saved_clip_checkpoint(

@@ -39,8 +39,8 @@ of training crops is prompted with another sentence, whose level of one kind
 is changed (`rename_one_level`; the kinds in config.data.degradations.
 renamed_kinds, by default underexposure and haze, so noise keeps its true
 level; config.data.degradations.renamed_max_kinds > 1 changes up to that
-many kinds at once, `rename_levels`), and the target is what that sentence asks for (`prompted_target`):
-the degraded crop with the named gain and haze undone instead of the true
+many kinds at once, `rename_levels`), and the target is what that sentence
+asks for (`prompted_target`): the degraded crop with the named gain and haze undone instead of the true
 ones. Trained only on true sentences, the network learned to read brightness
 from the pixels (real scenes are mostly well exposed) and half-ignored the
 words; with renamed prompts the words decide how far it corrects. When noise
@@ -381,7 +381,9 @@ def rename_levels(levels: Levels, rng: np.random.Generator,
   """`levels` with 1 to `max_kinds` (equally likely) distinct `kinds` each
   replaced by another level. A wrong sentence a user types (or a shuffled
   one) usually differs in several kinds at once; with `max_kinds` 1 this is
-  `rename_one_level`, draw for draw."""
+  `rename_one_level`, draw for draw. Renaming underexposure and haze
+  together can ask for more airlight removed than a dark crop holds (a
+  black target; `rename_one_level`)."""
   if max_kinds == 1:
     return rename_one_level(levels, rng, kinds)
   check_levels(levels, "levels")

@@ -215,9 +215,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   term; its fusion of the target crop under "clean visible image" is the
   target (`reference_fusion`). A frozen model, not this one: pulled
   towards its own clean-input fusion (a target that moves with it), a
-  fine-tuned model drifted: the
-  intensity loss doubled within 1000 steps and clean-pair SCD fell to 1.76
-  (README, "Prompts on degraded real pairs").
+  fine-tuned model drifted: the intensity loss doubled within 1000 steps
+  and clean-pair SCD fell to 1.76 (README, "Prompts on degraded real
+  pairs").
   """
   del rng  # jax.random.fold_in(rng, state.step) once a layer needs it
 

@@ -34,25 +34,25 @@ input is "clean visible image". `parse_condition` reads the sentence back
 Draws are pure functions of (seed, epoch, record): the pipeline passes a
 generator seeded by them, so data order and resume stay exact.
 
-Prompt-following targets (config.data.degradations.renamed_prob): a share
-of training crops is prompted with another sentence, whose level of one kind
-is changed (`rename_one_level`; the kinds in config.data.degradations.
+Prompt-following targets (config.data.degradations.renamed_prob): a share of
+training crops is prompted with another sentence, whose level of one kind is
+changed (`rename_one_level`; the kinds in config.data.degradations.
 renamed_kinds, by default underexposure and haze, so noise keeps its true
 level; config.data.degradations.renamed_max_kinds > 1 changes up to that
 many kinds at once, `rename_levels`), and the target is what that sentence
-asks for (`prompted_target`): the degraded crop with the named gain and haze undone instead of the true
-ones. Trained only on true sentences, the network learned to read brightness
-from the pixels (real scenes are mostly well exposed) and half-ignored the
-words; with renamed prompts the words decide how far it corrects. When noise
-may be renamed too, a sentence that names less noise than the input holds
-asks for the unnamed share to stay: the crop's own noise times
-1 - named sigma / true sigma (nearly all of it when the sentence names no
-noise: level 0's sigma is at most 1.5), then the named gain and haze undone
-as for the rest of the image, so brightening amplifies the noise it keeps,
-as brightening the input itself would (clipped to 8 bits like it). One that
-names more noise than there is asks for the clean crop, as the true
-sentence does. With Wiener targets (below), a target that keeps noise is not
-shrunk: the gain is for noise that was removed.
+asks for (`prompted_target`): the degraded crop with the named gain and haze
+undone instead of the true ones. Trained only on true sentences, the network
+learned to read brightness from the pixels (real scenes are mostly well
+exposed) and half-ignored the words; with renamed prompts the words decide
+how far it corrects. When noise may be renamed too, a sentence that names
+less noise than the input holds asks for the unnamed share to stay: the
+crop's own noise times 1 - named sigma / true sigma (nearly all of it when
+the sentence names no noise: level 0's sigma is at most 1.5), then the named
+gain and haze undone as for the rest of the image, so brightening amplifies
+the noise it keeps, as brightening the input itself would (clipped to 8 bits
+like it). One that names more noise than there is asks for the clean crop,
+as the true sentence does. With Wiener targets (below), a target that keeps
+noise is not shrunk: the gain is for noise that was removed.
 
 What the stage-2 reference model is asked to match on a renamed crop
 (config.data.degradations.renamed_reference): by default

@@ -108,12 +108,16 @@ def test_console_scripts_answer_help_with_their_flags():
     assert len(flags_listed) >= 2, (script, proc.stdout)
 
 
-def _flat_keys(config, prefix: str = "") -> set[str]:
-  keys = set()
+def _flat_items(config, prefix: str = "") -> dict:
+  items = {}
   for key, value in config.items():
-    keys |= (_flat_keys(value, f"{prefix}{key}.") if hasattr(value, "items")
-             else {prefix + key})
-  return keys
+    items.update(_flat_items(value, f"{prefix}{key}.")
+                 if hasattr(value, "items") else {prefix + key: value})
+  return items
+
+
+def _flat_keys(config) -> set[str]:
+  return set(_flat_items(config))
 
 
 @pytest.mark.parametrize("path", sorted(
@@ -130,3 +134,19 @@ def test_each_config_names_its_command_and_only_default_fields(path):
   assert f"--config configs/{path.name}" in (module.__doc__ or "")
   extra = _flat_keys(module.get_config()) ^ _flat_keys(default.get_config())
   assert not extra, f"{path.name}: fields not in default.py: {sorted(extra)}"
+
+
+def test_the_prompted_bundle_is_its_configs_run():
+  """pretrained/textfusion-small-degraded-prompted records the config it was
+  trained with: configs/real_pairs_degraded_prompted.py must still give it,
+  so its docstring's command reproduces the bundle."""
+  # pylint: disable=g-import-not-at-top
+  import json
+  from configs import real_pairs_degraded_prompted
+  bundle = ROOT / "pretrained" / "textfusion-small-degraded-prompted"
+  shipped = _flat_items(json.loads((bundle / "config.json").read_text()))
+  ours = _flat_items(json.loads(
+      real_pairs_degraded_prompted.get_config().to_json()))
+  # The bundle's encoder is its own copy (text_encoder/) of the run's.
+  assert shipped.pop("text.encoder") == "text_encoder"
+  assert {k: ours.get(k) for k in shipped} == shipped

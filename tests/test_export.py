@@ -390,3 +390,17 @@ def test_export_over_a_link_to_a_bundle_is_refused_and_keeps_the_link(
   assert (tmp_path / "latest").is_symlink()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]
   bundle.verify(tmp_path / "v1")
+
+
+def test_the_model_card_shows_a_prompt_the_model_was_trained_on(tmp_path):
+  """A degraded model's card shows a condition sentence, not a content
+  caption, which is outside its grammar (fuse would warn)."""
+  config = tiny.get_config()
+  info = run_record.start(tmp_path / "run", config, 0)
+  run_record.finish(tmp_path / "run", info, 1, 1.0)
+  shown = lambda: run_bundle.model_card(
+      config, run_record.load(tmp_path / "run"), 1, "")
+  assert '--text "a short description of the scene"' in shown()
+  config.data.degradations.enabled = True
+  assert ('--text "heavily underexposed, slightly noisy visible image"'
+          in shown())

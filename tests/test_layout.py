@@ -136,17 +136,32 @@ def test_each_config_names_its_command_and_only_default_fields(path):
   assert not extra, f"{path.name}: fields not in default.py: {sorted(extra)}"
 
 
-def test_the_prompted_bundle_is_its_configs_run():
+# sha256 of pretrained/textfusion-small-degraded/params.safetensors, the
+# params the prompted bundle started from and was referenced against.
+SECOND_STAGE_PARAMS_SHA256 = (
+    "1118a8fbaff4b703065bb27e6223b891d3bfa95c84c93c7a29c744bc286ab479")
+
+
+def test_the_prompted_bundle_records_its_configs_fields_and_start():
   """pretrained/textfusion-small-degraded-prompted records the config it was
   trained with: configs/real_pairs_degraded_prompted.py must still give it,
-  so its docstring's command reproduces the bundle."""
+  from the same second stage, so its docstring's command reproduces it."""
   # pylint: disable=g-import-not-at-top
+  import hashlib
   import json
-  from configs import real_pairs_degraded_prompted
+  from configs import default
+  from configs import real_pairs_degraded_prompted as prompted
   bundle = ROOT / "pretrained" / "textfusion-small-degraded-prompted"
   shipped = _flat_items(json.loads((bundle / "config.json").read_text()))
-  ours = _flat_items(json.loads(
-      real_pairs_degraded_prompted.get_config().to_json()))
+  ours = _flat_items(json.loads(prompted.get_config().to_json()))
+  defaults = _flat_items(json.loads(default.get_config().to_json()))
   # The bundle's encoder is its own copy (text_encoder/) of the run's.
   assert shipped.pop("text.encoder") == "text_encoder"
+  assert ours.pop("text.encoder") == "tiny-random"
   assert {k: ours.get(k) for k in shipped} == shipped
+  # Fields added since keep their defaults (the old behaviour).
+  assert {k: v for k, v in ours.items() if k not in shipped} == {
+      k: defaults[k] for k in ours if k not in shipped}
+  start = ROOT / prompted.SECOND_STAGE / "params.safetensors"
+  assert hashlib.sha256(start.read_bytes()).hexdigest() == (
+      SECOND_STAGE_PARAMS_SHA256), f"{start} is not the params it started from"

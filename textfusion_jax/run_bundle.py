@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from input_pipeline import degradations
 from input_pipeline import files
 from input_pipeline.layouts import DEFAULT_SPLIT
 from textfusion_jax import bundle
@@ -82,6 +83,14 @@ def _sliced(source: str, eval_dir: str, eval_split: str) -> str:
   return ""
 
 
+def example_prompt(config: ml_collections.ConfigDict) -> str:
+  """The card's `--text`: a condition sentence for a model trained on them
+  (content captions are outside its grammar and make `fuse` warn)."""
+  if config.data.get("degradations", {}).get("enabled"):
+    return degradations.condition_sentence((3, 1, 0))
+  return "a short description of the scene"
+
+
 def model_card(config: ml_collections.ConfigDict, info: dict[str, Any],
                step: int, eval_table: str, report: str = "") -> str:
   """MODEL_CARD.md text: deterministic for a given run and step."""
@@ -121,7 +130,7 @@ Text-guided infrared-visible image fusion (JAX/Flax NNX): FusionNet with dim
 `{m.output}` (see `textfusion_jax/model.py`). Fuse a pair:
 
     python -m textfusion_jax.fuse --checkpoint THIS_DIR --ir IR.png --vis VIS.png \\
-        --text "a short description of the scene" --out fused.png
+        --text "{example_prompt(config)}" --out fused.png
 
 The bundle is checked against manifest.json before anything is loaded.
 

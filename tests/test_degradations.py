@@ -651,56 +651,51 @@ def test_degradations_need_real_pairs_and_valid_probabilities(tmp_path):
   config.data.source = "folder"
   config.data.train_dir = str(_write_folder_dataset(tmp_path / "t", "ab", 0))
   config.data.eval_dir = str(_write_folder_dataset(tmp_path / "e", "c", 1))
+
+  def refused(pattern: str) -> None:
+    with pytest.raises(UserError, match=pattern):
+      create_datasets(config, lambda: text_encoder.from_config(config.text))
+
   config.data.degradations.level_probs = (0.2, 0.2, 0.2, 0.2, 0.2)
-  with pytest.raises(UserError, match=r"config.data.degradations.level_probs"
-                     r"=\(0.2, 0.2, 0.2, 0.2, 0.2\)"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"config.data.degradations.level_probs"
+          r"=\(0.2, 0.2, 0.2, 0.2, 0.2\)")
   config.data.degradations.level_probs = (0.4, 0.2, 0.2, 0.2)
   config.data.degradations.renamed_prob = 1.5
-  with pytest.raises(UserError, match=r"renamed_prob=1.5"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"renamed_prob=1.5")
   config.data.degradations.renamed_prob = 0.0
   with config.ignore_type():  # e.g. a config file that builds its own dict
     config.data.degradations.wiener_target = "yes"
-  with pytest.raises(UserError, match=r"wiener_target='yes'"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"wiener_target='yes'")
   with config.ignore_type():
     config.data.degradations.wiener_target = False
   config.data.degradations.wiener_kind = "spectral"
-  with pytest.raises(UserError, match=r"wiener_kind='spectral' needs "
-                     r"config.data.degradations.wiener_target=True"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"wiener_kind='spectral' needs "
+          r"config.data.degradations.wiener_target=True")
   config.data.degradations.wiener_target = True
   config.data.degradations.wiener_kind = "spectal"
-  with pytest.raises(UserError, match=r"wiener_kind='spectal': one of "
-                     r"contrast, contrast_squared, spectral"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"wiener_kind='spectal': one of "
+          r"contrast, contrast_squared, spectral")
   config.data.degradations.wiener_kind = "contrast"
   config.data.degradations.renamed_prob = 0.5
   config.data.degradations.renamed_kinds = ("noisy", "blurry")
-  with pytest.raises(UserError, match=r"renamed_kinds=\('noisy', 'blurry'\)"
-                     r": give distinct kinds out of underexposed, noisy, hazy"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"renamed_kinds=\('noisy', 'blurry'\)"
+          r": give distinct kinds out of underexposed, noisy, hazy")
   config.data.degradations.renamed_kinds = ("noisy",)
   config.data.degradations.renamed_reference = "prompted_fusion"
-  with pytest.raises(UserError, match=r"config.data.degradations."
-                     r"renamed_reference='prompted_fusion' cannot keep.* "
-                     r"from config.data.degradations.renamed_kinds$"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"config.data.degradations."
+          r"renamed_reference='prompted_fusion' cannot keep.* "
+          r"from config.data.degradations.renamed_kinds$")
   config.data.degradations.renamed_kinds = ("hazy",)
   config.data.degradations.renamed_reference = "prompted"
-  with pytest.raises(UserError, match=r"config.data.degradations."
-                     r"renamed_reference='prompted': give one of"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"config.data.degradations."
+          r"renamed_reference='prompted': give one of")
   config.data.degradations.renamed_reference = "prompted_fusion"
-  with pytest.raises(UserError, match=r"'prompted_fusion' changes nothing "
-                     r"without .*renamed_prob > 0 and config.loss.reference"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"'prompted_fusion' changes nothing "
+          r"without .*renamed_prob > 0 and config.loss.reference")
   config.data.degradations.renamed_reference = "fuse_prompted_target"
   config.data.degradations.renamed_max_kinds = 0
-  with pytest.raises(UserError, match=r"config.data.degradations."
-                     r"renamed_max_kinds=0: give a whole number from 1 to 1"):
-    create_datasets(config, lambda: text_encoder.from_config(config.text))
+  refused(r"config.data.degradations."
+          r"renamed_max_kinds=0: give a whole number from 1 to 1")
   config.data.degradations.renamed_max_kinds = 1
 
 
